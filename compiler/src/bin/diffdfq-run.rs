@@ -1,0 +1,136 @@
+//! diffdfq-run: host execution of a model on a batch from a .npy file.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use candle_core::{Device, Tensor};
+use clap::Parser;
+use diffdfq_compiler::calib::FloatModel;
+use diffdfq_compiler::import::{import_path, ImportOptions};
+use diffdfq_compiler::{npy, Error};
+
+/// Runs MODEL on the batch in --input (first axis = batch) and writes --output.
+///
+/// An .onnx model runs the float reference (candle).
+#[derive(Parser)]
+#[command(version, about)]
+struct Args {
+    /// Model file (.onnx)
+    model: PathBuf,
+    /// float32 .npy input; its first axis is the batch
+    #[arg(long)]
+    input: PathBuf,
+    /// float32 .npy output to write
+    #[arg(long)]
+    output: PathBuf,
+    /// Samples per forward pass (bounds memory on large batches)
+    #[arg(long, default_value_t = 256)]
+    chunk: usize,
+    /// Also print each sample's argmax over the output's last axis (its predicted class)
+    #[arg(long)]
+    argmax: bool,
+}
+
+fn run(a: &Args) -> Result<(), Error> {
+    let ext = a.model.extension().and_then(|e| e.to_str()).unwrap_or("");
+    if ext != "onnx" {
+        return Err(Error::Input(format!(
+            "{}: expected an .onnx model",
+            a.model.display()
+        )));
+    }
+    let (shape, data) = npy::read_f32(&a.input)?;
+    if shape.len() < 2 || shape[0] == 0 {
+        return Err(Error::Input(format!(
+            "{}: shape {shape:?} has no batch of samples",
+            a.input.display()
+        )));
+    }
+    let batch = shape[0];
+    let per: usize = shape[1..].iter().product();
+    let chunk = a.chunk.clamp(1, batch);
+    let mut models: HashMap<usize, FloatModel> = HashMap::new();
+    let dev = Device::Cpu;
+    // A graph that hard-codes batch 1 in a reshape imports only at batch 1: fall back to it.
+    let mut step = chunk;
+    let mut out_shape: Option<Vec<usize>> = None;
+    let mut out = Vec::new();
+    let mut start = 0;
+    while start < batch {
+        let n = step.min(batch - start);
+        if !models.contains_key(&n) {
+            let mut s = shape.clone();
+            s[0] = n;
+            let opts = ImportOptions {
+                input_shape: Some(s),
+                ..Default::default()
+            };
+            match import_path(&a.model, &opts) {
+                Ok(g) => {
+                    if g.outputs.len() != 1 {
+                        return Err(Error::Input(format!(
+                            "{}: has {} outputs, diffdfq-run writes one",
+                            a.model.display(),
+                            g.outputs.len()
+                        )));
+                    }
+                    models.insert(n, FloatModel::new(&g, &dev)?);
+                }
+                Err(e) if n > 1 => {
+                    let batch1 = ImportOptions {
+                        input_shape: Some([&[1], &shape[1..]].concat()),
+                        ..Default::default()
+                    };
+                    if import_path(&a.model, &batch1).is_ok() {
+                        step = 1;
+                        continue;
+                    }
+                    return Err(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let m = &models[&n];
+        let x = Tensor::from_vec(
+            data[start * per..(start + n) * per].to_vec(),
+            &[&[n], &shape[1..]].concat()[..],
+            &dev,
+        )?;
+        let y = m.forward(&[x])?.remove(0);
+        out_shape.get_or_insert_with(|| y.dims().to_vec());
+        out.extend(y.flatten_all()?.to_vec1::<f32>()?);
+        start += n;
+    }
+    let mut s = out_shape.unwrap_or_default();
+    s[0] = batch;
+    if a.argmax {
+        let last = s.last().copied().unwrap_or(1).max(1);
+        let classes: Vec<String> = out
+            .chunks(last)
+            .map(|row| {
+                row.iter()
+                    .enumerate()
+                    .fold(
+                        (0, f32::NEG_INFINITY),
+                        |b, (i, &v)| if v > b.1 { (i, v) } else { b },
+                    )
+                    .0
+                    .to_string()
+            })
+            .collect();
+        println!("{}", classes.join(" "));
+    }
+    npy::write_atomic(&a.output, &npy::to_bytes(&s, &out)?)
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("diffdfq-run: error: {e}");
+            ExitCode::from(e.exit_code() as u8)
+        }
+    }
+}

@@ -1,0 +1,336 @@
+//! The float reference: the Graph run forward on candle, batched and differentiable with
+//! respect to its input (synthesis optimizes pixels through it).
+//!
+//! It also taps every BatchNorm: the batch mean and biased variance of the BN's input over
+//! all axes but the channel axis, the statistics synthesis matches to the running ones.
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::graph::{self, BinKind, Graph, Op};
+use crate::Error;
+
+/// Batch statistics at the input of one BatchNorm, each of shape (C).
+#[derive(Debug, Clone)]
+pub struct BnStats {
+    /// Index of the BN node in `Graph::nodes`.
+    pub node: usize,
+    pub mean: Tensor,
+    pub var: Tensor,
+}
+
+/// Result of one forward pass.
+pub struct Forward {
+    pub outputs: Vec<Tensor>,
+    /// One entry per BatchNorm in graph order, when asked for.
+    pub bn: Vec<BnStats>,
+}
+
+/// Per-node device tensors, prepared once.
+enum Params {
+    None,
+    Conv {
+        w: Tensor,
+        b: Option<Tensor>,
+    },
+    /// y = x·mul + add, both shaped (1, C, 1, …) to the input's rank.
+    Affine {
+        mul: Tensor,
+        add: Tensor,
+    },
+    Const(Tensor),
+    MatMul {
+        b: Tensor,
+        bias: Option<Tensor>,
+    },
+}
+
+pub struct FloatModel {
+    graph: Graph,
+    params: Vec<Params>,
+    device: Device,
+}
+
+fn t(v: &graph::Tensor, dev: &Device) -> candle_core::Result<Tensor> {
+    Tensor::from_vec(v.to_f32(), v.shape.as_slice(), dev)
+}
+
+impl FloatModel {
+    pub fn new(graph: &Graph, device: &Device) -> Result<Self, Error> {
+        let mut params = Vec::with_capacity(graph.nodes.len());
+        for n in &graph.nodes {
+            params.push(match &n.op {
+                Op::Conv(c) => {
+                    let mut w = t(&c.weight, device)?;
+                    if c.dilations[0] != c.dilations[1] {
+                        w = dilate_kernel(&w, c.dilations)?;
+                    }
+                    let b = c
+                        .bias
+                        .as_ref()
+                        .map(|b| Tensor::from_vec(b.clone(), (1, b.len(), 1, 1), device))
+                        .transpose()?;
+                    Params::Conv { w, b }
+                }
+                Op::BatchNorm(bn) => {
+                    let rank = graph.shape(n.inputs[0]).len();
+                    let mut shape = vec![1; rank];
+                    shape[1] = bn.mean.len();
+                    let mul: Vec<f32> = bn
+                        .scale
+                        .iter()
+                        .zip(&bn.var)
+                        .map(|(s, v)| s / (v + bn.eps).sqrt())
+                        .collect();
+                    let add: Vec<f32> = bn
+                        .bias
+                        .iter()
+                        .zip(&bn.mean)
+                        .zip(&mul)
+                        .map(|((b, m), k)| b - m * k)
+                        .collect();
+                    Params::Affine {
+                        mul: Tensor::from_vec(mul, shape.as_slice(), device)?,
+                        add: Tensor::from_vec(add, shape.as_slice(), device)?,
+                    }
+                }
+                Op::ConstBinary { value, .. } => Params::Const(t(value, device)?),
+                Op::MatMul { b, bias, .. } => Params::MatMul {
+                    b: t(b, device)?,
+                    bias: bias.as_ref().map(|x| t(x, device)).transpose()?,
+                },
+                _ => Params::None,
+            });
+        }
+        Ok(FloatModel {
+            graph: graph.clone(),
+            params,
+            device: device.clone(),
+        })
+    }
+
+    pub fn graph(&self) -> &Graph {
+        &self.graph
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Runs the graph; inputs in `Graph::inputs` order with the graph's shapes.
+    pub fn forward(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, Error> {
+        Ok(self.run(inputs, false)?.outputs)
+    }
+
+    /// Runs the graph and returns the BN input statistics too.
+    pub fn forward_with_bn(&self, inputs: &[Tensor]) -> Result<Forward, Error> {
+        self.run(inputs, true)
+    }
+
+    fn run(&self, inputs: &[Tensor], taps: bool) -> Result<Forward, Error> {
+        let g = &self.graph;
+        if inputs.len() != g.inputs.len() {
+            return Err(Error::Input(format!(
+                "the model takes {} inputs, got {}",
+                g.inputs.len(),
+                inputs.len()
+            )));
+        }
+        let mut vals: Vec<Option<Tensor>> = vec![None; g.values.len()];
+        for (&id, x) in g.inputs.iter().zip(inputs) {
+            if x.dims() != g.shape(id) {
+                return Err(Error::Input(format!(
+                    "input '{}' has shape {:?}, the model expects {:?}",
+                    g.values[id].name,
+                    x.dims(),
+                    g.shape(id)
+                )));
+            }
+            vals[id] = Some(x.to_dtype(DType::F32)?);
+        }
+        let mut bn = Vec::new();
+        for (i, n) in g.nodes.iter().enumerate() {
+            let get = |k: usize| -> Result<&Tensor, Error> {
+                vals[n.inputs[k]].as_ref().ok_or_else(|| {
+                    Error::Internal(format!("node '{}': input {k} not computed", n.name))
+                })
+            };
+            let x = get(0)?;
+            let y = match (&n.op, &self.params[i]) {
+                (Op::Conv(c), Params::Conv { w, b }) => conv(x, w, b.as_ref(), c)?,
+                (Op::BatchNorm(_), Params::Affine { mul, add }) => {
+                    if taps {
+                        let dims: Vec<usize> = (0..x.rank()).filter(|&d| d != 1).collect();
+                        let mean = x.mean_keepdim(dims.as_slice())?;
+                        let var = x
+                            .broadcast_sub(&mean)?
+                            .sqr()?
+                            .mean_keepdim(dims.as_slice())?;
+                        bn.push(BnStats {
+                            node: i,
+                            mean: mean.flatten_all()?,
+                            var: var.flatten_all()?,
+                        });
+                    }
+                    x.broadcast_mul(mul)?.broadcast_add(add)?
+                }
+                (Op::Relu, _) => x.relu()?,
+                (Op::LeakyRelu { alpha }, _) => (x.relu()? - (x.neg()?.relu()? * *alpha as f64)?)?,
+                (Op::Clip { min, max }, _) => {
+                    let mut y = x.clone();
+                    if min.is_finite() {
+                        y = y.maximum(*min)?;
+                    }
+                    if max.is_finite() {
+                        y = y.minimum(*max)?;
+                    }
+                    y
+                }
+                (Op::HardSigmoid { alpha, beta }, _) => {
+                    x.affine(*alpha as f64, *beta as f64)?.clamp(0f32, 1f32)?
+                }
+                (Op::HardSwish, _) => (x * x.affine(1.0 / 6.0, 0.5)?.clamp(0f32, 1f32)?)?,
+                (Op::Sigmoid, _) => (x.neg()?.exp()? + 1.0)?.recip()?,
+                (Op::Add, _) => x.broadcast_add(get(1)?)?,
+                (Op::Mul, _) => x.broadcast_mul(get(1)?)?,
+                (
+                    Op::ConstBinary {
+                        kind, const_left, ..
+                    },
+                    Params::Const(c),
+                ) => {
+                    let (l, r) = if *const_left { (c, x) } else { (x, c) };
+                    match kind {
+                        BinKind::Add => l.broadcast_add(r)?,
+                        BinKind::Sub => l.broadcast_sub(r)?,
+                        BinKind::Mul => l.broadcast_mul(r)?,
+                        BinKind::Div => l.broadcast_div(r)?,
+                    }
+                }
+                (Op::Concat { axis }, _) => {
+                    let parts = (0..n.inputs.len())
+                        .map(get)
+                        .collect::<Result<Vec<_>, _>>()?;
+                    Tensor::cat(&parts, *axis)?
+                }
+                (Op::Pool(p), _) => {
+                    let o = g.shape(n.output);
+                    super::pool::pool2d(x, p, [o[2], o[3]])?
+                }
+                (Op::GlobalAvgPool, _) => {
+                    let dims: Vec<usize> = (2..x.rank()).collect();
+                    x.mean_keepdim(dims.as_slice())?
+                }
+                (Op::Reshape, _) => x.reshape(g.shape(n.output))?,
+                (Op::MatMul { trans_a, .. }, Params::MatMul { b, bias }) => {
+                    let a = if *trans_a {
+                        x.t()?.contiguous()?
+                    } else {
+                        x.clone()
+                    };
+                    let y = if a.rank() == 2 && b.rank() == 2 {
+                        a.matmul(b)?
+                    } else {
+                        a.broadcast_matmul(b)?
+                    };
+                    match bias {
+                        Some(c) => y.broadcast_add(c)?,
+                        None => y,
+                    }
+                }
+                (Op::Softmax { axis, coerce_2d }, _) => {
+                    if *coerce_2d {
+                        let outer: usize = x.dims()[..*axis].iter().product();
+                        let flat = x.reshape((outer, x.elem_count() / outer.max(1)))?;
+                        candle_nn::ops::softmax(&flat, 1)?.reshape(x.dims())?
+                    } else {
+                        candle_nn::ops::softmax(x, *axis)?
+                    }
+                }
+                (op, _) => {
+                    return Err(Error::Internal(format!(
+                        "node '{}': no parameters prepared for {}",
+                        n.name,
+                        op.name()
+                    )))
+                }
+            };
+            if y.dims() != g.shape(n.output) {
+                return Err(Error::Internal(format!(
+                    "node '{}' ({}) produced shape {:?}, import inferred {:?}",
+                    n.name,
+                    n.op.name(),
+                    y.dims(),
+                    g.shape(n.output)
+                )));
+            }
+            vals[n.output] = Some(y);
+        }
+        let outputs = g
+            .outputs
+            .iter()
+            .map(|&o| {
+                vals[o]
+                    .clone()
+                    .ok_or_else(|| Error::Internal("output not computed".into()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Forward { outputs, bn })
+    }
+}
+
+/// Spreads a kernel (O, I, kh, kw) over its dilation with zeros, for dilations candle's
+/// single-valued `conv2d` cannot express.
+fn dilate_kernel(w: &Tensor, d: [usize; 2]) -> candle_core::Result<Tensor> {
+    let (o, i, kh, kw) = w.dims4()?;
+    let (eh, ew) = (d[0] * (kh - 1) + 1, d[1] * (kw - 1) + 1);
+    let src = w.flatten_all()?.to_vec1::<f32>()?;
+    let mut out = vec![0f32; o * i * eh * ew];
+    for oi in 0..o * i {
+        for y in 0..kh {
+            for x in 0..kw {
+                out[(oi * eh + y * d[0]) * ew + x * d[1]] = src[(oi * kh + y) * kw + x];
+            }
+        }
+    }
+    Tensor::from_vec(out, (o, i, eh, ew), w.device())
+}
+
+fn conv(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    c: &graph::Conv,
+) -> candle_core::Result<Tensor> {
+    let [pt, pl, pb, pr] = c.pads;
+    let symmetric = pt == pb && pl == pr && pt == pl;
+    let (xp, pad) = if symmetric {
+        (x.clone(), pt)
+    } else {
+        (x.pad_with_zeros(2, pt, pb)?.pad_with_zeros(3, pl, pr)?, 0)
+    };
+    let dil = if c.dilations[0] == c.dilations[1] {
+        c.dilations[0]
+    } else {
+        1
+    };
+    let square = c.strides[0] == c.strides[1];
+    let stride = if square { c.strides[0] } else { 1 };
+    let mut y = xp.conv2d(w, pad, stride, dil, c.groups)?;
+    if !square {
+        let (_, _, h, wd) = y.dims4()?;
+        let pick = |n: usize, s: usize| {
+            Tensor::from_vec(
+                (0..n).step_by(s).map(|v| v as u32).collect::<Vec<_>>(),
+                n.div_ceil(s),
+                x.device(),
+            )
+        };
+        y = y
+            .index_select(&pick(h, c.strides[0])?, 2)?
+            .index_select(&pick(wd, c.strides[1])?, 3)?;
+    }
+    match b {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
+    }
+}

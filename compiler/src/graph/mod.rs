@@ -1,0 +1,276 @@
+//! The network IR: a topologically ordered list of nodes over values with concrete shapes.
+//!
+//! Everything constant (weights, BN statistics, reshape targets) lives inside the ops; the
+//! values are the dynamic tensors (activations). Identity-like ONNX ops (Identity, Dropout in
+//! inference) leave no node; Flatten/Reshape/Squeeze/Unsqueeze all become [`Op::Reshape`].
+
+pub mod fuse;
+mod tensor;
+
+pub use tensor::{broadcast_index, broadcast_shape, strides, Data, Tensor};
+
+pub type ValueId = usize;
+
+/// A dynamic tensor: an activation with a concrete shape (batch included).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Value {
+    pub name: String,
+    pub shape: Vec<usize>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Node {
+    /// ONNX node name, or `op#index` when the ONNX node has none.
+    pub name: String,
+    pub op: Op,
+    pub inputs: Vec<ValueId>,
+    pub output: ValueId,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Graph {
+    pub values: Vec<Value>,
+    pub nodes: Vec<Node>,
+    pub inputs: Vec<ValueId>,
+    pub outputs: Vec<ValueId>,
+    /// Default-domain opset the model was exported with.
+    pub opset: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BinKind {
+    Add,
+    Sub,
+    Mul,
+    Div,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolKind {
+    Max,
+    Avg,
+}
+
+/// 2-D convolution, NCHW, weight (O, I/groups, kh, kw).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Conv {
+    pub weight: Tensor,
+    pub bias: Option<Vec<f32>>,
+    pub strides: [usize; 2],
+    pub dilations: [usize; 2],
+    /// top, left, bottom, right (resolved from auto_pad at import).
+    pub pads: [usize; 4],
+    pub groups: usize,
+}
+
+impl Conv {
+    pub fn out_channels(&self) -> usize {
+        self.weight.shape[0]
+    }
+    pub fn kernel(&self) -> [usize; 2] {
+        [self.weight.shape[2], self.weight.shape[3]]
+    }
+}
+
+/// Inference-form BatchNormalization over axis 1; keeps the statistics synthesis matches.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchNorm {
+    pub mean: Vec<f32>,
+    pub var: Vec<f32>,
+    pub scale: Vec<f32>,
+    pub bias: Vec<f32>,
+    pub eps: f32,
+}
+
+/// MaxPool / AveragePool over the two spatial axes of an NCHW tensor.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pool {
+    pub kind: PoolKind,
+    pub kernel: [usize; 2],
+    pub strides: [usize; 2],
+    pub dilations: [usize; 2],
+    /// top, left, bottom, right; ceil_mode shows up as an output larger than these pads give.
+    pub pads: [usize; 4],
+    pub count_include_pad: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Op {
+    Conv(Conv),
+    BatchNorm(BatchNorm),
+    Relu,
+    LeakyRelu {
+        alpha: f32,
+    },
+    Clip {
+        min: f32,
+        max: f32,
+    },
+    /// max(0, min(1, alpha·x + beta))
+    HardSigmoid {
+        alpha: f32,
+        beta: f32,
+    },
+    /// x · HardSigmoid(x; 1/6, 1/2)
+    HardSwish,
+    Sigmoid,
+    /// Two dynamic operands, numpy broadcasting.
+    Add,
+    Mul,
+    /// One dynamic operand and a constant; `const_left` puts the constant first (for Sub/Div).
+    ConstBinary {
+        kind: BinKind,
+        value: Tensor,
+        const_left: bool,
+    },
+    Concat {
+        axis: usize,
+    },
+    Pool(Pool),
+    GlobalAvgPool,
+    /// To the output value's shape; same elements, same order.
+    Reshape,
+    /// `A·B (+ bias)`; Gemm's alpha and beta are folded into `b` and `bias` at import,
+    /// and its transB is applied to `b`. `b` is (K, N) or batched (..., K, N).
+    MatMul {
+        b: Tensor,
+        bias: Option<Tensor>,
+        trans_a: bool,
+    },
+    /// Softmax along `axis`; `coerce_2d` is the opset < 13 semantics (flatten at axis).
+    Softmax {
+        axis: usize,
+        coerce_2d: bool,
+    },
+}
+
+impl Op {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Conv(c) if c.groups > 1 && c.groups == c.out_channels() => "DepthwiseConv",
+            Op::Conv(_) => "Conv",
+            Op::BatchNorm(_) => "BatchNorm",
+            Op::Relu => "Relu",
+            Op::LeakyRelu { .. } => "LeakyRelu",
+            Op::Clip { .. } => "Clip",
+            Op::HardSigmoid { .. } => "HardSigmoid",
+            Op::HardSwish => "HardSwish",
+            Op::Sigmoid => "Sigmoid",
+            Op::Add => "Add",
+            Op::Mul => "Mul",
+            Op::ConstBinary { kind, .. } => match kind {
+                BinKind::Add => "AddConst",
+                BinKind::Sub => "SubConst",
+                BinKind::Mul => "MulConst",
+                BinKind::Div => "DivConst",
+            },
+            Op::Concat { .. } => "Concat",
+            Op::Pool(p) if p.kind == PoolKind::Max => "MaxPool",
+            Op::Pool(_) => "AvgPool",
+            Op::GlobalAvgPool => "GlobalAvgPool",
+            Op::Reshape => "Reshape",
+            Op::MatMul { .. } => "MatMul",
+            Op::Softmax { .. } => "Softmax",
+        }
+    }
+
+    /// Number of learned/constant parameters the op carries.
+    pub fn params(&self) -> usize {
+        match self {
+            Op::Conv(c) => c.weight.len() + c.bias.as_ref().map_or(0, Vec::len),
+            Op::BatchNorm(b) => 4 * b.mean.len(),
+            Op::MatMul { b, bias, .. } => b.len() + bias.as_ref().map_or(0, Tensor::len),
+            Op::ConstBinary { value, .. } => value.len(),
+            _ => 0,
+        }
+    }
+}
+
+impl Graph {
+    pub fn shape(&self, v: ValueId) -> &[usize] {
+        &self.values[v].shape
+    }
+
+    /// Multiply-accumulates of one node for the graph's batch.
+    pub fn macs(&self, node: &Node) -> u64 {
+        let out: u64 = self.shape(node.output).iter().map(|&d| d as u64).product();
+        match &node.op {
+            Op::Conv(c) => {
+                let per_out = (c.weight.shape[1] * c.weight.shape[2] * c.weight.shape[3]) as u64;
+                out * per_out
+            }
+            Op::MatMul { b, trans_a, .. } => {
+                let a = self.shape(node.inputs[0]);
+                let k = if *trans_a {
+                    a[a.len() - 2]
+                } else {
+                    a[a.len() - 1]
+                };
+                let _ = b;
+                out * k as u64
+            }
+            _ => 0,
+        }
+    }
+
+    /// The nodes that read value `v`.
+    pub fn consumers(&self, v: ValueId) -> impl Iterator<Item = usize> + '_ {
+        self.nodes
+            .iter()
+            .enumerate()
+            .filter(move |(_, n)| n.inputs.contains(&v))
+            .map(|(i, _)| i)
+    }
+
+    /// BatchNorm nodes in graph order.
+    pub fn batchnorms(&self) -> impl Iterator<Item = (usize, &Node, &BatchNorm)> {
+        self.nodes
+            .iter()
+            .enumerate()
+            .filter_map(|(i, n)| match &n.op {
+                Op::BatchNorm(b) => Some((i, n, b)),
+                _ => None,
+            })
+    }
+
+    /// Drops nodes whose output no graph output depends on, and values nothing refers to.
+    pub fn prune(&mut self) {
+        let mut live = vec![false; self.values.len()];
+        for &o in &self.outputs {
+            live[o] = true;
+        }
+        let mut keep = vec![false; self.nodes.len()];
+        for (i, n) in self.nodes.iter().enumerate().rev() {
+            if live[n.output] {
+                keep[i] = true;
+                for &x in &n.inputs {
+                    live[x] = true;
+                }
+            }
+        }
+        for &i in &self.inputs {
+            live[i] = true;
+        }
+        let mut k = keep.into_iter();
+        self.nodes.retain(|_| k.next().unwrap_or(false));
+        // Renumber values densely, keeping their order.
+        let mut map = vec![usize::MAX; self.values.len()];
+        let mut values = Vec::new();
+        for (i, v) in self.values.drain(..).enumerate() {
+            if live[i] {
+                map[i] = values.len();
+                values.push(v);
+            }
+        }
+        self.values = values;
+        for n in &mut self.nodes {
+            n.output = map[n.output];
+            for x in &mut n.inputs {
+                *x = map[*x];
+            }
+        }
+        for x in self.inputs.iter_mut().chain(self.outputs.iter_mut()) {
+            *x = map[*x];
+        }
+    }
+}

@@ -1,0 +1,336 @@
+//! The command-line contract: --inspect, diffdfq-run, and bad input (exit 2, one line, no panic).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use prost::Message;
+use tract_onnx::pb;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples/models")
+        .join(name)
+}
+
+fn compile(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_diffdfq-compile"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn run(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_diffdfq-run"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// Asserts a bad-input failure: exit 2, one line on stderr holding every `needle`, no panic.
+fn assert_bad_input(out: &Output, needles: &[&str]) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "stderr: {err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+    for n in needles {
+        assert!(err.contains(n), "{err:?} lacks {n:?}");
+    }
+}
+
+fn tensor(name: &str, dims: &[i64], v: &[f32]) -> pb::TensorProto {
+    pb::TensorProto {
+        name: name.into(),
+        dims: dims.to_vec(),
+        data_type: 1,
+        float_data: v.to_vec(),
+        ..Default::default()
+    }
+}
+
+fn value(name: &str, dims: &[i64]) -> pb::ValueInfoProto {
+    use pb::tensor_shape_proto::{dimension::Value as D, Dimension};
+    let shape = pb::TensorShapeProto {
+        dim: dims
+            .iter()
+            .map(|&d| Dimension {
+                value: Some(D::DimValue(d)),
+                ..Default::default()
+            })
+            .collect(),
+    };
+    pb::ValueInfoProto {
+        name: name.into(),
+        r#type: Some(pb::TypeProto {
+            value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
+                elem_type: 1,
+                shape: Some(shape),
+            })),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn node(name: &str, op: &str, inputs: &[&str], output: &str) -> pb::NodeProto {
+    pb::NodeProto {
+        name: name.into(),
+        op_type: op.into(),
+        input: inputs.iter().map(|s| s.to_string()).collect(),
+        output: vec![output.into()],
+        ..Default::default()
+    }
+}
+
+/// x (1,2,4,4) → Conv(w) → BN → `extra` nodes → y.
+fn model(w: &[f32], var: &[f32], extra: Vec<pb::NodeProto>, out: &str) -> Vec<u8> {
+    let mut nodes = vec![
+        node("conv", "Conv", &["x", "w"], "c"),
+        node("bn", "BatchNormalization", &["c", "s", "b", "m", "v"], "h"),
+    ];
+    nodes.extend(extra);
+    let graph = pb::GraphProto {
+        node: nodes,
+        initializer: vec![
+            tensor("w", &[2, 2, 1, 1], w),
+            tensor("s", &[2], &[1.0, 1.0]),
+            tensor("b", &[2], &[0.0, 0.0]),
+            tensor("m", &[2], &[0.0, 0.0]),
+            tensor("v", &[2], var),
+        ],
+        input: vec![value("x", &[1, 2, 4, 4])],
+        output: vec![value(out, &[])],
+        ..Default::default()
+    };
+    let m = pb::ModelProto {
+        ir_version: 8,
+        opset_import: vec![pb::OperatorSetIdProto {
+            domain: String::new(),
+            version: 13,
+        }],
+        graph: Some(graph),
+        ..Default::default()
+    };
+    m.encode_to_vec()
+}
+
+fn write(dir: &Path, name: &str, bytes: &[u8]) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, bytes).unwrap();
+    p.display().to_string()
+}
+
+#[test]
+fn inspect_prints_the_fixture_table() {
+    for name in ["resnet_fmnist", "mobilenet_fmnist"] {
+        let out = compile(&[
+            "--inspect",
+            fixture(&format!("{name}.onnx")).to_str().unwrap(),
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        insta::assert_snapshot!(
+            format!("inspect_{name}"),
+            String::from_utf8(out.stdout).unwrap()
+        );
+    }
+}
+
+#[test]
+fn a_small_valid_model_imports() {
+    let dir = tempfile::tempdir().unwrap();
+    let ok = write(
+        dir.path(),
+        "ok.onnx",
+        &model(
+            &[1.0, 0.0, 0.0, 1.0],
+            &[1.0, 1.0],
+            vec![node("r", "Relu", &["h"], "y")],
+            "y",
+        ),
+    );
+    let out = compile(&["--inspect", &ok]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn every_unsupported_op_is_listed_with_file_node_and_op() {
+    let dir = tempfile::tempdir().unwrap();
+    let extra = vec![
+        node("up1", "Resize", &["h"], "r"),
+        node("k", "TopK", &["r"], "y"),
+    ];
+    let p = write(
+        dir.path(),
+        "unsup.onnx",
+        &model(&[1.0; 4], &[1.0, 1.0], extra, "y"),
+    );
+    for out in [compile(&["--inspect", &p]), compile(&[&p])] {
+        assert_bad_input(&out, &["unsup.onnx", "'up1' (Resize)", "'k' (TopK)"]);
+    }
+}
+
+#[test]
+fn non_finite_weights_and_negative_variance_are_rejected_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let relu = || vec![node("r", "Relu", &["h"], "y")];
+    let nan = write(
+        dir.path(),
+        "nan.onnx",
+        &model(&[1.0, f32::NAN, 0.0, 1.0], &[1.0, 1.0], relu(), "y"),
+    );
+    assert_bad_input(&compile(&["--inspect", &nan]), &["nan.onnx", "'w'", "NaN"]);
+    let inf = write(
+        dir.path(),
+        "inf.onnx",
+        &model(&[1.0; 4], &[1.0, f32::INFINITY], relu(), "y"),
+    );
+    assert_bad_input(&compile(&["--inspect", &inf]), &["inf.onnx", "'v'"]);
+    let neg = write(
+        dir.path(),
+        "neg.onnx",
+        &model(&[1.0; 4], &[1.0, -0.5], relu(), "y"),
+    );
+    assert_bad_input(
+        &compile(&["--inspect", &neg]),
+        &["neg.onnx", "'bn'", "'v'", "negative"],
+    );
+}
+
+#[test]
+fn truncated_empty_and_foreign_files_are_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let full = std::fs::read(fixture("resnet_fmnist.onnx")).unwrap();
+    for (name, bytes) in [
+        ("half.onnx", &full[..full.len() / 2]),
+        ("tiny.onnx", &full[..17]),
+        ("empty.onnx", &[][..]),
+        ("text.onnx", &b"this is not a model\n"[..]),
+        ("zeros.onnx", &[0u8; 64][..]),
+    ] {
+        let p = write(dir.path(), name, bytes);
+        assert_bad_input(&compile(&["--inspect", &p]), &[name]);
+        let x = write(
+            dir.path(),
+            "x.npy",
+            &diffdfq_compiler::npy::to_bytes(&[1, 1, 28, 28], &[0.0; 784]).unwrap(),
+        );
+        assert_bad_input(
+            &run(&[
+                &p,
+                "--input",
+                &x,
+                "--output",
+                dir.path().join("y.npy").to_str().unwrap(),
+            ]),
+            &[name],
+        );
+    }
+    assert_bad_input(
+        &compile(&[
+            "--inspect",
+            dir.path().join("missing.onnx").to_str().unwrap(),
+        ]),
+        &["missing.onnx"],
+    );
+}
+
+#[test]
+fn run_matches_onnxruntime_on_the_fixture_batches() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["resnet_fmnist", "mobilenet_fmnist"] {
+        let y = dir.path().join(format!("{name}.y.npy"));
+        let out = run(&[
+            fixture(&format!("{name}.onnx")).to_str().unwrap(),
+            "--input",
+            fixture(&format!("{name}.sample.npy")).to_str().unwrap(),
+            "--output",
+            y.to_str().unwrap(),
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let (s1, a) = diffdfq_compiler::npy::read_f32(&y).unwrap();
+        let (s2, b) =
+            diffdfq_compiler::npy::read_f32(&fixture(&format!("{name}.ort.npy"))).unwrap();
+        assert_eq!(s1, s2);
+        let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let err = a
+            .iter()
+            .zip(&b)
+            .fold(0f32, |m, (x, y)| m.max((x - y).abs()))
+            / scale;
+        assert!(err <= 1e-4, "{name}: {err}");
+    }
+}
+
+#[test]
+fn run_takes_batches_larger_than_the_exported_one() {
+    // resnet_fmnist was exported with a fixed batch of 1.
+    let dir = tempfile::tempdir().unwrap();
+    let (_, x1) = diffdfq_compiler::npy::read_f32(&fixture("resnet_fmnist.sample.npy")).unwrap();
+    let x5: Vec<f32> = (0..5)
+        .flat_map(|i| x1.iter().map(move |v| v * (1.0 - 0.1 * i as f32)))
+        .collect();
+    let xp = write(
+        dir.path(),
+        "x5.npy",
+        &diffdfq_compiler::npy::to_bytes(&[5, 1, 28, 28], &x5).unwrap(),
+    );
+    let y = dir.path().join("y5.npy");
+    let model = fixture("resnet_fmnist.onnx");
+    let out = run(&[
+        model.to_str().unwrap(),
+        "--input",
+        &xp,
+        "--output",
+        y.to_str().unwrap(),
+        "--chunk",
+        "2",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (shape, ys) = diffdfq_compiler::npy::read_f32(&y).unwrap();
+    assert_eq!(shape, vec![5, 10]);
+    // Row 0 equals the single-sample output.
+    let (_, ort) = diffdfq_compiler::npy::read_f32(&fixture("resnet_fmnist.ort.npy")).unwrap();
+    for (a, b) in ys[..10].iter().zip(&ort) {
+        assert!((a - b).abs() < 1e-3, "{a} vs {b}");
+    }
+}
+
+#[test]
+fn run_rejects_a_mismatched_input_and_leaves_no_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let x = write(
+        dir.path(),
+        "x.npy",
+        &diffdfq_compiler::npy::to_bytes(&[2, 3, 28, 28], &vec![0.0; 2 * 3 * 784]).unwrap(),
+    );
+    let y = dir.path().join("y.npy");
+    let out = run(&[
+        fixture("mobilenet_fmnist.onnx").to_str().unwrap(),
+        "--input",
+        &x,
+        "--output",
+        y.to_str().unwrap(),
+    ]);
+    assert_bad_input(&out, &["mobilenet_fmnist.onnx"]);
+    assert!(!y.exists());
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        1,
+        "stray files left behind"
+    );
+}

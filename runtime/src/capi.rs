@@ -1,0 +1,106 @@
+//! The C ABI (`include/diffdfq.h`). Every entry point validates its pointers and lengths,
+//! returns a status instead of panicking, and never unwinds.
+
+use crate::error::{status_message_nul, Error};
+use crate::exec::run;
+use crate::format::Model;
+use core::ffi::{c_char, c_int};
+use core::mem::{align_of, size_of};
+
+/// Borrows `len` elements at `p`, refusing NULL, misalignment and lengths beyond `isize::MAX`
+/// bytes.
+///
+/// # Safety
+/// If `p` is non-NULL it must point to `len` readable elements that stay valid and unmodified
+/// for `'a`.
+unsafe fn slice_in<'a, T>(p: *const T, len: usize) -> Result<&'a [T], Error> {
+    if p.is_null() {
+        return Err(Error::NullPointer);
+    }
+    if (p as usize) % align_of::<T>() != 0 {
+        return Err(Error::BufferMisaligned);
+    }
+    if len
+        .checked_mul(size_of::<T>())
+        .is_none_or(|b| b > isize::MAX as usize)
+    {
+        return Err(Error::BadArgument);
+    }
+    // SAFETY: non-NULL, aligned, length bounded; validity is the caller's contract.
+    Ok(unsafe { core::slice::from_raw_parts(p, len) })
+}
+
+/// The byte range `[start, end)` of a buffer.
+fn range<T>(p: *const T, len: usize) -> (usize, usize) {
+    let start = p as usize;
+    (
+        start,
+        start.saturating_add(len.saturating_mul(size_of::<T>())),
+    )
+}
+
+fn overlap(a: (usize, usize), b: (usize, usize)) -> bool {
+    a.0 < a.1 && b.0 < b.1 && a.0 < b.1 && b.0 < a.1
+}
+
+/// Runs a `.dfq` model: see `dfq_run_f32` in `diffdfq.h`. Returns 0 or an [`Error::code`].
+///
+/// # Safety
+/// Non-NULL pointers must point to buffers of the given element counts; `output` and `arena`
+/// must be writable. Overlapping writable buffers are refused with a status.
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn dfq_run_f32(
+    model: *const u8,
+    model_len: usize,
+    input: *const f32,
+    input_len: usize,
+    output: *mut f32,
+    output_len: usize,
+    arena: *mut u8,
+    arena_len: usize,
+) -> c_int {
+    let r = (|| -> Result<(), Error> {
+        if model.is_null() || input.is_null() || output.is_null() || arena.is_null() {
+            return Err(Error::NullPointer);
+        }
+        let ro = [range(model, model_len), range(input, input_len)];
+        let (wo, wa) = (range(output, output_len), range(arena, arena_len));
+        if overlap(wo, wa) || ro.iter().any(|&r| overlap(r, wo) || overlap(r, wa)) {
+            return Err(Error::BadArgument);
+        }
+        // SAFETY: the caller's contract; the writable buffers overlap nothing else.
+        let (m, x) = unsafe { (slice_in(model, model_len)?, slice_in(input, input_len)?) };
+        let y = unsafe { slice_in(output, output_len)? };
+        let a = unsafe { slice_in(arena, arena_len)? };
+        let _ = (y, a);
+        // SAFETY: as above, and unaliased (checked), so unique borrows are sound.
+        let y = unsafe { core::slice::from_raw_parts_mut(output, output_len) };
+        let a = unsafe { core::slice::from_raw_parts_mut(arena, arena_len) };
+        let model = Model::from_bytes(m)?;
+        run(&model, x, y, a)
+    })();
+    match r {
+        Ok(()) => 0,
+        Err(e) => e.code(),
+    }
+}
+
+/// A static NUL-terminated description of a status (`"unknown status"` for unknown codes).
+#[no_mangle]
+pub extern "C" fn dfq_status_str(status: c_int) -> *const c_char {
+    status_message_nul(status).as_ptr() as *const c_char
+}
+
+/// The arena size a model needs, or 0 if the model is NULL or invalid.
+///
+/// # Safety
+/// A non-NULL `model` must point to `model_len` readable bytes.
+#[no_mangle]
+pub unsafe extern "C" fn dfq_arena_size(model: *const u8, model_len: usize) -> usize {
+    // SAFETY: the caller's contract.
+    match unsafe { slice_in(model, model_len) }.and_then(Model::from_bytes) {
+        Ok(m) => m.arena_size(),
+        Err(_) => 0,
+    }
+}

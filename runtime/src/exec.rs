@@ -1,0 +1,210 @@
+//! The executor: runs a validated [`Model`] on a caller-provided arena, touching nothing else.
+
+use crate::error::Error;
+use crate::format::{concat_requant, Model, Op, OpRecord, TensorInfo};
+use crate::kernels::{self, QIn, QOut};
+
+/// Required alignment of the arena's start (bytes), for both the Rust and the C API.
+pub const ARENA_ALIGN: usize = 16;
+
+/// Runs the model: quantizes `input` into the input tensor, executes every op in order inside
+/// `arena` (at least [`Model::arena_size`] bytes, [`ARENA_ALIGN`]-aligned), and writes the
+/// dequantized output (or the Softmax probabilities) to `output`. Allocates nothing, touches no
+/// memory but the four arguments, and never panics.
+pub fn run(
+    model: &Model<'_>,
+    input: &[f32],
+    output: &mut [f32],
+    arena: &mut [u8],
+) -> Result<(), Error> {
+    let inp = *model.input();
+    let out = *model.output();
+    if input.len() != inp.numel as usize {
+        return Err(Error::InputSize);
+    }
+    if output.len() != out.numel as usize {
+        return Err(Error::OutputSize);
+    }
+    if arena.len() < model.arena_size() {
+        return Err(Error::ArenaTooSmall);
+    }
+    if (arena.as_ptr() as usize) % ARENA_ALIGN != 0 {
+        return Err(Error::ArenaMisaligned);
+    }
+    let arena = arena
+        .get_mut(..model.arena_size())
+        .ok_or(Error::ArenaTooSmall)?;
+    let x = span_mut(arena, &inp)?;
+    kernels::quantize(input, inp.scale, inp.zero_point, inp.dtype.bits(), x)?;
+    for rec in model.ops() {
+        exec_op(model, &rec?, arena, output)?;
+    }
+    if out.dtype.is_code() {
+        let y = span_mut(arena, &out)?;
+        kernels::dequantize(y, out.scale, out.zero_point, output)?;
+    }
+    Ok(())
+}
+
+fn span_mut<'b>(arena: &'b mut [u8], t: &TensorInfo) -> Result<&'b mut [u8], Error> {
+    arena
+        .get_mut(t.arena_offset as usize..)
+        .and_then(|s| s.get_mut(..t.arena_len()))
+        .ok_or(Error::BadArgument)
+}
+
+/// The arena split around the two regions an op writes (its output and the scratch region):
+/// three read-only pieces (start offset, bytes) and the two writable ones.
+struct Split<'b> {
+    ro: [(usize, &'b [u8]); 3],
+    out: &'b mut [u8],
+    scratch: &'b mut [u8],
+}
+
+fn split(
+    arena: &mut [u8],
+    out: (usize, usize),
+    scratch: (usize, usize),
+) -> Result<Split<'_>, Error> {
+    // Empty spans sit at offset 0, where they cannot collide.
+    let norm = |s: (usize, usize)| if s.1 == 0 { (0, 0) } else { s };
+    let (out, scratch) = (norm(out), norm(scratch));
+    let out_first = out.0 <= scratch.0;
+    let (first, second) = if out_first {
+        (out, scratch)
+    } else {
+        (scratch, out)
+    };
+    let first_end = first.0.checked_add(first.1).ok_or(Error::BadArgument)?;
+    let gap = second.0.checked_sub(first_end).ok_or(Error::BadArgument)?;
+    let (a0, rest) = arena
+        .split_at_mut_checked(first.0)
+        .ok_or(Error::BadArgument)?;
+    let (m1, rest) = rest
+        .split_at_mut_checked(first.1)
+        .ok_or(Error::BadArgument)?;
+    let (a1, rest) = rest.split_at_mut_checked(gap).ok_or(Error::BadArgument)?;
+    let (m2, a2) = rest
+        .split_at_mut_checked(second.1)
+        .ok_or(Error::BadArgument)?;
+    let ro = [(0, &*a0), (first_end, &*a1), (second.0 + second.1, &*a2)];
+    let (out, scratch) = if out_first { (m1, m2) } else { (m2, m1) };
+    Ok(Split { ro, out, scratch })
+}
+
+fn piece<'b>(ro: &[(usize, &'b [u8]); 3], t: &TensorInfo) -> Result<&'b [u8], Error> {
+    let (off, len) = (t.arena_offset as usize, t.arena_len());
+    for &(start, bytes) in ro.iter() {
+        if off >= start {
+            if let Some(s) = bytes.get(off - start..).and_then(|s| s.get(..len)) {
+                return Ok(s);
+            }
+        }
+    }
+    Err(Error::BadArgument)
+}
+
+fn qout<'c>(data: &'c mut [u8], y: &TensorInfo, lo: u8, hi: u8) -> QOut<'c> {
+    QOut {
+        data,
+        dims: y.dims4(),
+        zero: y.zero_point,
+        lo,
+        hi,
+    }
+}
+
+fn exec_op(
+    model: &Model<'_>,
+    rec: &OpRecord<'_>,
+    arena: &mut [u8],
+    output: &mut [f32],
+) -> Result<(), Error> {
+    let op = model.decode(rec)?;
+    let y = model.tensor(rec.output)?;
+    let x = model.tensor(rec.inputs.get(0).ok_or(Error::BadArgument)?)?;
+    if let Op::Reshape = op {
+        if x.arena_offset == y.arena_offset {
+            return Ok(()); // an alias: same bytes
+        }
+    }
+    let Split { ro, out, scratch } = split(
+        arena,
+        (y.arena_offset as usize, y.arena_len()),
+        model.scratch_span(),
+    )?;
+    let qin = |t: &TensorInfo| -> Result<QIn<'_>, Error> {
+        Ok(QIn {
+            data: piece(&ro, t)?,
+            dims: t.dims4(),
+            zero: t.zero_point,
+        })
+    };
+    let full = y.dtype.code_max();
+    match op {
+        Op::Conv {
+            geom,
+            weights,
+            lo,
+            hi,
+        } => kernels::conv2d(
+            &geom,
+            &weights,
+            &qin(&x)?,
+            &mut qout(out, &y, lo, hi),
+            scratch,
+        ),
+        Op::FullyConnected { weights, lo, hi } => {
+            kernels::fully_connected(&weights, &qin(&x)?, &mut qout(out, &y, lo, hi))
+        }
+        Op::Add { params, lo, hi } => {
+            let b = model.tensor(rec.inputs.get(1).ok_or(Error::BadArgument)?)?;
+            kernels::add(&params, &qin(&x)?, &qin(&b)?, &mut qout(out, &y, lo, hi))
+        }
+        Op::Mul { req, lo, hi } => {
+            let b = model.tensor(rec.inputs.get(1).ok_or(Error::BadArgument)?)?;
+            kernels::mul(req, &qin(&x)?, &qin(&b)?, &mut qout(out, &y, lo, hi))
+        }
+        Op::MaxPool { geom, lo, hi } => {
+            kernels::max_pool(&geom, &qin(&x)?, &mut qout(out, &y, lo, hi))
+        }
+        Op::AvgPool {
+            geom,
+            count_include_pad,
+            req,
+            lo,
+            hi,
+        } => kernels::avg_pool(
+            &geom,
+            count_include_pad,
+            req,
+            &qin(&x)?,
+            &mut qout(out, &y, lo, hi),
+        ),
+        Op::GlobalAvgPool { req, lo, hi } => {
+            kernels::global_avg_pool(req, &qin(&x)?, &mut qout(out, &y, lo, hi))
+        }
+        Op::Concat { axis, requants } => {
+            let axis4 = (axis as usize + 4)
+                .checked_sub(y.rank as usize)
+                .ok_or(Error::BadArgument)?;
+            let mut offset = 0usize;
+            let mut q = qout(out, &y, 0, full);
+            for (i, id) in rec.inputs.iter().enumerate() {
+                let t = model.tensor(id)?;
+                let req = concat_requant(requants, i).ok_or(Error::BadArgument)?;
+                kernels::concat_part(axis4, offset, req, &qin(&t)?, &mut q)?;
+                offset += t.dims4().get(axis4).copied().unwrap_or(0);
+            }
+            Ok(())
+        }
+        Op::Reshape => {
+            let src = piece(&ro, &x)?;
+            let dst = out.get_mut(..src.len()).ok_or(Error::BadArgument)?;
+            dst.copy_from_slice(src);
+            Ok(())
+        }
+        Op::Lut { table, .. } => kernels::lut(table, &qin(&x)?, &mut qout(out, &y, 0, full)),
+        Op::Softmax => kernels::softmax(&qin(&x)?, x.scale, output),
+    }
+}

@@ -1,0 +1,784 @@
+//! Portable scalar integer kernels (DESIGN §4), callable on their own: the compiler's reference
+//! graph calls exactly these, and the executor ([`crate::run`]) binds them to arena slices.
+//!
+//! Every kernel checks its slices and shapes first and returns [`Error::BadArgument`] instead of
+//! panicking; inner loops use iterators or `get`, never raw indexing. Activations are NCHW with
+//! batch 1, given as 4 right-aligned dims (`[1, C, H, W]`; a rank-2 `[1, N]` is `[1, 1, 1, N]`).
+//! The hot inner loop of conv and fully-connected is [`dot_packed`]: a SIMD path replaces that
+//! function (and the patch gather) without touching the rest.
+
+use crate::error::Error;
+use crate::format::{unpack_group, Weights};
+use crate::numerics::{self, clamp_code, mul_round, ADD_LEFT_SHIFT};
+
+/// A quantized activation to read: codes, 4 right-aligned dims, zero point.
+#[derive(Clone, Copy, Debug)]
+pub struct QIn<'a> {
+    /// Codes, `numel(dims)` of them (more are ignored).
+    pub data: &'a [u8],
+    /// Right-aligned dims, e.g. `[1, C, H, W]`.
+    pub dims: [usize; 4],
+    /// Zero point `z`.
+    pub zero: u8,
+}
+
+/// A quantized activation to write: codes, dims, zero point and the output clamp.
+#[derive(Debug)]
+pub struct QOut<'a> {
+    /// Codes, `numel(dims)` of them are written.
+    pub data: &'a mut [u8],
+    /// Right-aligned dims.
+    pub dims: [usize; 4],
+    /// Zero point `z`.
+    pub zero: u8,
+    /// Clamp low bound (code).
+    pub lo: u8,
+    /// Clamp high bound (code).
+    pub hi: u8,
+}
+
+/// A requantization factor (`mult`, `shift`), see [`numerics::requantize`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Requant {
+    /// Q31 multiplier in `[2^30, 2^31)` or 0.
+    pub mult: i32,
+    /// Right shift in `[−31, 31]`.
+    pub shift: i32,
+}
+
+impl Requant {
+    /// Whether the pair is valid (see [`numerics::multiplier_is_valid`]).
+    pub const fn is_valid(&self) -> bool {
+        numerics::multiplier_is_valid(self.mult, self.shift)
+    }
+}
+
+/// Convolution geometry. Pads are asymmetric: top/left before, bottom/right after.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvGeom {
+    pub kernel_h: usize,
+    pub kernel_w: usize,
+    pub stride_h: usize,
+    pub stride_w: usize,
+    pub dilation_h: usize,
+    pub dilation_w: usize,
+    pub pad_top: usize,
+    pub pad_left: usize,
+    pub pad_bottom: usize,
+    pub pad_right: usize,
+    /// Groups; `groups == C_in == C_out` is depthwise.
+    pub groups: usize,
+}
+
+/// Largest dim, kernel size, stride, dilation or pad the kernels accept (keeps every index
+/// computation far from overflow, also with a 32-bit `usize`).
+pub const MAX_EXTENT: usize = 1 << 24;
+
+/// Output size of a sliding window along one axis: `floor((n + pb + pa − d·(k−1) − 1) / s) + 1`,
+/// `None` if the padded input is shorter than the dilated kernel or a parameter is out of range.
+pub fn window_out_len(
+    n: usize,
+    k: usize,
+    s: usize,
+    d: usize,
+    pad_before: usize,
+    pad_after: usize,
+) -> Option<usize> {
+    if n == 0 || k == 0 || s == 0 || d == 0 {
+        return None;
+    }
+    if [n, k, s, d, pad_before, pad_after]
+        .iter()
+        .any(|&v| v > MAX_EXTENT)
+    {
+        return None;
+    }
+    // In u64: d·(k − 1) may not fit a 32-bit usize before it is compared.
+    let padded = n as u64 + pad_before as u64 + pad_after as u64;
+    let eff = d as u64 * (k as u64 - 1) + 1;
+    if padded < eff {
+        return None;
+    }
+    Some(((padded - eff) / s as u64 + 1) as usize)
+}
+
+/// Shape facts of a checked convolution.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvShape {
+    pub c_in: usize,
+    pub h: usize,
+    pub w: usize,
+    pub c_out: usize,
+    pub out_h: usize,
+    pub out_w: usize,
+    /// Input channels per group.
+    pub c_in_g: usize,
+    /// Output channels per group.
+    pub c_out_g: usize,
+    /// Reduction length `K = c_in_g · kernel_h · kernel_w`.
+    pub k: usize,
+}
+
+impl ConvGeom {
+    /// Checks the geometry against `[1, C_in, H, W] → [1, C_out, OH, OW]`.
+    pub fn check(&self, in_dims: [usize; 4], out_dims: [usize; 4]) -> Option<ConvShape> {
+        let [n, c_in, h, w] = in_dims;
+        let [on, c_out, out_h, out_w] = out_dims;
+        if n != 1 || on != 1 || self.groups == 0 || c_in == 0 || c_out == 0 {
+            return None;
+        }
+        if c_in % self.groups != 0 || c_out % self.groups != 0 {
+            return None;
+        }
+        let oh = window_out_len(
+            h,
+            self.kernel_h,
+            self.stride_h,
+            self.dilation_h,
+            self.pad_top,
+            self.pad_bottom,
+        )?;
+        let ow = window_out_len(
+            w,
+            self.kernel_w,
+            self.stride_w,
+            self.dilation_w,
+            self.pad_left,
+            self.pad_right,
+        )?;
+        if oh != out_h || ow != out_w {
+            return None;
+        }
+        let c_in_g = c_in / self.groups;
+        let k = c_in_g
+            .checked_mul(self.kernel_h)?
+            .checked_mul(self.kernel_w)?;
+        if k > MAX_EXTENT || c_in > MAX_EXTENT || c_out > MAX_EXTENT {
+            return None;
+        }
+        Some(ConvShape {
+            c_in,
+            h,
+            w,
+            c_out,
+            out_h,
+            out_w,
+            c_in_g,
+            c_out_g: c_out / self.groups,
+            k,
+        })
+    }
+}
+
+/// Number of elements of right-aligned dims (`None` on overflow).
+pub fn numel(dims: [usize; 4]) -> Option<usize> {
+    dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d))
+}
+
+fn input_slice<'a>(x: &QIn<'a>) -> Result<&'a [u8], Error> {
+    let n = numel(x.dims).ok_or(Error::BadArgument)?;
+    x.data.get(..n).ok_or(Error::BadArgument)
+}
+
+/// `Σ q_i · a_i` over `a.len()` codes, where `q` is a packed weight row (see
+/// [`crate::format`]: groups of 8 codes in `bits` bytes). Wrapping `i32` arithmetic: exact as
+/// long as the true sum fits, which the loader guarantees. The row must hold
+/// `bits · ceil(a.len() / 8)` bytes; a shorter row ends the sum early.
+#[inline]
+pub fn dot_packed(bits: u8, row: &[u8], a: &[u8]) -> i32 {
+    let gb = bits as usize;
+    if gb == 0 {
+        return 0;
+    }
+    let mut acc = 0i32;
+    let mut codes = [0u8; 8];
+    if bits == 8 {
+        for (q, x) in row.iter().zip(a) {
+            acc = acc.wrapping_add(*q as i32 * *x as i32);
+        }
+        return acc;
+    }
+    for (group, xs) in row.chunks_exact(gb).zip(a.chunks(8)) {
+        unpack_group(bits, group, &mut codes);
+        for (q, x) in codes.iter().zip(xs) {
+            acc = acc.wrapping_add(*q as i32 * *x as i32);
+        }
+    }
+    acc
+}
+
+/// `Σ a_i` of activation codes.
+#[inline]
+pub fn sum_codes(a: &[u8]) -> i32 {
+    a.iter().fold(0i32, |s, &v| s.wrapping_add(v as i32))
+}
+
+/// The zero-point expansion of `Σ (q − z_c)(a − z) + bias` from `Σ q·a`, `Σ q`, `Σ a`:
+/// `Σqa − z·Σq − z_c·Σa + K·z_c·z + bias` (wrapping, exact when the result fits `i32`).
+#[inline]
+pub fn expand_acc(dot: i32, sum_q: i32, sum_a: i32, k: i32, z_w: i32, z_a: i32, bias: i32) -> i32 {
+    dot.wrapping_sub(z_a.wrapping_mul(sum_q))
+        .wrapping_sub(z_w.wrapping_mul(sum_a))
+        .wrapping_add(k.wrapping_mul(z_w).wrapping_mul(z_a))
+        .wrapping_add(bias)
+}
+
+/// Bytes of scratch a convolution needs: one gathered input patch of `K` codes.
+pub const fn conv_scratch_len(k: usize) -> usize {
+    k
+}
+
+/// 2-D convolution (general, grouped, depthwise, 1×1; strides, dilations, asymmetric zero
+/// padding). Output code `y[co, oy, ox] = requantize(Σ (q − z_co)(a − z) + bias_co)`.
+///
+/// Zero padding is exact: padded taps hold the input zero point `z`, so `(a − z) = 0`.
+/// `scratch` holds one input patch (`K` bytes, see [`conv_scratch_len`]).
+pub fn conv2d(
+    geom: &ConvGeom,
+    weights: &Weights<'_>,
+    x: &QIn<'_>,
+    y: &mut QOut<'_>,
+    scratch: &mut [u8],
+) -> Result<(), Error> {
+    let s = geom.check(x.dims, y.dims).ok_or(Error::BadArgument)?;
+    if weights.k != s.k || weights.c_out != s.c_out {
+        return Err(Error::BadArgument);
+    }
+    let input = input_slice(x)?;
+    let plane = s.h * s.w;
+    let out_plane = s.out_h * s.out_w;
+    let out_len = s.c_out.checked_mul(out_plane).ok_or(Error::BadArgument)?;
+    let out = y.data.get_mut(..out_len).ok_or(Error::BadArgument)?;
+    let patch = scratch.get_mut(..s.k).ok_or(Error::BadArgument)?;
+    let taps = geom.kernel_h * geom.kernel_w;
+    let z = x.zero;
+    let k = s.k as i32;
+    for g in 0..geom.groups {
+        let in_group = input
+            .get(g * s.c_in_g * plane..(g + 1) * s.c_in_g * plane)
+            .ok_or(Error::BadArgument)?;
+        for oy in 0..s.out_h {
+            let y0 = (oy * geom.stride_h) as isize - geom.pad_top as isize;
+            for ox in 0..s.out_w {
+                let x0 = (ox * geom.stride_w) as isize - geom.pad_left as isize;
+                // Gather the patch (c_in_g × kh × kw), padding with z.
+                for (chan, patch_c) in in_group
+                    .chunks_exact(plane)
+                    .zip(patch.chunks_exact_mut(taps))
+                {
+                    for (ky, patch_row) in patch_c.chunks_exact_mut(geom.kernel_w).enumerate() {
+                        let iy = y0 + (ky * geom.dilation_h) as isize;
+                        if iy < 0 || iy >= s.h as isize {
+                            patch_row.fill(z);
+                            continue;
+                        }
+                        let row = chan.get(iy as usize * s.w..(iy as usize + 1) * s.w);
+                        let row = row.unwrap_or(&[]);
+                        for (kx, dst) in patch_row.iter_mut().enumerate() {
+                            let ix = x0 + (kx * geom.dilation_w) as isize;
+                            *dst = if ix < 0 {
+                                z
+                            } else {
+                                row.get(ix as usize).copied().unwrap_or(z)
+                            };
+                        }
+                    }
+                }
+                let sum_a = sum_codes(patch);
+                let pix = oy * s.out_w + ox;
+                for co in g * s.c_out_g..(g + 1) * s.c_out_g {
+                    let ch = weights.channel(co).ok_or(Error::BadArgument)?;
+                    let row = weights.row(co).ok_or(Error::BadArgument)?;
+                    let dot = dot_packed(weights.bits, row, patch);
+                    let acc =
+                        expand_acc(dot, ch.sum_q, sum_a, k, ch.w_zero as i32, z as i32, ch.bias);
+                    if let Some(o) = out.get_mut(co * out_plane + pix) {
+                        *o =
+                            numerics::requantize(acc, ch.mult, ch.shift, y.zero as i32, y.lo, y.hi);
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Fully connected: `y[n] = requantize(Σ_k (q_nk − z_n)(a_k − z) + bias_n)` over the flattened
+/// input (`K = numel(x)`), `numel(y) = N` outputs.
+pub fn fully_connected(weights: &Weights<'_>, x: &QIn<'_>, y: &mut QOut<'_>) -> Result<(), Error> {
+    let input = input_slice(x)?;
+    let n_out = numel(y.dims).ok_or(Error::BadArgument)?;
+    if weights.k != input.len() || weights.c_out != n_out {
+        return Err(Error::BadArgument);
+    }
+    let out = y.data.get_mut(..n_out).ok_or(Error::BadArgument)?;
+    let sum_a = sum_codes(input);
+    let k = input.len() as i32;
+    for (c, o) in out.iter_mut().enumerate() {
+        let ch = weights.channel(c).ok_or(Error::BadArgument)?;
+        let row = weights.row(c).ok_or(Error::BadArgument)?;
+        let dot = dot_packed(weights.bits, row, input);
+        let acc = expand_acc(
+            dot,
+            ch.sum_q,
+            sum_a,
+            k,
+            ch.w_zero as i32,
+            x.zero as i32,
+            ch.bias,
+        );
+        *o = numerics::requantize(acc, ch.mult, ch.shift, y.zero as i32, y.lo, y.hi);
+    }
+    Ok(())
+}
+
+/// Whether `input` broadcasts to `out` (each right-aligned dim equal or 1).
+pub fn broadcasts_to(input: [usize; 4], out: [usize; 4]) -> bool {
+    input
+        .iter()
+        .zip(out.iter())
+        .all(|(&i, &o)| i == o || i == 1)
+}
+
+/// Element strides of `dims` when read broadcast to an output: 0 along broadcast dims.
+fn broadcast_strides(dims: [usize; 4], out: [usize; 4]) -> [usize; 4] {
+    let mut strides = [0usize; 4];
+    let mut step = 1usize;
+    for ((st, &d), &o) in strides.iter_mut().zip(dims.iter()).zip(out.iter()).rev() {
+        *st = if d == 1 && o != 1 { 0 } else { step };
+        step = step.saturating_mul(d);
+    }
+    strides
+}
+
+/// Applies `f(a, b)` elementwise with numpy broadcasting of both inputs to `y.dims`.
+fn broadcast_binary(
+    a: &QIn<'_>,
+    b: &QIn<'_>,
+    y: &mut QOut<'_>,
+    mut f: impl FnMut(u8, u8) -> u8,
+) -> Result<(), Error> {
+    let da = input_slice(a)?;
+    let db = input_slice(b)?;
+    let od = y.dims;
+    if !broadcasts_to(a.dims, od) || !broadcasts_to(b.dims, od) {
+        return Err(Error::BadArgument);
+    }
+    let n = numel(od).ok_or(Error::BadArgument)?;
+    let out = y.data.get_mut(..n).ok_or(Error::BadArgument)?;
+    if a.dims == od && b.dims == od {
+        for ((o, &va), &vb) in out.iter_mut().zip(da).zip(db) {
+            *o = f(va, vb);
+        }
+        return Ok(());
+    }
+    let sa = broadcast_strides(a.dims, od);
+    let sb = broadcast_strides(b.dims, od);
+    let mut it = out.iter_mut();
+    for i0 in 0..od[0] {
+        for i1 in 0..od[1] {
+            for i2 in 0..od[2] {
+                let ba = i0 * sa[0] + i1 * sa[1] + i2 * sa[2];
+                let bb = i0 * sb[0] + i1 * sb[1] + i2 * sb[2];
+                for i3 in 0..od[3] {
+                    let va = da.get(ba + i3 * sa[3]).copied().unwrap_or(a.zero);
+                    let vb = db.get(bb + i3 * sb[3]).copied().unwrap_or(b.zero);
+                    if let Some(o) = it.next() {
+                        *o = f(va, vb);
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Parameters of a quantized Add: each input is rescaled to a common intermediate scale
+/// (`ra = mul_round((a − z_a)·2^20, mult_a, shift_a)`, saturated to `i32`; same for b), the sum
+/// (saturated to `i32`) is rescaled to the output: `y = clamp(mul_round(ra + rb, out) + z_y)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct AddParams {
+    pub a: Requant,
+    pub b: Requant,
+    pub out: Requant,
+}
+
+fn sat_i32(v: i64) -> i64 {
+    v.clamp(i32::MIN as i64, i32::MAX as i64)
+}
+
+/// Quantized residual Add with broadcasting, see [`AddParams`].
+pub fn add(p: &AddParams, a: &QIn<'_>, b: &QIn<'_>, y: &mut QOut<'_>) -> Result<(), Error> {
+    let (za, zb) = (a.zero as i64, b.zero as i64);
+    let (zy, lo, hi) = (y.zero as i64, y.lo, y.hi);
+    let p = *p;
+    broadcast_binary(a, b, y, move |va, vb| {
+        let ra = sat_i32(mul_round(
+            (va as i64 - za) << ADD_LEFT_SHIFT,
+            p.a.mult,
+            p.a.shift,
+        ));
+        let rb = sat_i32(mul_round(
+            (vb as i64 - zb) << ADD_LEFT_SHIFT,
+            p.b.mult,
+            p.b.shift,
+        ));
+        let s = sat_i32(ra + rb);
+        clamp_code(
+            mul_round(s, p.out.mult, p.out.shift).saturating_add(zy),
+            lo,
+            hi,
+        )
+    })
+}
+
+/// Quantized Mul with broadcasting (squeeze-excitation scales `[1,C,H,W]` by `[1,C,1,1]`):
+/// `y = clamp(mul_round((a − z_a)(b − z_b), out) + z_y)`, `out` for `s_a·s_b / s_y`.
+pub fn mul(out: Requant, a: &QIn<'_>, b: &QIn<'_>, y: &mut QOut<'_>) -> Result<(), Error> {
+    let (za, zb) = (a.zero as i64, b.zero as i64);
+    let (zy, lo, hi) = (y.zero as i64, y.lo, y.hi);
+    broadcast_binary(a, b, y, move |va, vb| {
+        let prod = (va as i64 - za) * (vb as i64 - zb);
+        clamp_code(
+            mul_round(prod, out.mult, out.shift).saturating_add(zy),
+            lo,
+            hi,
+        )
+    })
+}
+
+/// Pooling window geometry (max and average pools).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PoolGeom {
+    pub kernel_h: usize,
+    pub kernel_w: usize,
+    pub stride_h: usize,
+    pub stride_w: usize,
+    pub dilation_h: usize,
+    pub dilation_w: usize,
+    pub pad_top: usize,
+    pub pad_left: usize,
+    pub pad_bottom: usize,
+    pub pad_right: usize,
+}
+
+/// Taps of one window along one axis: positions `start + j·d`, `j < k`. Returns the count of
+/// positions inside `[lo, hi)` (as `isize` bounds).
+fn taps_in(start: isize, k: usize, d: usize, lo: isize, hi: isize) -> usize {
+    (0..k)
+        .filter(|&j| {
+            let p = start + (j * d) as isize;
+            p >= lo && p < hi
+        })
+        .count()
+}
+
+impl PoolGeom {
+    /// Checks `[1, C, H, W] → [1, C, OH, OW]`: explicit output sizes (ceil mode is the
+    /// compiler's choice), every window must see at least one input element.
+    pub fn check(&self, in_dims: [usize; 4], out_dims: [usize; 4]) -> bool {
+        let [n, c, h, w] = in_dims;
+        let [on, oc, oh, ow] = out_dims;
+        if n != 1 || on != 1 || c != oc || c == 0 || oh == 0 || ow == 0 {
+            return false;
+        }
+        let ext = [
+            h,
+            w,
+            c,
+            oh,
+            ow,
+            self.kernel_h,
+            self.kernel_w,
+            self.stride_h,
+            self.stride_w,
+            self.dilation_h,
+            self.dilation_w,
+            self.pad_top,
+            self.pad_left,
+            self.pad_bottom,
+            self.pad_right,
+        ];
+        if ext.iter().any(|&v| v > MAX_EXTENT) {
+            return false;
+        }
+        if self.kernel_h == 0 || self.kernel_w == 0 || self.stride_h == 0 || self.stride_w == 0 {
+            return false;
+        }
+        if self.dilation_h == 0 || self.dilation_w == 0 {
+            return false;
+        }
+        // Bound the index arithmetic (in u64, for 32-bit targets): the dilated window fits the
+        // padded input and the last window starts inside it. After this every product below
+        // is at most about 3·2^24.
+        let (pad_h, pad_w) = (
+            h as u64 + self.pad_top as u64 + self.pad_bottom as u64,
+            w as u64 + self.pad_left as u64 + self.pad_right as u64,
+        );
+        let eff_h = self.dilation_h as u64 * (self.kernel_h as u64 - 1) + 1;
+        let eff_w = self.dilation_w as u64 * (self.kernel_w as u64 - 1) + 1;
+        if eff_h > pad_h
+            || eff_w > pad_w
+            || (oh as u64 - 1) * self.stride_h as u64 > pad_h
+            || (ow as u64 - 1) * self.stride_w as u64 > pad_w
+        {
+            return false;
+        }
+        let rows_ok = (0..oh).all(|o| {
+            let st = (o * self.stride_h) as isize - self.pad_top as isize;
+            taps_in(st, self.kernel_h, self.dilation_h, 0, h as isize) > 0
+        });
+        let cols_ok = (0..ow).all(|o| {
+            let st = (o * self.stride_w) as isize - self.pad_left as isize;
+            taps_in(st, self.kernel_w, self.dilation_w, 0, w as isize) > 0
+        });
+        rows_ok && cols_ok
+    }
+}
+
+/// Max pool. The output has the input's scale and zero point; the result is clamped to
+/// `[y.lo, y.hi]` (a fused ReLU).
+pub fn max_pool(g: &PoolGeom, x: &QIn<'_>, y: &mut QOut<'_>) -> Result<(), Error> {
+    pool(g, x, y, |codes, _, _| codes.fold(0u8, |m, v| m.max(v)))
+}
+
+/// Average pool: `y = clamp(round_half_away((Σ (a − z_x)) · mult / (count · 2^(31+shift))) + z_y)`
+/// with one rounding (computed in `i128`), `req` standing for `s_x / s_y`. `count` is the
+/// number of taps inside the input, or with `count_include_pad` inside the padded input
+/// (`[−pad_before, n + pad_after)`; taps beyond that, from ceil mode, never count).
+pub fn avg_pool(
+    g: &PoolGeom,
+    count_include_pad: bool,
+    req: Requant,
+    x: &QIn<'_>,
+    y: &mut QOut<'_>,
+) -> Result<(), Error> {
+    let z = x.zero as i32;
+    let (zy, lo, hi) = (y.zero as i64, y.lo, y.hi);
+    let (h, w) = (x.dims[2] as isize, x.dims[3] as isize);
+    pool(g, x, y, |codes, y0, x0| {
+        let (sum, n_in) = codes.fold((0i64, 0usize), |(s, n), v| {
+            (s + (v as i32 - z) as i64, n + 1)
+        });
+        let count = if count_include_pad {
+            let ry = taps_in(
+                y0,
+                g.kernel_h,
+                g.dilation_h,
+                -(g.pad_top as isize),
+                h + g.pad_bottom as isize,
+            );
+            let rx = taps_in(
+                x0,
+                g.kernel_w,
+                g.dilation_w,
+                -(g.pad_left as isize),
+                w + g.pad_right as isize,
+            );
+            ry * rx
+        } else {
+            n_in
+        };
+        clamp_code(div_round(sum, count, req).saturating_add(zy), lo, hi)
+    })
+}
+
+/// `round_half_away(sum · mult / (count · 2^(31+shift)))` in `i128`; `count == 0` gives 0.
+fn div_round(sum: i64, count: usize, req: Requant) -> i64 {
+    if count == 0 {
+        return 0;
+    }
+    let n = 31 + req.shift.clamp(numerics::SHIFT_MIN, numerics::SHIFT_MAX);
+    let p = sum as i128 * req.mult as i128;
+    let (p, d) = if n >= 0 {
+        (p, (count as i128) << n)
+    } else {
+        (p << (-n), count as i128)
+    };
+    let q = if p >= 0 {
+        (2 * p + d) / (2 * d)
+    } else {
+        -((-2 * p + d) / (2 * d))
+    };
+    q.clamp(i64::MIN as i128, i64::MAX as i128) as i64
+}
+
+/// Global average pool `[1, C, H, W] → [1, C, 1, 1]`, the rounding of [`avg_pool`] with
+/// `count = H·W`.
+pub fn global_avg_pool(req: Requant, x: &QIn<'_>, y: &mut QOut<'_>) -> Result<(), Error> {
+    let [n, c, h, w] = x.dims;
+    if n != 1 || y.dims != [1, c, 1, 1] || h == 0 || w == 0 {
+        return Err(Error::BadArgument);
+    }
+    let input = input_slice(x)?;
+    let out = y.data.get_mut(..c).ok_or(Error::BadArgument)?;
+    let z = x.zero as i64;
+    for (o, plane) in out.iter_mut().zip(input.chunks_exact(h * w)) {
+        let sum = plane.iter().fold(0i64, |s, &v| s + v as i64 - z);
+        *o = clamp_code(
+            div_round(sum, h * w, req).saturating_add(y.zero as i64),
+            y.lo,
+            y.hi,
+        );
+    }
+    Ok(())
+}
+
+/// Shared window walk of the pools: `f(taps, y0, x0)` reduces the in-bounds codes of one
+/// window whose top-left tap is at (`y0`, `x0`).
+fn pool(
+    g: &PoolGeom,
+    x: &QIn<'_>,
+    y: &mut QOut<'_>,
+    mut f: impl FnMut(&mut dyn Iterator<Item = u8>, isize, isize) -> u8,
+) -> Result<(), Error> {
+    if !g.check(x.dims, y.dims) {
+        return Err(Error::BadArgument);
+    }
+    let [_, _, h, w] = x.dims;
+    let [_, _, oh, ow] = y.dims;
+    let input = input_slice(x)?;
+    let n_out = numel(y.dims).ok_or(Error::BadArgument)?;
+    let out = y.data.get_mut(..n_out).ok_or(Error::BadArgument)?;
+    let (lo, hi) = (y.lo, y.hi);
+    let mut it = out.iter_mut();
+    for plane in input.chunks_exact(h * w) {
+        for oy in 0..oh {
+            let y0 = (oy * g.stride_h) as isize - g.pad_top as isize;
+            for ox in 0..ow {
+                let x0 = (ox * g.stride_w) as isize - g.pad_left as isize;
+                let mut taps = (0..g.kernel_h)
+                    .map(move |ky| y0 + (ky * g.dilation_h) as isize)
+                    .filter(move |&iy| iy >= 0 && iy < h as isize)
+                    .flat_map(move |iy| {
+                        (0..g.kernel_w)
+                            .map(move |kx| x0 + (kx * g.dilation_w) as isize)
+                            .filter(move |&ix| ix >= 0 && ix < w as isize)
+                            .map(move |ix| iy as usize * w + ix as usize)
+                    })
+                    .filter_map(|i| plane.get(i).copied());
+                let v = f(&mut taps, y0, x0);
+                if let Some(o) = it.next() {
+                    *o = clamp_code(v as i64, lo, hi);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Writes one input of a Concat into its place along `axis` (0..4 of the right-aligned dims),
+/// starting at index `offset` of that axis, requantized with `req` (`s_x / s_y`):
+/// `y = clamp(mul_round(a − z_x, req) + z_y)`. Equal scales use `(2^30, −1)`, an exact copy.
+pub fn concat_part(
+    axis: usize,
+    offset: usize,
+    req: Requant,
+    x: &QIn<'_>,
+    y: &mut QOut<'_>,
+) -> Result<(), Error> {
+    if axis >= 4 {
+        return Err(Error::BadArgument);
+    }
+    let input = input_slice(x)?;
+    for (i, (&dx, &dy)) in x.dims.iter().zip(y.dims.iter()).enumerate() {
+        let ok = if i == axis {
+            offset.checked_add(dx).is_some_and(|e| e <= dy)
+        } else {
+            dx == dy
+        };
+        if !ok {
+            return Err(Error::BadArgument);
+        }
+    }
+    let inner: usize = x.dims.iter().skip(axis + 1).product();
+    let chunk_in = x.dims.get(axis).copied().unwrap_or(0) * inner;
+    let chunk_out = y.dims.get(axis).copied().unwrap_or(0) * inner;
+    let n_out = numel(y.dims).ok_or(Error::BadArgument)?;
+    let out = y.data.get_mut(..n_out).ok_or(Error::BadArgument)?;
+    if chunk_in == 0 || chunk_out == 0 {
+        return Ok(());
+    }
+    let (zx, zy, lo, hi) = (x.zero as i64, y.zero as i64, y.lo, y.hi);
+    for (src, dst) in input
+        .chunks_exact(chunk_in)
+        .zip(out.chunks_exact_mut(chunk_out))
+    {
+        let dst = dst
+            .get_mut(offset * inner..offset * inner + chunk_in)
+            .ok_or(Error::BadArgument)?;
+        for (d, &s) in dst.iter_mut().zip(src) {
+            *d = clamp_code(
+                mul_round(s as i64 - zx, req.mult, req.shift).saturating_add(zy),
+                lo,
+                hi,
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Table lookup `y[i] = table[x[i]]` (HardSwish, HardSigmoid, Sigmoid, any function of one code).
+pub fn lut(table: &[u8], x: &QIn<'_>, y: &mut QOut<'_>) -> Result<(), Error> {
+    let input = input_slice(x)?;
+    let out = y.data.get_mut(..input.len()).ok_or(Error::BadArgument)?;
+    for (o, &v) in out.iter_mut().zip(input) {
+        *o = table.get(v as usize).copied().unwrap_or(0);
+    }
+    Ok(())
+}
+
+/// Softmax over the last axis, written as `f32`: `y_i = e^{s(a_i − a_max)} / Σ_j e^{s(a_j −
+/// a_max)}`, with [`numerics::exp`] and the sum in `f64` (relative error ≈ 1e-7: the `f32`
+/// rounding of the result). `scale` is the input scale `s`.
+pub fn softmax(x: &QIn<'_>, scale: f32, out: &mut [f32]) -> Result<(), Error> {
+    let input = input_slice(x)?;
+    let last = x.dims[3];
+    if last == 0 || out.len() != input.len() {
+        return Err(Error::BadArgument);
+    }
+    let s = scale as f64;
+    for (row, o) in input.chunks_exact(last).zip(out.chunks_exact_mut(last)) {
+        let max = row.iter().copied().max().unwrap_or(0);
+        let mut sum = 0.0f64;
+        for (&a, dst) in row.iter().zip(o.iter_mut()) {
+            let e = numerics::exp(-s * (max - a) as f64);
+            sum += e;
+            *dst = e as f32; // held, normalized below
+        }
+        // Recompute in f64 for the division (the f32 held value only carries the order).
+        for (&a, dst) in row.iter().zip(o.iter_mut()) {
+            let e = numerics::exp(-s * (max - a) as f64);
+            *dst = (e / sum) as f32;
+        }
+    }
+    Ok(())
+}
+
+/// Quantizes `f32` values into codes ([`numerics::quantize_f32`]).
+pub fn quantize(
+    input: &[f32],
+    scale: f32,
+    zero: u8,
+    bits: u8,
+    out: &mut [u8],
+) -> Result<(), Error> {
+    if input.len() != out.len() {
+        return Err(Error::BadArgument);
+    }
+    for (o, &v) in out.iter_mut().zip(input) {
+        *o = numerics::quantize_f32(v, scale, zero, bits);
+    }
+    Ok(())
+}
+
+/// Dequantizes codes into `f32` values ([`numerics::dequantize_f32`]).
+pub fn dequantize(codes: &[u8], scale: f32, zero: u8, out: &mut [f32]) -> Result<(), Error> {
+    if codes.len() != out.len() {
+        return Err(Error::BadArgument);
+    }
+    for (o, &c) in out.iter_mut().zip(codes) {
+        *o = numerics::dequantize_f32(c, scale, zero);
+    }
+    Ok(())
+}
