@@ -46,9 +46,11 @@ fn tract_forward(name: &str, shape: &[usize], data: &[f32]) -> Vec<f32> {
         .into_runnable()
         .unwrap();
     let x = tract_ndarray::ArrayD::from_shape_vec(shape, data.to_vec()).unwrap();
-    let out = plan.run(tvec!(Tensor::from(x).into())).unwrap();
+    let out = plan
+        .run(tvec!(tract_onnx::prelude::Tensor::from(x).into()))
+        .unwrap();
     out[0]
-        .to_array_view::<f32>()
+        .to_plain_array_view::<f32>()
         .unwrap()
         .iter()
         .copied()
@@ -186,4 +188,26 @@ fn gradient_with_respect_to_the_input_matches_finite_differences() {
             );
         }
     }
+}
+
+#[test]
+fn exported_shape_subgraphs_and_decomposed_activations_fold_away() {
+    // mobilenet_fmnist has a symbolic batch, a Shape→Gather→Unsqueeze→Concat→Reshape chain and
+    // an `x·relu6(x+3)/6` head activation.
+    let g = import_path(
+        &models().join("mobilenet_fmnist.onnx"),
+        &ImportOptions {
+            batch: Some(3),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(g.shape(g.inputs[0]), &[3, 1, 28, 28]);
+    let names: Vec<&str> = g.nodes.iter().map(|n| n.op.name()).collect();
+    for gone in ["Clip", "AddConst", "DivConst", "MulConst", "SubConst"] {
+        assert!(!names.contains(&gone), "{gone} left in {names:?}");
+    }
+    assert_eq!(names.iter().filter(|&&n| n == "HardSwish").count(), 10);
+    let reshape = g.nodes.iter().find(|n| n.op == Op::Reshape).unwrap();
+    assert_eq!(g.shape(reshape.output), &[3, 96]);
 }

@@ -334,3 +334,57 @@ fn run_rejects_a_mismatched_input_and_leaves_no_output() {
         "stray files left behind"
     );
 }
+
+fn constant(out: &str, v: f32) -> pb::NodeProto {
+    let mut n = node(out, "Constant", &[], out);
+    n.attribute.push(pb::AttributeProto {
+        name: "value_float".into(),
+        f: v,
+        r#type: 1,
+        ..Default::default()
+    });
+    n
+}
+
+#[test]
+fn decomposed_hardsigmoid_and_hardswish_become_one_op() {
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = vec![
+        constant("three", 3.0),
+        constant("zero", 0.0),
+        constant("six", 6.0),
+        // HardSigmoid(h) = Clip(h + 3, 0, 6) / 6
+        node("a1", "Add", &["h", "three"], "a1"),
+        node("c1", "Clip", &["a1", "zero", "six"], "c1"),
+        node("hsig", "Div", &["c1", "six"], "s"),
+        // HardSwish(s) = s · Clip(s + 3, 0, 6) / 6
+        node("a2", "Add", &["s", "three"], "a2"),
+        node("c2", "Clip", &["a2", "zero", "six"], "c2"),
+        node("m2", "Mul", &["s", "c2"], "m2"),
+        node("hswish", "Div", &["m2", "six"], "y"),
+    ];
+    let p = write(
+        dir.path(),
+        "decomposed.onnx",
+        &model(&[1.0; 4], &[1.0, 1.0], nodes, "y"),
+    );
+    let out = compile(&["--inspect", &p]);
+    let table = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ops: Vec<&str> = table
+        .lines()
+        .skip_while(|l| !l.starts_with("node"))
+        .skip(1)
+        .take_while(|l| !l.is_empty())
+        .map(|l| l.split_whitespace().nth(1).unwrap())
+        .collect();
+    assert_eq!(
+        ops,
+        ["Conv", "BatchNorm", "HardSigmoid", "HardSwish"],
+        "{table}"
+    );
+}

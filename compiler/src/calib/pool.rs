@@ -95,3 +95,117 @@ pub fn pool2d(x: &Tensor, p: &Pool, out: [usize; 2]) -> Result<Tensor> {
     let inv = Tensor::from_vec(inv, (1, 1, out[0], out[1]), dev)?.to_dtype(DType::F32)?;
     acc.broadcast_mul(&inv)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// Gradient of sum(pool(x) · r) against central differences, for overlapping, padded,
+    /// dilated and ceil-mode windows (the cases candle's own pools cannot backpropagate).
+    #[test]
+    fn backward_matches_finite_differences() {
+        let dev = Device::Cpu;
+        let cases = [
+            (
+                PoolKind::Max,
+                [3, 3],
+                [2, 2],
+                [1, 1],
+                [1, 1, 1, 1],
+                false,
+                [3, 3],
+            ),
+            (
+                PoolKind::Avg,
+                [3, 3],
+                [2, 2],
+                [1, 1],
+                [1, 1, 1, 1],
+                false,
+                [3, 3],
+            ),
+            (
+                PoolKind::Avg,
+                [3, 3],
+                [2, 2],
+                [1, 1],
+                [1, 1, 1, 1],
+                true,
+                [3, 3],
+            ),
+            (
+                PoolKind::Max,
+                [2, 3],
+                [1, 2],
+                [2, 1],
+                [0, 1, 1, 0],
+                false,
+                [4, 3],
+            ),
+            // ceil mode: one more output row and column than the pads alone give
+            (
+                PoolKind::Avg,
+                [2, 2],
+                [2, 2],
+                [1, 1],
+                [0, 0, 0, 0],
+                false,
+                [3, 3],
+            ),
+        ];
+        for (kind, kernel, strides, dilations, pads, cip, out) in cases {
+            let p = Pool {
+                kind,
+                kernel,
+                strides,
+                dilations,
+                pads,
+                count_include_pad: cip,
+            };
+            let x0: Vec<f32> = (0..2 * 25)
+                .map(|i| ((i * 37 % 23) as f32 - 11.0) / 7.0)
+                .collect();
+            let r = Tensor::from_vec(
+                (0..2 * out[0] * out[1])
+                    .map(|i| 1.0 + i as f32 * 0.1)
+                    .collect::<Vec<_>>(),
+                (1, 2, out[0], out[1]),
+                &dev,
+            )
+            .unwrap();
+            let f = |x: &Tensor| {
+                pool2d(x, &p, out)
+                    .unwrap()
+                    .mul(&r)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+            };
+            let x = Var::from_vec(x0.clone(), (1, 2, 5, 5), &dev).unwrap();
+            let g = f(x.as_tensor()).backward().unwrap();
+            let g: Vec<f32> = g
+                .get(x.as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            for i in 0..x0.len() {
+                let eval = |d: f32| {
+                    let mut v = x0.clone();
+                    v[i] += d;
+                    f(&Tensor::from_vec(v, (1, 2, 5, 5), &dev).unwrap())
+                        .to_scalar::<f32>()
+                        .unwrap()
+                };
+                let num = (eval(1e-2) - eval(-1e-2)) / 2e-2;
+                assert!(
+                    (num - g[i]).abs() < 2e-2,
+                    "{kind:?} {kernel:?} pixel {i}: numeric {num}, autograd {}",
+                    g[i]
+                );
+            }
+        }
+    }
+}

@@ -275,10 +275,12 @@ fn input_shape(
     let mut shape = Vec::new();
     for (axis, d) in dims.iter().enumerate() {
         shape.push(match &d.value {
-            Some(D::DimValue(v)) if *v <= 0 => return Err(Error::Input(format!(
+            Some(D::DimValue(v)) if *v <= 0 => {
+                return Err(Error::Input(format!(
                 "input '{}' has dimension {v} at axis {axis}; zero-size tensors are not supported",
                 vi.name
-            ))),
+            )))
+            }
             Some(D::DimValue(v)) => {
                 if axis == 0 {
                     batch.unwrap_or(*v as usize)
