@@ -89,7 +89,7 @@ fn bn_taps_report_input_statistics_of_every_batchnorm() {
         let g = import_path(&models().join(format!("{name}.onnx")), &opts).unwrap();
         let m = FloatModel::new(&g, &Device::Cpu).unwrap();
         let x = Tensor::randn(0f32, 1f32, g.shape(g.inputs[0]), &Device::Cpu).unwrap();
-        let f = m.forward_with_bn(&[x.clone()]).unwrap();
+        let f = m.forward_with_bn(std::slice::from_ref(&x)).unwrap();
         let bns: Vec<_> = g.batchnorms().collect();
         assert!(bns.len() >= 5, "{name}: only {} BN layers kept", bns.len());
         assert_eq!(f.bn.len(), bns.len());
@@ -153,7 +153,7 @@ fn gradient_with_respect_to_the_input_matches_finite_differences() {
         let shape = g.shape(g.inputs[0]).to_vec();
         // A BNS-like loss: squared BN means and variances plus one logit.
         let loss = |x: &Tensor| -> Tensor {
-            let f = m.forward_with_bn(&[x.clone()]).unwrap();
+            let f = m.forward_with_bn(std::slice::from_ref(x)).unwrap();
             let mut l = f.outputs[0].narrow(1, 3, 1).unwrap().sum_all().unwrap();
             for s in &f.bn {
                 l = (l + s.mean.sqr().unwrap().mean_all().unwrap() + s.var.mean_all().unwrap())

@@ -1,6 +1,6 @@
 //! diffdfq-run: host execution of a model on a batch from a .npy file.
 
-use std::collections::HashMap;
+use std::collections::hash_map::{Entry, HashMap};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -59,39 +59,39 @@ fn run(a: &Args) -> Result<(), Error> {
     let mut start = 0;
     while start < batch {
         let n = step.min(batch - start);
-        if !models.contains_key(&n) {
-            let mut s = shape.clone();
-            s[0] = n;
-            let opts = ImportOptions {
-                input_shape: Some(s),
-                ..Default::default()
-            };
-            match import_path(&a.model, &opts) {
-                Ok(g) => {
-                    if g.outputs.len() != 1 {
+        let m = match models.entry(n) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(slot) => {
+                let mut s = shape.clone();
+                s[0] = n;
+                let opts = ImportOptions {
+                    input_shape: Some(s),
+                    ..Default::default()
+                };
+                match import_path(&a.model, &opts) {
+                    Ok(g) if g.outputs.len() != 1 => {
                         return Err(Error::Input(format!(
                             "{}: has {} outputs, diffdfq-run writes one",
                             a.model.display(),
                             g.outputs.len()
                         )));
                     }
-                    models.insert(n, FloatModel::new(&g, &dev)?);
-                }
-                Err(e) if n > 1 => {
-                    let batch1 = ImportOptions {
-                        input_shape: Some([&[1], &shape[1..]].concat()),
-                        ..Default::default()
-                    };
-                    if import_path(&a.model, &batch1).is_ok() {
-                        step = 1;
-                        continue;
+                    Ok(g) => slot.insert(FloatModel::new(&g, &dev)?),
+                    Err(e) if n > 1 => {
+                        let batch1 = ImportOptions {
+                            input_shape: Some([&[1], &shape[1..]].concat()),
+                            ..Default::default()
+                        };
+                        if import_path(&a.model, &batch1).is_ok() {
+                            step = 1;
+                            continue;
+                        }
+                        return Err(e);
                     }
-                    return Err(e);
+                    Err(e) => return Err(e),
                 }
-                Err(e) => return Err(e),
             }
-        }
-        let m = &models[&n];
+        };
         let x = Tensor::from_vec(
             data[start * per..(start + n) * per].to_vec(),
             &[&[n], &shape[1..]].concat()[..],

@@ -59,7 +59,7 @@ pub fn reshape_target(
             }
             let known: usize = out.iter().product();
             if let Some(i) = infer {
-                if known == 0 || total % known != 0 {
+                if known == 0 || !total.is_multiple_of(known) {
                     return bad(format!("cannot infer -1 in {spec:?} for {total} elements"));
                 }
                 out[i] = total / known;
@@ -173,7 +173,7 @@ fn binary(op: &str, l: &Tensor, r: &Tensor) -> Result<Tensor, Error> {
     }
 }
 
-fn get<'t>(inputs: &'t [Option<Tensor>], i: usize) -> Result<&'t Tensor, Error> {
+fn get(inputs: &[Option<Tensor>], i: usize) -> Result<&Tensor, Error> {
     inputs
         .get(i)
         .and_then(Option::as_ref)

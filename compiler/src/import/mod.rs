@@ -655,8 +655,8 @@ impl Builder {
         let groups = a.int("group", 1);
         let (o, ci) = (w.shape[0], w.shape[1]);
         if groups < 1
-            || xs[1] % groups as usize != 0
-            || o % groups as usize != 0
+            || !xs[1].is_multiple_of(groups as usize)
+            || !o.is_multiple_of(groups as usize)
             || xs[1] / groups as usize != ci
         {
             return bad(format!(
@@ -855,13 +855,11 @@ impl Builder {
     }
 }
 
-/// Strides, dilations, resolved pads and output size of a conv or pool window.
-fn spatial(
-    a: &Attrs,
-    hw: &[usize],
-    kernel: [usize; 2],
-    ceil: bool,
-) -> Result<([usize; 2], [usize; 2], [usize; 4], [usize; 2]), Error> {
+/// Strides, dilations, resolved pads (top, left, bottom, right) and output size of a conv
+/// or pool window.
+type Window = ([usize; 2], [usize; 2], [usize; 4], [usize; 2]);
+
+fn spatial(a: &Attrs, hw: &[usize], kernel: [usize; 2], ceil: bool) -> Result<Window, Error> {
     let two = |name: &str| -> Result<[usize; 2], Error> {
         match a.ints(name) {
             None => Ok([1, 1]),
