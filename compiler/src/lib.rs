@@ -4,6 +4,7 @@
 //! [`calib`] holds the float reference on candle that calibration builds on.
 
 pub mod calib;
+pub mod emit;
 pub mod graph;
 pub mod import;
 pub mod inspect;

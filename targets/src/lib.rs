@@ -30,6 +30,12 @@ pub struct Target {
     pub hosted: bool,
     /// C compiler a firmware build uses for this target.
     pub c_compiler: &'static str,
+    /// Archiver that indexes this target's objects (libNAME.a).
+    pub ar: &'static str,
+    /// Debian packages that provide the C toolchain and archiver.
+    pub toolchain_packages: &'static str,
+    /// Width of `size_t` in bytes.
+    pub pointer_width: u8,
     /// SIMD extensions the runtime may use without run-time detection.
     pub baseline_simd: &'static [&'static str],
 }
@@ -44,6 +50,9 @@ pub const TARGETS: &[Target] = &[
         little_endian: true,
         hosted: true,
         c_compiler: "gcc",
+        ar: "ar",
+        toolchain_packages: "gcc binutils",
+        pointer_width: 8,
         baseline_simd: &["sse2"],
     },
     Target {
@@ -54,6 +63,9 @@ pub const TARGETS: &[Target] = &[
         little_endian: true,
         hosted: true,
         c_compiler: "aarch64-linux-gnu-gcc",
+        ar: "aarch64-linux-gnu-ar",
+        toolchain_packages: "gcc-aarch64-linux-gnu binutils-aarch64-linux-gnu",
+        pointer_width: 8,
         baseline_simd: &["neon"],
     },
 ];

@@ -1,0 +1,208 @@
+//! The runtime compiled for a target (`libdiffdfq_device.a`), built on demand and cached.
+//!
+//! The runtime's sources are embedded in the compiler, so the library a firmware links always
+//! matches the integers the compiler checked. They are built with a Rust toolchain that has
+//! the target's `core`: rustup's (`rustup target add TRIPLE`) or Debian's rustc-web
+//! (`/usr/bin/cargo` with `libstd-rust-web-dev:ARCH`). The cache key is the hash of the sources
+//! and the target, so a cached library is reused byte for byte (deterministic libNAME.a).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use diffdfq_targets::Target;
+
+use crate::Error;
+
+/// (path relative to the runtime crate, contents)
+const SOURCES: &[(&str, &str)] = &[
+    ("Cargo.toml", include_str!("../../../runtime/Cargo.toml")),
+    ("src/lib.rs", include_str!("../../../runtime/src/lib.rs")),
+    ("src/capi.rs", include_str!("../../../runtime/src/capi.rs")),
+    (
+        "src/error.rs",
+        include_str!("../../../runtime/src/error.rs"),
+    ),
+    ("src/exec.rs", include_str!("../../../runtime/src/exec.rs")),
+    (
+        "src/format.rs",
+        include_str!("../../../runtime/src/format.rs"),
+    ),
+    (
+        "src/kernels.rs",
+        include_str!("../../../runtime/src/kernels.rs"),
+    ),
+    (
+        "src/numerics.rs",
+        include_str!("../../../runtime/src/numerics.rs"),
+    ),
+    (
+        "include/diffdfq.h",
+        include_str!("../../../runtime/include/diffdfq.h"),
+    ),
+    (
+        "staticlib/Cargo.toml",
+        include_str!("../../../runtime/staticlib/Cargo.toml"),
+    ),
+    (
+        "staticlib/src/lib.rs",
+        include_str!("../../../runtime/staticlib/src/lib.rs"),
+    ),
+];
+
+/// FNV-1a 64: a stable content hash for the cache key.
+fn fnv(parts: &[&[u8]]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for p in parts {
+        for &b in *p {
+            h = (h ^ b as u64).wrapping_mul(0x100_0000_01b3);
+        }
+        h = (h ^ 0xff).wrapping_mul(0x100_0000_01b3);
+    }
+    h
+}
+
+fn cache_root() -> PathBuf {
+    if let Some(d) = std::env::var_os("DIFFDFQ_CACHE_DIR") {
+        return PathBuf::from(d);
+    }
+    if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
+        return PathBuf::from(d).join("diffdfq");
+    }
+    match std::env::var_os("HOME") {
+        Some(h) => PathBuf::from(h).join(".cache/diffdfq"),
+        None => std::env::temp_dir().join("diffdfq-cache"),
+    }
+}
+
+/// A cargo + rustc pair that can build for `triple`.
+struct Toolchain {
+    cargo: PathBuf,
+    rustc: PathBuf,
+}
+
+fn sysroot_has(rustc: &Path, triple: &str) -> bool {
+    let Ok(out) = Command::new(rustc).arg("--print").arg("sysroot").output() else {
+        return false;
+    };
+    if !out.status.success() {
+        return false;
+    }
+    let root = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    let lib = root.join("lib/rustlib").join(triple).join("lib");
+    std::fs::read_dir(lib).is_ok_and(|mut d| {
+        d.any(|e| e.is_ok_and(|e| e.file_name().to_string_lossy().starts_with("libcore-")))
+    })
+}
+
+fn find_toolchain(triple: &str) -> Option<Toolchain> {
+    let which = |bin: &str| -> Option<PathBuf> {
+        std::env::var_os("PATH").and_then(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join(bin))
+                .find(|c| c.is_file())
+        })
+    };
+    let mut candidates = Vec::new();
+    if let (Some(cargo), Some(rustc)) = (which("cargo"), which("rustc")) {
+        candidates.push(Toolchain { cargo, rustc });
+    }
+    candidates.push(Toolchain {
+        cargo: "/usr/bin/cargo".into(),
+        rustc: "/usr/bin/rustc".into(),
+    });
+    candidates
+        .into_iter()
+        .find(|t| t.cargo.is_file() && sysroot_has(&t.rustc, triple))
+}
+
+/// Path of `libdiffdfq_device.a` for `target`, building it if the cache lacks it.
+pub fn device_library(target: &Target) -> Result<PathBuf, Error> {
+    let parts: Vec<&[u8]> = SOURCES
+        .iter()
+        .flat_map(|(p, s)| [p.as_bytes(), s.as_bytes()])
+        .chain([target.triple.as_bytes()])
+        .collect();
+    let key = format!("runtime-{}-{:016x}", env!("CARGO_PKG_VERSION"), fnv(&parts));
+    let dir = cache_root().join(&key).join(target.triple);
+    let lib = dir.join("libdiffdfq_device.a");
+    if lib.is_file() {
+        return Ok(lib);
+    }
+    let tc = find_toolchain(target.triple).ok_or_else(|| {
+        Error::Input(format!(
+            "no Rust toolchain can build the runtime for {t}: run `rustup target add {t}`, or install Debian's \
+             rustc-web cargo-web libstd-rust-web-dev:{arch} (see README); or pass --no-lib",
+            t = target.triple,
+            arch = match target.arch {
+                diffdfq_targets::Arch::X86_64 => "amd64",
+                diffdfq_targets::Arch::Aarch64 => "arm64",
+            }
+        ))
+    })?;
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| Error::Internal(format!("{}: {e}", dir.display())))?;
+    // Build in a private directory, then publish the library with a rename: concurrent
+    // compiles never see a half-written file.
+    let work = tempfile::Builder::new()
+        .prefix("build-")
+        .tempdir_in(&dir)
+        .map_err(|e| Error::Internal(format!("{}: {e}", dir.display())))?;
+    let src = work.path().join("runtime");
+    for (rel, text) in SOURCES {
+        let p = src.join(rel);
+        if let Some(parent) = p.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| Error::Internal(e.to_string()))?;
+        }
+        std::fs::write(&p, text).map_err(|e| Error::Internal(format!("{}: {e}", p.display())))?;
+    }
+    // The dev-dependencies of the runtime (tests only) are not shipped: drop them so the
+    // build needs no registry.
+    let manifest = src.join("Cargo.toml");
+    let toml = SOURCES[0].1;
+    let trimmed = toml.split("\n[dev-dependencies]").next().unwrap_or(toml);
+    std::fs::write(&manifest, trimmed).map_err(|e| Error::Internal(e.to_string()))?;
+    let out = Command::new(&tc.cargo)
+        .args([
+            "build",
+            "--release",
+            "--offline",
+            "--quiet",
+            "--target",
+            target.triple,
+            "--manifest-path",
+        ])
+        .arg(src.join("staticlib/Cargo.toml"))
+        .env("RUSTC", &tc.rustc)
+        .env("CARGO_TARGET_DIR", work.path().join("target"))
+        .env(
+            "RUSTFLAGS",
+            format!(
+                "--remap-path-prefix={}=/diffdfq-runtime -C debuginfo=0",
+                src.display()
+            ),
+        )
+        .env_remove("CARGO_BUILD_TARGET")
+        .output()
+        .map_err(|e| Error::Internal(format!("running {}: {e}", tc.cargo.display())))?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let first = err
+            .lines()
+            .find(|l| l.contains("error"))
+            .unwrap_or("")
+            .trim();
+        return Err(Error::Internal(format!(
+            "building the runtime for {} with {} failed: {first}",
+            target.triple,
+            tc.cargo.display()
+        )));
+    }
+    let built = work
+        .path()
+        .join("target")
+        .join(target.triple)
+        .join("release/libdiffdfq_device.a");
+    std::fs::rename(&built, &lib)
+        .map_err(|e| Error::Internal(format!("{}: {e}", lib.display())))?;
+    Ok(lib)
+}
