@@ -57,7 +57,7 @@ pub fn reshape_target(
                     _ => return bad(format!("invalid target shape {spec:?}")),
                 }
             }
-            let known: usize = out.iter().product();
+            let known = numel(&out)?;
             if let Some(i) = infer {
                 if known == 0 || !total.is_multiple_of(known) {
                     return bad(format!("cannot infer -1 in {spec:?} for {total} elements"));
@@ -117,6 +117,14 @@ pub fn reshape_target(
             }
         }
         _ => bad(format!("{op} is not a reshape")),
+    }
+}
+
+/// Element count of a constant, refusing sizes no CNN's shape computation produces.
+fn numel(shape: &[usize]) -> Result<usize, Error> {
+    match shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)) {
+        Some(n) if n <= 1 << 28 => Ok(n),
+        _ => bad(format!("constant of shape {shape:?} is too large")),
     }
 }
 
@@ -355,7 +363,7 @@ pub fn eval(op: &str, a: &Attrs, inputs: &[Option<Tensor>], opset: i64) -> Resul
         }
         "ConstantOfShape" => {
             let shape: Vec<usize> = x?.to_i64().iter().map(|&d| d.max(0) as usize).collect();
-            let n = shape.iter().product();
+            let n = numel(&shape)?;
             let fill = match a.tensor("value") {
                 Some(t) => proto::tensor(t).map_err(|e| Error::Input(format!("value: {e}")))?,
                 None => Tensor::f32(vec![1], vec![0.0]),
@@ -370,6 +378,7 @@ pub fn eval(op: &str, a: &Attrs, inputs: &[Option<Tensor>], opset: i64) -> Resul
             if s.is_float() {
                 let (s, l, d) = (s.to_f32()[0], l.to_f32()[0], d.to_f32()[0]);
                 let n = ((l - s) / d).ceil().max(0.0) as usize;
+                numel(&[n])?;
                 Ok(Tensor::f32(
                     vec![n],
                     (0..n).map(|i| s + i as f32 * d).collect(),
@@ -380,6 +389,7 @@ pub fn eval(op: &str, a: &Attrs, inputs: &[Option<Tensor>], opset: i64) -> Resul
                     return bad("Range delta 0");
                 }
                 let n = ((l - s) as f64 / d as f64).ceil().max(0.0) as usize;
+                numel(&[n])?;
                 Ok(Tensor::i64(
                     vec![n],
                     (0..n as i64).map(|i| s + i * d).collect(),

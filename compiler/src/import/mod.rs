@@ -303,7 +303,18 @@ fn input_shape(
             }
         });
     }
-    Ok(shape)
+    checked_numel(&vi.name, shape)
+}
+
+/// Inputs beyond 2^31 elements are refused up front: every later size computation can then
+/// multiply dimensions without overflow.
+fn checked_numel(name: &str, shape: Vec<usize>) -> Result<Vec<usize>, Error> {
+    match shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)) {
+        Some(n) if n <= 1 << 31 => Ok(shape),
+        _ => Err(Error::Input(format!(
+            "input '{name}' shape {shape:?} is too large"
+        ))),
+    }
 }
 
 #[derive(Debug, Clone)]
