@@ -8,7 +8,9 @@ pub mod emit;
 pub mod graph;
 pub mod import;
 pub mod inspect;
+pub mod lower;
 pub mod npy;
+pub mod quant;
 
 /// Failures, split by whose fault they are: bad input exits 2, everything else 1.
 #[derive(Debug, thiserror::Error)]

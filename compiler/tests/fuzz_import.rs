@@ -22,17 +22,17 @@ fn mutated_models_import_or_fail_cleanly() {
     let (mut ok, mut err) = (0, 0);
     for name in ["resnet_fmnist.onnx", "mobilenet_fmnist.onnx"] {
         let orig = std::fs::read(dir.join(name)).unwrap();
-        for case in 0..300 {
+        for case in 0..300u32 {
             let mut b = orig.clone();
             // Mutations land in the graph structure (the front and the tail hold node and
             // shape records; the middle is mostly weight bytes).
             for _ in 0..1 + rng.next() % 8 {
-                let region = if rng.next() % 2 == 0 {
+                let region = if rng.next().is_multiple_of(2) {
                     b.len().min(4096)
                 } else {
                     b.len()
                 };
-                let i = if rng.next() % 3 == 0 {
+                let i = if rng.next().is_multiple_of(3) {
                     b.len() - 1 - (rng.next() as usize % region)
                 } else {
                     rng.next() as usize % region
@@ -44,7 +44,7 @@ fn mutated_models_import_or_fail_cleanly() {
                     _ => rng.next() as u8,
                 };
             }
-            if case % 10 == 0 {
+            if case.is_multiple_of(10) {
                 b.truncate(rng.next() as usize % b.len());
             }
             match std::panic::catch_unwind(|| import_bytes(&b, &ImportOptions::default())) {

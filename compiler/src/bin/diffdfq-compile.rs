@@ -3,9 +3,21 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{Parser, ValueEnum};
+use diffdfq_compiler::emit::{self, header, report};
 use diffdfq_compiler::import::{import_path, ImportOptions};
-use diffdfq_compiler::{inspect, Error};
+use diffdfq_compiler::quant::{rtn, Bits};
+use diffdfq_compiler::{inspect, lower, Error};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Method {
+    /// DiffDFQ calibration (synthesis, diffusion, progressive block reconstruction)
+    Diffdfq,
+    /// The same calibration without diffusion
+    Genie,
+    /// Min–max round-to-nearest weights, activation ranges from BN statistics
+    Rtn,
+}
 
 #[derive(Parser)]
 #[command(
@@ -18,9 +30,42 @@ struct Args {
     /// Print the imported graph (ops, shapes, parameters, MACs, BatchNorm layers) and exit
     #[arg(long)]
     inspect: bool,
+    /// Weight bits of the inner layers: 2, 3, 4 or 8
+    #[arg(long, default_value_t = 4)]
+    bits: u8,
+    /// Activation bits: 8 or 4
+    #[arg(long, default_value_t = 8)]
+    act_bits: u8,
+    /// Weight bits of the first and the last layer
+    #[arg(long, default_value_t = 8)]
+    first_last_bits: u8,
+    /// Target: a short name or a triple (x86_64, aarch64, ...); default: this machine
+    #[arg(long)]
+    target: Option<String>,
+    /// Output directory
+    #[arg(short = 'o', long = "out-dir", default_value = "out")]
+    out_dir: PathBuf,
+    /// Artifact name (a C identifier); default: the model's file stem
+    #[arg(long)]
+    name: Option<String>,
+    /// Quantization method (only rtn is available in this build)
+    #[arg(long, value_enum, default_value_t = Method::Rtn)]
+    method: Method,
+    /// Seed of everything random
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Synthetic samples (rtn: N(0,1) samples that set ranges without a BatchNorm before them)
+    #[arg(long)]
+    samples: Option<usize>,
     /// Input shape overriding the model's, e.g. 1,3,224,224
     #[arg(long, value_delimiter = ',')]
     input_shape: Option<Vec<usize>>,
+    /// Skip libNAME.a (no toolchain for the target needed)
+    #[arg(long)]
+    no_lib: bool,
+    /// Print nothing on success
+    #[arg(long)]
+    quiet: bool,
 }
 
 fn run(a: &Args) -> Result<(), Error> {
@@ -28,20 +73,106 @@ fn run(a: &Args) -> Result<(), Error> {
         input_shape: a.input_shape.clone(),
         ..Default::default()
     };
+    let file = a
+        .model
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let graph = import_path(&a.model, &opts)?;
     if a.inspect {
-        let name = a
-            .model
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        print!("{}", inspect::render(&name, &graph));
+        print!("{}", inspect::render(&file, &graph));
         return Ok(());
     }
-    Err(Error::Internal(
-        "emitting a quantized artifact is not implemented in this build yet; only --inspect is"
-            .into(),
-    ))
+    let target = match &a.target {
+        Some(t) => diffdfq_targets::lookup(t).map_err(|e| Error::Input(e.to_string()))?,
+        None => diffdfq_targets::host().ok_or_else(|| {
+            Error::Input(format!(
+                "this machine is no known target; pass --target ({})",
+                diffdfq_targets::known_names()
+            ))
+        })?,
+    };
+    let name = match &a.name {
+        Some(n) => n.clone(),
+        None => header::name_from_stem(
+            &a.model
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        ),
+    };
+    header::check_name(&name).map_err(Error::Input)?;
+    let bits = Bits {
+        weight: a.bits,
+        act: a.act_bits,
+        first_last: a.first_last_bits,
+    };
+    bits.check()?;
+    if a.method != Method::Rtn {
+        return Err(Error::Input(format!(
+            "--method {:?} is not available in this build yet (calibration is not implemented); use --method rtn",
+            a.method
+        )
+        .to_lowercase()));
+    }
+    let mut ro = rtn::RtnOptions {
+        bits,
+        seed: a.seed,
+        ..Default::default()
+    };
+    if let Some(n) = a.samples {
+        ro.samples = n;
+    }
+    let q = rtn::quantize(&graph, &ro)?;
+    let low = lower::lower(&q)?;
+    let method = "rtn";
+    let summary = format!(
+        "Method {method}, weights {}-bit (first/last {}-bit), activations {}-bit, seed {}.",
+        bits.weight, bits.first_last, bits.act, a.seed
+    );
+    let e = emit::Emission {
+        name: &name,
+        target,
+        blob: &low.blob,
+        header: header::HeaderInfo {
+            name: &name,
+            source: &file,
+            target: target.triple,
+            summary: &summary,
+            arena_size: low.arena_size,
+            model_len: low.blob.len(),
+            input_shape: &low.input_shape,
+            output_shape: &low.output_shape,
+        },
+        report: report::render(
+            &report::ReportInfo {
+                model: &file,
+                name: &name,
+                target: target.triple,
+                method,
+                seed: a.seed,
+                bits,
+            },
+            &low,
+        ),
+        with_lib: !a.no_lib,
+    };
+    let written = emit::write_outputs(&a.out_dir, &e)?;
+    if !a.quiet {
+        let (wb, fb) = low.weight_bytes();
+        for w in &written {
+            println!("wrote {}", w.display());
+        }
+        println!(
+            "weights {wb} B ({:.1}x smaller than FP32 {fb} B), model {} B, arena {} B (lower bound {} B), {} MACs",
+            fb as f64 / wb.max(1) as f64,
+            low.blob.len(),
+            low.arena_size,
+            low.arena_lower_bound,
+            low.macs()
+        );
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {

@@ -9,14 +9,16 @@ use clap::Parser;
 use diffdfq_compiler::calib::FloatModel;
 use diffdfq_compiler::import::{import_path, ImportOptions};
 use diffdfq_compiler::{npy, Error};
+use diffdfq_runtime::Model;
 
 /// Runs MODEL on the batch in --input (first axis = batch) and writes --output.
 ///
-/// An .onnx model runs the float reference (candle).
+/// An .onnx model runs the float reference (candle); a .dfq model runs the integer device
+/// runtime, one sample at a time, exactly as a device would.
 #[derive(Parser)]
 #[command(version, about)]
 struct Args {
-    /// Model file (.onnx)
+    /// Model file (.onnx or .dfq)
     model: PathBuf,
     /// float32 .npy input; its first axis is the batch
     #[arg(long)]
@@ -34,9 +36,9 @@ struct Args {
 
 fn run(a: &Args) -> Result<(), Error> {
     let ext = a.model.extension().and_then(|e| e.to_str()).unwrap_or("");
-    if ext != "onnx" {
+    if ext != "onnx" && ext != "dfq" {
         return Err(Error::Input(format!(
-            "{}: expected an .onnx model",
+            "{}: expected an .onnx or .dfq model",
             a.model.display()
         )));
     }
@@ -46,6 +48,10 @@ fn run(a: &Args) -> Result<(), Error> {
             "{}: shape {shape:?} has no batch of samples",
             a.input.display()
         )));
+    }
+    if ext == "dfq" {
+        let (s, out) = run_dfq(a, &shape, &data)?;
+        return finish(a, s, out);
     }
     let batch = shape[0];
     let per: usize = shape[1..].iter().product();
@@ -104,6 +110,67 @@ fn run(a: &Args) -> Result<(), Error> {
     }
     let mut s = out_shape.unwrap_or_default();
     s[0] = batch;
+    finish(a, s, out)
+}
+
+/// Runs a `.dfq` blob on the runtime, sample by sample (the model has batch 1).
+fn run_dfq(a: &Args, shape: &[usize], data: &[f32]) -> Result<(Vec<usize>, Vec<f32>), Error> {
+    let blob =
+        std::fs::read(&a.model).map_err(|e| Error::Input(format!("{}: {e}", a.model.display())))?;
+    let bad = |what: String| Error::Input(format!("{}: {what}", a.model.display()));
+    let model =
+        Model::from_bytes(&blob).map_err(|e| bad(format!("not a valid .dfq model: {e}")))?;
+    let dims = |t: &diffdfq_runtime::format::TensorInfo| -> Vec<usize> {
+        t.shape().iter().map(|&d| d as usize).collect()
+    };
+    let (in_dims, out_dims) = (dims(model.input()), dims(model.output()));
+    // The model's batch is 1: a sample is everything after the input's first axis.
+    if shape[1..] != in_dims[1..] {
+        return Err(bad(format!(
+            "takes samples of shape {:?}, {} holds {:?}",
+            &in_dims[1..],
+            a.input.display(),
+            &shape[1..]
+        )));
+    }
+    let per_in: usize = in_dims.iter().product();
+    let per_out: usize = out_dims.iter().product();
+    let mut out = vec![0f32; shape[0] * per_out];
+    // Samples are independent: split them over the cores, each thread with its own arena.
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let per_thread = shape[0].div_ceil(threads.max(1));
+    let model = &model;
+    std::thread::scope(|sc| {
+        let jobs: Vec<_> = data
+            .chunks(per_thread * per_in)
+            .zip(out.chunks_mut(per_thread * per_out))
+            .map(|(xs, ys)| {
+                sc.spawn(move || -> Result<(), diffdfq_runtime::Error> {
+                    // A 16-byte-aligned window into a byte buffer (no unsafe).
+                    let align = diffdfq_runtime::ARENA_ALIGN;
+                    let mut buf = vec![0u8; model.arena_size() + align];
+                    let at = buf.as_ptr().align_offset(align);
+                    let arena = &mut buf[at..at + model.arena_size()];
+                    for (x, y) in xs.chunks_exact(per_in).zip(ys.chunks_exact_mut(per_out)) {
+                        diffdfq_runtime::run(model, x, y, arena)?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for j in jobs {
+            j.join()
+                .map_err(|_| Error::Internal("a runtime thread panicked".into()))?
+                .map_err(|e| Error::Internal(format!("{}: runtime: {e}", a.model.display())))?;
+        }
+        Ok::<(), Error>(())
+    })?;
+    let mut s = out_dims;
+    s[0] = shape[0];
+    Ok((s, out))
+}
+
+fn finish(a: &Args, s: Vec<usize>, out: Vec<f32>) -> Result<(), Error> {
     if a.argmax {
         let last = s.last().copied().unwrap_or(1).max(1);
         let classes: Vec<String> = out

@@ -5,10 +5,10 @@
 
 pub mod header;
 pub mod object;
+pub mod report;
 pub mod runtime_lib;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use diffdfq_targets::Target;
 
@@ -60,25 +60,9 @@ pub fn write_outputs(dir: &Path, e: &Emission) -> Result<Vec<PathBuf>, Error> {
     if e.with_lib {
         let device = runtime_lib::device_library(e.target)?;
         let lib = format!("lib{name}.a");
-        std::fs::copy(&device, t.join(&lib)).map_err(|err| io(&device, err))?;
-        // `D`: zero timestamps, uids and modes, so the archive is reproducible.
-        let out = Command::new(e.target.ar)
-            .args(["rsD", &lib, &format!("{name}.o")])
-            .current_dir(t)
-            .output()
-            .map_err(|err| {
-                Error::Input(format!(
-                    "cannot run {} to make {lib} ({err}): install {} or pass --no-lib",
-                    e.target.ar, e.target.toolchain_packages
-                ))
-            })?;
-        if !out.status.success() {
-            return Err(Error::Internal(format!(
-                "{} failed: {}",
-                e.target.ar,
-                String::from_utf8_lossy(&out.stderr).trim()
-            )));
-        }
+        let obj = files[1].1.clone();
+        std::fs::write(t.join(&lib), archive(&device, &format!("{name}.o"), obj)?)
+            .map_err(|err| io(&t.join(&lib), err))?;
         files.push((lib, Vec::new()));
     }
     let mut written = Vec::new();
@@ -93,4 +77,40 @@ pub fn write_outputs(dir: &Path, e: &Emission) -> Result<Vec<PathBuf>, Error> {
         written.push(dst);
     }
     Ok(written)
+}
+
+/// libNAME.a: the runtime library's members followed by NAME.o, with a symbol index over all
+/// of them and zeroed timestamps/owners (reproducible). Written here rather than with the
+/// system `ar`, whose LTO plugin cannot read the bitcode-carrying objects of Rust's `core`
+/// and would drop them from the index.
+fn archive(device: &Path, obj_name: &str, obj: Vec<u8>) -> Result<Vec<u8>, Error> {
+    use ::object::read::archive::ArchiveFile;
+    let data = std::fs::read(device).map_err(|err| io(device, err))?;
+    let bad = |err: ::object::read::Error| Error::Internal(format!("{}: {err}", device.display()));
+    let ar = ArchiveFile::parse(&*data).map_err(bad)?;
+    let mut members = Vec::new();
+    for m in ar.members() {
+        let m = m.map_err(bad)?;
+        let member_name = String::from_utf8_lossy(m.name()).into_owned();
+        members.push(ar_archive_writer::NewArchiveMember::new(
+            m.data(&*data).map_err(bad)?,
+            &ar_archive_writer::DEFAULT_OBJECT_READER,
+            member_name,
+        ));
+    }
+    members.push(ar_archive_writer::NewArchiveMember::new(
+        obj,
+        &ar_archive_writer::DEFAULT_OBJECT_READER,
+        obj_name.to_string(),
+    ));
+    let mut out = std::io::Cursor::new(Vec::new());
+    ar_archive_writer::write_archive_to_stream(
+        &mut out,
+        &members,
+        ar_archive_writer::ArchiveKind::Gnu,
+        false,
+        None,
+    )
+    .map_err(|err| Error::Internal(format!("writing the static library: {err}")))?;
+    Ok(out.into_inner())
 }

@@ -1,0 +1,112 @@
+//! `NAME.report.json`: per-layer bits, bytes and MACs; totals against FP32; the arena.
+
+use serde::Serialize;
+
+use crate::lower::Lowered;
+use crate::quant::Bits;
+
+#[derive(Serialize)]
+struct Layer<'a> {
+    name: &'a str,
+    op: &'a str,
+    out_shape: &'a [usize],
+    weight_bits: Option<u8>,
+    act_bits: u8,
+    weight_bytes: usize,
+    fp32_bytes: usize,
+    macs: u64,
+}
+
+#[derive(Serialize)]
+struct BitsOut {
+    weight: u8,
+    act: u8,
+    first_last: u8,
+}
+
+#[derive(Serialize)]
+struct Totals {
+    weight_bytes: usize,
+    fp32_weight_bytes: usize,
+    /// FP32 bytes / shipped weight bytes.
+    weight_compression: f64,
+    model_bytes: usize,
+    arena_bytes: usize,
+    arena_lower_bound: usize,
+    arena_without_reuse: usize,
+    macs: u64,
+}
+
+#[derive(Serialize)]
+struct Report<'a> {
+    model: &'a str,
+    name: &'a str,
+    target: &'a str,
+    method: &'a str,
+    seed: u64,
+    bits: BitsOut,
+    input_shape: &'a [usize],
+    output_shape: &'a [usize],
+    layers: Vec<Layer<'a>>,
+    totals: Totals,
+}
+
+/// What the report says besides the lowered model.
+pub struct ReportInfo<'a> {
+    pub model: &'a str,
+    pub name: &'a str,
+    pub target: &'a str,
+    pub method: &'a str,
+    pub seed: u64,
+    pub bits: Bits,
+}
+
+/// Pretty JSON with a trailing newline; no timestamps or paths, so it is reproducible.
+pub fn render(info: &ReportInfo, l: &Lowered) -> String {
+    let (wb, fb) = l.weight_bytes();
+    let r = Report {
+        model: info.model,
+        name: info.name,
+        target: info.target,
+        method: info.method,
+        seed: info.seed,
+        bits: BitsOut {
+            weight: info.bits.weight,
+            act: info.bits.act,
+            first_last: info.bits.first_last,
+        },
+        input_shape: &l.input_shape,
+        output_shape: &l.output_shape,
+        layers: l
+            .layers
+            .iter()
+            .map(|x| Layer {
+                name: &x.name,
+                op: &x.op,
+                out_shape: &x.out_shape,
+                weight_bits: x.weight_bits,
+                act_bits: x.act_bits,
+                weight_bytes: x.weight_bytes,
+                fp32_bytes: x.fp32_bytes,
+                macs: x.macs,
+            })
+            .collect(),
+        totals: Totals {
+            weight_bytes: wb,
+            fp32_weight_bytes: fb,
+            weight_compression: if wb > 0 {
+                (fb as f64 / wb as f64 * 100.0).round() / 100.0
+            } else {
+                0.0
+            },
+            model_bytes: l.blob.len(),
+            arena_bytes: l.arena_size,
+            arena_lower_bound: l.arena_lower_bound,
+            arena_without_reuse: l.arena_no_reuse,
+            macs: l.macs(),
+        },
+    };
+    let mut s = serde_json::to_string_pretty(&r).unwrap_or_default();
+    s.push('\n');
+    s
+}

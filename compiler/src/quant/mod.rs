@@ -1,0 +1,685 @@
+//! The QuantGraph: the network after BN folding and activation fusion, with the quantization
+//! every layer and every stored tensor ships with.
+//!
+//! Lowering ([`crate::lower`]) consumes it; calibration methods produce it: [`fold`] builds the
+//! float structure (folded weights and biases, fused ReLU/ReLU6), then a method fills in the
+//! weight codes ([`QLayer::set_weights`] / [`QLayer::quantize_rtn`]) and the activation
+//! quantization of every tensor ([`QTensor::quant`]). [`rtn::quantize`] is the data-free
+//! round-to-nearest method; DiffDFQ/Genie will overwrite codes, scales and activation steps of
+//! the same structure.
+
+pub mod rtn;
+
+use crate::graph::{Graph, Op, PoolKind, ValueId};
+use crate::Error;
+
+pub use diffdfq_runtime::format::Activation;
+pub use diffdfq_runtime::kernels::{ConvGeom, PoolGeom};
+pub use diffdfq_runtime::numerics::Fused;
+
+/// Index into [`QuantGraph::tensors`].
+pub type TensorId = usize;
+
+/// Per-tensor asymmetric activation quantization: `x ≈ scale·(a − zero)`, `a ∈ [0, 2^bits − 1]`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ActQuant {
+    /// 8 or 4.
+    pub bits: u8,
+    pub scale: f32,
+    pub zero: u8,
+}
+
+impl ActQuant {
+    /// Min–max quantization of the float range `[lo, hi]`, widened to contain 0 so that 0 has
+    /// an exact code (zero padding, ReLU clamps). A range starting at 0 gives `zero = 0`: the
+    /// whole unsigned range after ReLU/ReLU6.
+    pub fn from_range(lo: f32, hi: f32, bits: u8) -> ActQuant {
+        let max = ((1u32 << bits) - 1) as f32;
+        let lo = lo.min(0.0);
+        let hi = hi.max(0.0).max(lo + 1e-6);
+        let scale = (hi - lo) / max;
+        let zero = (-lo / scale).round().clamp(0.0, max) as u8;
+        ActQuant { bits, scale, zero }
+    }
+
+    /// The float interval the codes cover.
+    pub fn range(&self) -> (f32, f32) {
+        let max = ((1u32 << self.bits) - 1) as f32;
+        (
+            -self.scale * self.zero as f32,
+            self.scale * (max - self.zero as f32),
+        )
+    }
+}
+
+/// A tensor the runtime stores (codes in the arena), or the `f32` output of a final Softmax.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QTensor {
+    pub name: String,
+    /// NCHW (or (N, F)), batch 1.
+    pub shape: Vec<usize>,
+    /// The value of the source [`Graph`] this tensor holds (after fused activations).
+    pub source: ValueId,
+    pub quant: ActQuant,
+    /// `f32` (only the output of a final Softmax).
+    pub is_f32: bool,
+}
+
+impl QTensor {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// A conv or linear layer: folded float weights and the codes that ship.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QLayer {
+    /// Output channels (rows).
+    pub c_out: usize,
+    /// Codes per row: `C_in/groups·kh·kw` (conv, order `[c_in][ky][kx]`) or the input features.
+    pub k: usize,
+    /// Folded float weights, `c_out × k` row-major.
+    pub weight: Vec<f32>,
+    /// Folded float bias, `c_out` (zeros when the layer had none).
+    pub bias: Vec<f32>,
+    /// Weight bits: 2, 3, 4 or 8.
+    pub bits: u8,
+    /// Per-output-channel scale and zero point: `w ≈ s_c·(q − z_c)`; empty until quantized.
+    pub scales: Vec<f32>,
+    pub zeros: Vec<u8>,
+    /// `c_out × k` codes in `[0, 2^bits − 1]`; empty until quantized.
+    pub codes: Vec<u8>,
+}
+
+impl QLayer {
+    fn new(c_out: usize, k: usize, weight: Vec<f32>, bias: Vec<f32>, bits: u8) -> Self {
+        QLayer {
+            c_out,
+            k,
+            weight,
+            bias,
+            bits,
+            scales: Vec::new(),
+            zeros: Vec::new(),
+            codes: Vec::new(),
+        }
+    }
+
+    /// Whether codes, scales and zero points are all present with the right sizes.
+    pub fn is_quantized(&self) -> bool {
+        self.codes.len() == self.c_out * self.k
+            && self.scales.len() == self.c_out
+            && self.zeros.len() == self.c_out
+    }
+
+    /// Sets the codes with given per-channel scales and zero points: `q = clamp(round(w/s) + z)`
+    /// (ties away from zero, as the runtime rounds). Calibration uses this after moving scales.
+    pub fn set_weights(&mut self, scales: Vec<f32>, zeros: Vec<u8>) -> Result<(), Error> {
+        if scales.len() != self.c_out || zeros.len() != self.c_out {
+            return Err(Error::Internal(format!(
+                "layer with {} channels got {} scales and {} zero points",
+                self.c_out,
+                scales.len(),
+                zeros.len()
+            )));
+        }
+        let max = ((1u32 << self.bits) - 1) as f32;
+        let mut codes = Vec::with_capacity(self.c_out * self.k);
+        for (c, row) in self.weight.chunks_exact(self.k).enumerate() {
+            let (s, z) = (scales[c], zeros[c] as f32);
+            codes.extend(
+                row.iter()
+                    .map(|&w| ((w / s).round() + z).clamp(0.0, max) as u8),
+            );
+        }
+        self.scales = scales;
+        self.zeros = zeros;
+        self.codes = codes;
+        Ok(())
+    }
+
+    /// Per-channel min–max round-to-nearest (asymmetric, the range widened to contain 0 so the
+    /// zero point is a code).
+    pub fn quantize_rtn(&mut self) {
+        let max = ((1u32 << self.bits) - 1) as f32;
+        let (mut scales, mut zeros) = (Vec::new(), Vec::new());
+        for row in self.weight.chunks_exact(self.k) {
+            let lo = row.iter().fold(0f32, |a, &w| a.min(w));
+            let hi = row.iter().fold(0f32, |a, &w| a.max(w));
+            // An all-zero (or vanishing) row still needs a scale whose requantization
+            // multiplier `s·s_x/s_y` stays inside the runtime's shift range.
+            let s = ((hi - lo) / max).max(1e-8);
+            scales.push(s);
+            zeros.push((-lo / s).round().clamp(0.0, max) as u8);
+        }
+        // Sizes match by construction.
+        let _ = self.set_weights(scales, zeros);
+    }
+
+    /// The weights the codes stand for, `c_out × k`.
+    pub fn dequantized(&self) -> Vec<f32> {
+        self.codes
+            .chunks_exact(self.k.max(1))
+            .enumerate()
+            .flat_map(|(c, row)| {
+                let (s, z) = (self.scales[c], self.zeros[c] as f32);
+                row.iter().map(move |&q| s * (q as f32 - z))
+            })
+            .collect()
+    }
+
+    /// Bytes the layer ships: packed code rows plus the 24-byte channel records.
+    pub fn packed_bytes(&self) -> usize {
+        let row = diffdfq_runtime::format::row_bytes(self.bits, self.k).unwrap_or(0);
+        self.c_out * (row + diffdfq_runtime::format::CHANNEL_RECORD_LEN)
+    }
+
+    /// Bytes of the same parameters in FP32 (folded weights and bias).
+    pub fn fp32_bytes(&self) -> usize {
+        4 * (self.weight.len() + self.bias.len())
+    }
+}
+
+/// Per-channel mean and standard deviation of a layer's pre-activation output implied by its
+/// folded BatchNorm (the BN output is `beta + gamma·x̂` with `x̂` standardized by the running
+/// statistics).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BnOutStats {
+    pub mean: Vec<f32>,
+    pub std: Vec<f32>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum QOp {
+    Conv {
+        geom: ConvGeom,
+        layer: QLayer,
+        fused: Fused,
+    },
+    /// FullyConnected over the flattened input.
+    Linear {
+        layer: QLayer,
+        fused: Fused,
+    },
+    Add {
+        fused: Fused,
+    },
+    Mul {
+        fused: Fused,
+    },
+    /// Output quantization equals the input's (the runtime compares codes).
+    MaxPool {
+        geom: PoolGeom,
+    },
+    AvgPool {
+        geom: PoolGeom,
+        count_include_pad: bool,
+    },
+    GlobalAvgPool,
+    Concat {
+        axis: usize,
+    },
+    /// Same codes, same quantization; the output may alias the input.
+    Reshape,
+    /// A 256-entry table on codes.
+    Act(Activation),
+    /// Final softmax over the last axis; `f32` output.
+    Softmax,
+}
+
+impl QOp {
+    pub fn name(&self) -> &'static str {
+        match self {
+            QOp::Conv { geom, layer, .. } if geom.groups > 1 && geom.groups == layer.c_out => {
+                "DepthwiseConv"
+            }
+            QOp::Conv { .. } => "Conv",
+            QOp::Linear { .. } => "FullyConnected",
+            QOp::Add { .. } => "Add",
+            QOp::Mul { .. } => "Mul",
+            QOp::MaxPool { .. } => "MaxPool",
+            QOp::AvgPool { .. } => "AvgPool",
+            QOp::GlobalAvgPool => "GlobalAvgPool",
+            QOp::Concat { .. } => "Concat",
+            QOp::Reshape => "Reshape",
+            QOp::Act(Activation::Relu) => "Relu",
+            QOp::Act(Activation::Relu6) => "Relu6",
+            QOp::Act(Activation::HardSigmoid { .. }) => "HardSigmoid",
+            QOp::Act(Activation::HardSwish) => "HardSwish",
+            QOp::Act(Activation::Sigmoid) => "Sigmoid",
+            QOp::Softmax => "Softmax",
+        }
+    }
+
+    pub fn layer(&self) -> Option<&QLayer> {
+        match self {
+            QOp::Conv { layer, .. } | QOp::Linear { layer, .. } => Some(layer),
+            _ => None,
+        }
+    }
+
+    pub fn layer_mut(&mut self) -> Option<&mut QLayer> {
+        match self {
+            QOp::Conv { layer, .. } | QOp::Linear { layer, .. } => Some(layer),
+            _ => None,
+        }
+    }
+
+    /// The activation fused into the op's output clamp.
+    pub fn fused(&self) -> Fused {
+        match self {
+            QOp::Conv { fused, .. }
+            | QOp::Linear { fused, .. }
+            | QOp::Add { fused }
+            | QOp::Mul { fused } => *fused,
+            _ => Fused::None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct QNode {
+    /// The source node's name (the conv's, for a conv with folded BN and fused activation).
+    pub name: String,
+    pub op: QOp,
+    pub inputs: Vec<TensorId>,
+    pub output: TensorId,
+    /// Multiply-accumulates (batch 1).
+    pub macs: u64,
+    /// Statistics of the pre-activation output implied by the folded BN, if one was folded.
+    pub bn: Option<BnOutStats>,
+}
+
+/// Bit widths of a quantization.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bits {
+    /// Weights of every conv/linear but the first and the last: 2, 3, 4 or 8.
+    pub weight: u8,
+    /// Activations: 8 or 4. The model input and output tensors stay at 8 (see [`fold`]).
+    pub act: u8,
+    /// Weights of the first and the last conv/linear (DESIGN §3; default 8).
+    pub first_last: u8,
+}
+
+impl Default for Bits {
+    fn default() -> Self {
+        Bits {
+            weight: 4,
+            act: 8,
+            first_last: 8,
+        }
+    }
+}
+
+impl Bits {
+    pub fn check(&self) -> Result<(), Error> {
+        let wb = diffdfq_runtime::format::WEIGHT_BITS;
+        if !wb.contains(&self.weight) || !wb.contains(&self.first_last) {
+            return Err(Error::Input(format!(
+                "weight bits {} / first-last bits {}: supported are 2, 3, 4, 8",
+                self.weight, self.first_last
+            )));
+        }
+        if self.act != 8 && self.act != 4 {
+            return Err(Error::Input(format!(
+                "activation bits {}: supported are 8 and 4",
+                self.act
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct QuantGraph {
+    pub tensors: Vec<QTensor>,
+    /// Execution order.
+    pub nodes: Vec<QNode>,
+    pub input: TensorId,
+    pub output: TensorId,
+    pub bits: Bits,
+}
+
+impl QuantGraph {
+    /// Indices of the conv/linear nodes, in order.
+    pub fn layers(&self) -> impl Iterator<Item = usize> + '_ {
+        self.nodes
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| n.op.layer().is_some())
+            .map(|(i, _)| i)
+    }
+
+    /// The node writing tensor `t`.
+    pub fn producer(&self, t: TensorId) -> Option<usize> {
+        self.nodes.iter().position(|n| n.output == t)
+    }
+}
+
+fn unsupported(node: &str, what: &str) -> Error {
+    Error::Input(format!(
+        "node '{node}': {what} is not supported by the quantizer"
+    ))
+}
+
+/// Folds every BatchNorm into the conv/linear before it, fuses ReLU/ReLU6 into the op before
+/// them (conv, linear, add, mul) and maps the remaining ops. The layers' codes are left empty
+/// and every tensor gets a placeholder quantization over [−1, 1]: a method sets both.
+///
+/// The model input and output tensors keep 8-bit codes whatever `bits.act` is: like the
+/// first and last layers' weights, the boundaries are where low precision costs most, and the
+/// input is quantized from f32 anyway.
+pub fn fold(g: &Graph, bits: Bits) -> Result<QuantGraph, Error> {
+    bits.check()?;
+    if g.inputs.len() != 1 || g.outputs.len() != 1 {
+        return Err(Error::Input(format!(
+            "the model has {} inputs and {} outputs; the quantizer takes one of each",
+            g.inputs.len(),
+            g.outputs.len()
+        )));
+    }
+    let n_consumers =
+        |v: ValueId| g.consumers(v).count() + g.outputs.iter().filter(|&&o| o == v).count();
+    // The sole consumer of `v`, if it is exactly one node and `v` is no graph output.
+    let sole = |v: ValueId| -> Option<usize> {
+        if n_consumers(v) == 1 {
+            g.consumers(v).next()
+        } else {
+            None
+        }
+    };
+    let mut tmap: Vec<Option<TensorId>> = vec![None; g.values.len()];
+    let mut tensors: Vec<QTensor> = Vec::new();
+    let new_tensor = |v: ValueId, tensors: &mut Vec<QTensor>, bits: u8| {
+        tensors.push(QTensor {
+            name: g.values[v].name.clone(),
+            shape: g.values[v].shape.clone(),
+            source: v,
+            quant: ActQuant::from_range(-1.0, 1.0, bits),
+            is_f32: false,
+        });
+        tensors.len() - 1
+    };
+    let input = new_tensor(g.inputs[0], &mut tensors, 8);
+    tmap[g.inputs[0]] = Some(input);
+    let mut done = vec![false; g.nodes.len()];
+    let mut nodes: Vec<QNode> = Vec::new();
+    for (i, n) in g.nodes.iter().enumerate() {
+        if done[i] {
+            continue;
+        }
+        done[i] = true;
+        let mut out_v = n.output;
+        let get = |v: ValueId, tmap: &[Option<TensorId>]| {
+            tmap[v].ok_or_else(|| {
+                Error::Internal(format!("node '{}': input not produced before", n.name))
+            })
+        };
+        let inputs = n
+            .inputs
+            .iter()
+            .map(|&v| get(v, &tmap))
+            .collect::<Result<Vec<_>, _>>()?;
+        // Fuses a following ReLU / ReLU6 (the op's sole consumer).
+        let take_act = |out_v: &mut ValueId, done: &mut [bool]| -> Fused {
+            let Some(j) = sole(*out_v) else {
+                return Fused::None;
+            };
+            let f = match g.nodes[j].op {
+                Op::Relu => Fused::Relu,
+                Op::Clip { min, max } if min == 0.0 && max == 6.0 => Fused::Relu6,
+                Op::Clip { min, max } if min == 0.0 && max == f32::INFINITY => Fused::Relu,
+                _ => return Fused::None,
+            };
+            done[j] = true;
+            *out_v = g.nodes[j].output;
+            f
+        };
+        // Folds a following BatchNorm over axis 1 into rows of `layer`.
+        let take_bn = |out_v: &mut ValueId, layer: &mut QLayer, done: &mut [bool]| {
+            let j = sole(*out_v)?;
+            let Op::BatchNorm(bn) = &g.nodes[j].op else {
+                return None;
+            };
+            if bn.mean.len() != layer.c_out {
+                return None;
+            }
+            done[j] = true;
+            *out_v = g.nodes[j].output;
+            let mut stats = BnOutStats {
+                mean: Vec::new(),
+                std: Vec::new(),
+            };
+            for c in 0..layer.c_out {
+                let inv = 1.0 / (bn.var[c] + bn.eps).sqrt();
+                let a = bn.scale[c] * inv;
+                for w in &mut layer.weight[c * layer.k..(c + 1) * layer.k] {
+                    *w *= a;
+                }
+                layer.bias[c] = (layer.bias[c] - bn.mean[c]) * a + bn.bias[c];
+                stats.mean.push(bn.bias[c]);
+                stats.std.push(a.abs() * bn.var[c].max(0.0).sqrt());
+            }
+            Some(stats)
+        };
+        let (op, bn) = match &n.op {
+            Op::Conv(c) => {
+                let w = c
+                    .weight
+                    .as_f32()
+                    .ok_or_else(|| unsupported(&n.name, "an integer weight"))?;
+                let c_out = c.out_channels();
+                let k = w.len() / c_out.max(1);
+                let bias = c.bias.clone().unwrap_or_else(|| vec![0.0; c_out]);
+                let mut layer = QLayer::new(c_out, k, w.to_vec(), bias, bits.weight);
+                let bn = take_bn(&mut out_v, &mut layer, &mut done);
+                let fused = take_act(&mut out_v, &mut done);
+                let [kh, kw] = c.kernel();
+                let geom = ConvGeom {
+                    kernel_h: kh,
+                    kernel_w: kw,
+                    stride_h: c.strides[0],
+                    stride_w: c.strides[1],
+                    dilation_h: c.dilations[0],
+                    dilation_w: c.dilations[1],
+                    pad_top: c.pads[0],
+                    pad_left: c.pads[1],
+                    pad_bottom: c.pads[2],
+                    pad_right: c.pads[3],
+                    groups: c.groups,
+                };
+                (QOp::Conv { geom, layer, fused }, bn)
+            }
+            Op::MatMul { b, bias, trans_a } => {
+                let a_shape = g.shape(n.inputs[0]);
+                if *trans_a || b.shape.len() != 2 || a_shape.len() != 2 || a_shape[0] != 1 {
+                    return Err(unsupported(
+                        &n.name,
+                        "a MatMul other than (1, K)·(K, N) (batched or transposed input)",
+                    ));
+                }
+                let (kk, nn) = (b.shape[0], b.shape[1]);
+                let bw = b.to_f32();
+                // Rows are output features: the transpose of (K, N).
+                let mut w = vec![0f32; kk * nn];
+                for r in 0..kk {
+                    for c in 0..nn {
+                        w[c * kk + r] = bw[r * nn + c];
+                    }
+                }
+                let bias = match bias {
+                    Some(t) if t.len() == nn => t.to_f32(),
+                    Some(_) => return Err(unsupported(&n.name, "a bias not of length N")),
+                    None => vec![0.0; nn],
+                };
+                let mut layer = QLayer::new(nn, kk, w, bias, bits.weight);
+                let bn = take_bn(&mut out_v, &mut layer, &mut done);
+                let fused = take_act(&mut out_v, &mut done);
+                (QOp::Linear { layer, fused }, bn)
+            }
+            Op::BatchNorm(_) => {
+                return Err(Error::Input(format!(
+                    "node '{}': a BatchNorm that follows no conv or linear layer cannot be folded",
+                    n.name
+                )))
+            }
+            Op::Add => (
+                QOp::Add {
+                    fused: take_act(&mut out_v, &mut done),
+                },
+                None,
+            ),
+            Op::Mul => (
+                QOp::Mul {
+                    fused: take_act(&mut out_v, &mut done),
+                },
+                None,
+            ),
+            Op::Relu => (QOp::Act(Activation::Relu), None),
+            Op::Clip { min, max } if *min == 0.0 && *max == 6.0 => {
+                (QOp::Act(Activation::Relu6), None)
+            }
+            Op::Clip { min, max } if *min == 0.0 && *max == f32::INFINITY => {
+                (QOp::Act(Activation::Relu), None)
+            }
+            Op::HardSigmoid { alpha, beta } => (
+                QOp::Act(Activation::HardSigmoid {
+                    alpha: *alpha,
+                    beta: *beta,
+                }),
+                None,
+            ),
+            Op::HardSwish => (QOp::Act(Activation::HardSwish), None),
+            Op::Sigmoid => (QOp::Act(Activation::Sigmoid), None),
+            Op::Pool(p) => {
+                let geom = PoolGeom {
+                    kernel_h: p.kernel[0],
+                    kernel_w: p.kernel[1],
+                    stride_h: p.strides[0],
+                    stride_w: p.strides[1],
+                    dilation_h: p.dilations[0],
+                    dilation_w: p.dilations[1],
+                    pad_top: p.pads[0],
+                    pad_left: p.pads[1],
+                    pad_bottom: p.pads[2],
+                    pad_right: p.pads[3],
+                };
+                match p.kind {
+                    PoolKind::Max => (QOp::MaxPool { geom }, None),
+                    PoolKind::Avg => (
+                        QOp::AvgPool {
+                            geom,
+                            count_include_pad: p.count_include_pad,
+                        },
+                        None,
+                    ),
+                }
+            }
+            Op::GlobalAvgPool => (QOp::GlobalAvgPool, None),
+            Op::Concat { axis } => (QOp::Concat { axis: *axis }, None),
+            Op::Reshape => (QOp::Reshape, None),
+            Op::Softmax { axis, .. } => {
+                let rank = g.shape(n.output).len();
+                if !g.outputs.contains(&n.output) || *axis + 1 != rank {
+                    return Err(unsupported(
+                        &n.name,
+                        "a Softmax other than a last one over the last axis",
+                    ));
+                }
+                (QOp::Softmax, None)
+            }
+            Op::LeakyRelu { .. } => return Err(unsupported(&n.name, "LeakyRelu")),
+            Op::Clip { min, max } => {
+                return Err(unsupported(
+                    &n.name,
+                    &format!("Clip({min}, {max}) (only ReLU and ReLU6 ranges)"),
+                ))
+            }
+            Op::ConstBinary { .. } => {
+                return Err(unsupported(
+                    &n.name,
+                    "arithmetic with a constant outside a conv/linear",
+                ))
+            }
+        };
+        let macs = g.macs(n);
+        let out_bits = if g.outputs.contains(&out_v) {
+            8
+        } else {
+            bits.act
+        };
+        let output = new_tensor(out_v, &mut tensors, out_bits);
+        tmap[out_v] = Some(output);
+        if matches!(op, QOp::Softmax) {
+            tensors[output].is_f32 = true;
+        }
+        nodes.push(QNode {
+            name: n.name.clone(),
+            op,
+            inputs,
+            output,
+            macs,
+            bn,
+        });
+    }
+    let output = tmap[g.outputs[0]]
+        .ok_or_else(|| Error::Input("the model output is produced by no node".into()))?;
+    // First and last weight layers at `first_last` bits.
+    let layer_nodes: Vec<usize> = nodes
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| n.op.layer().is_some())
+        .map(|(i, _)| i)
+        .collect();
+    for &i in layer_nodes.first().iter().chain(layer_nodes.last().iter()) {
+        if let Some(l) = nodes[*i].op.layer_mut() {
+            l.bits = bits.first_last;
+        }
+    }
+    Ok(QuantGraph {
+        tensors,
+        nodes,
+        input,
+        output,
+        bits,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn act_quant_is_unsigned_after_relu_and_exact_at_zero() {
+        let q = ActQuant::from_range(0.0, 6.0, 8);
+        assert_eq!(q.zero, 0);
+        assert_eq!(q.range(), (0.0, 6.0));
+        let q = ActQuant::from_range(-1.0, 3.0, 4);
+        assert_eq!((q.bits, q.zero), (4, 4));
+        let (lo, hi) = q.range();
+        // Same width; the ends move by less than a step so that 0 lands on a code.
+        assert!((hi - lo - 4.0).abs() < 1e-5);
+        assert!((lo + 1.0).abs() <= q.scale / 2.0 + 1e-6, "{lo}");
+    }
+
+    #[test]
+    fn rtn_rounds_each_channel_within_half_a_step() {
+        let w = vec![
+            0.3, -0.7, 0.1, 0.05, 2.0, 1.0, 0.5, 0.25, 0.0, 0.0, 0.0, 0.0,
+        ];
+        for bits in [2, 3, 4, 8] {
+            let mut l = QLayer::new(3, 4, w.clone(), vec![0.0; 3], bits);
+            l.quantize_rtn();
+            assert!(l.is_quantized());
+            let d = l.dequantized();
+            for c in 0..3 {
+                for j in 0..4 {
+                    let e = (d[c * 4 + j] - w[c * 4 + j]).abs();
+                    assert!(e <= 0.5 * l.scales[c] + 1e-6, "bits {bits} c {c}: {e}");
+                }
+            }
+            // The all-zero row dequantizes to exact zeros.
+            assert!(d[8..].iter().all(|&v| v == 0.0));
+        }
+    }
+}

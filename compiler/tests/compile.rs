@@ -1,0 +1,238 @@
+//! End to end: diffdfq-compile → NAME.{dfq,o,h,report.json} + libNAME.a → a C firmware built
+//! with gcc and aarch64-linux-gnu-gcc against libNAME.a only → run natively and under
+//! qemu-aarch64; outputs byte-identical to each other and to `diffdfq-run NAME.dfq`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn fixture(name: &str) -> PathBuf {
+    root().join("examples/models").join(name)
+}
+
+/// Runs a tool, failing the test with its stderr when it fails.
+fn ok(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap_or_else(|e| {
+        panic!("cannot run {cmd:?}: {e} (scripts/setup installs the toolchains)")
+    });
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn compile(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_diffdfq-compile"))
+        .args(args)
+        .env(
+            "DIFFDFQ_CACHE_DIR",
+            Path::new(env!("CARGO_TARGET_TMPDIR")).join("diffdfq-cache"),
+        )
+        .output()
+        .unwrap()
+}
+
+fn compile_ok(model: &str, bits: u8, target: &str, dir: &Path) {
+    let m = fixture(model);
+    let out = compile(&[
+        m.to_str().unwrap(),
+        "--bits",
+        &bits.to_string(),
+        "--target",
+        target,
+        "-o",
+        dir.to_str().unwrap(),
+        "--quiet",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Builds examples/c-firmware/main.c against libNAME.a only.
+fn firmware(dir: &Path, name: &str, cc: &str) -> PathBuf {
+    let app = dir.join("app");
+    ok(Command::new(cc)
+        .args([
+            "-std=c11", "-O2", "-Wall", "-Wextra", "-Werror", "-static", "-I",
+        ])
+        .arg(dir)
+        .arg(format!("-DMODEL={name}"))
+        .arg(format!("-DMODEL_UP={}", name.to_uppercase()))
+        .arg(format!("-DMODEL_HEADER=\"{name}.h\""))
+        .arg(root().join("examples/c-firmware/main.c"))
+        .arg("-L")
+        .arg(dir)
+        .arg(format!("-l{name}"))
+        .arg("-o")
+        .arg(&app));
+    app
+}
+
+/// The float32 payload of a C-order .npy written by diffdfq-run.
+fn npy_payload(p: &Path) -> Vec<u8> {
+    let bytes = std::fs::read(p).unwrap();
+    let header_len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
+    bytes[10 + header_len..].to_vec()
+}
+
+#[test]
+fn firmware_outputs_are_identical_on_x86_64_aarch64_and_diffdfq_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Four resnet inputs: the fixture's test image and scaled variants.
+    let (_, x) = diffdfq_compiler::npy::read_f32(&fixture("resnet_fmnist.sample.npy")).unwrap();
+    let batch: Vec<f32> = (0..4)
+        .flat_map(|k| x.iter().map(move |v| v * (1.0 - 0.2 * k as f32)))
+        .collect();
+    let npy = tmp.path().join("x.npy");
+    std::fs::write(
+        &npy,
+        diffdfq_compiler::npy::to_bytes(&[4, 1, 28, 28], &batch).unwrap(),
+    )
+    .unwrap();
+    let raw = tmp.path().join("x.f32");
+    std::fs::write(
+        &raw,
+        batch
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect::<Vec<u8>>(),
+    )
+    .unwrap();
+    for bits in [2u8, 3, 4, 8] {
+        let mut outputs = Vec::new();
+        for (target, cc, runner) in [
+            ("x86_64", "gcc", None),
+            ("aarch64", "aarch64-linux-gnu-gcc", Some("qemu-aarch64")),
+        ] {
+            let dir = tmp.path().join(format!("{target}-w{bits}"));
+            compile_ok("resnet_fmnist.onnx", bits, target, &dir);
+            for f in [
+                "resnet_fmnist.dfq",
+                "resnet_fmnist.o",
+                "resnet_fmnist.h",
+                "resnet_fmnist.report.json",
+                "libresnet_fmnist.a",
+            ] {
+                assert!(dir.join(f).is_file(), "{f} missing");
+            }
+            let app = firmware(&dir, "resnet_fmnist", cc);
+            let y = dir.join("y.f32");
+            let mut cmd = match runner {
+                Some(r) => {
+                    let mut c = Command::new(r);
+                    c.arg(&app);
+                    c
+                }
+                None => Command::new(&app),
+            };
+            ok(cmd.arg(&raw).arg(&y));
+            outputs.push((target, std::fs::read(&y).unwrap()));
+            // diffdfq-run on the same blob, through the host runtime.
+            let yn = dir.join("y.npy");
+            ok(Command::new(env!("CARGO_BIN_EXE_diffdfq-run"))
+                .arg(dir.join("resnet_fmnist.dfq"))
+                .arg("--input")
+                .arg(&npy)
+                .arg("--output")
+                .arg(&yn));
+            outputs.push(("diffdfq-run", npy_payload(&yn)));
+        }
+        assert_eq!(outputs[0].1.len(), 4 * 10 * 4);
+        for (who, bytes) in &outputs[1..] {
+            assert!(
+                bytes == &outputs[0].1,
+                "W{bits}: {who} differs from the x86_64 firmware"
+            );
+        }
+    }
+}
+
+#[test]
+fn same_input_flags_and_seed_give_byte_identical_artifacts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    compile_ok("mobilenet_fmnist.onnx", 3, "aarch64", &a);
+    compile_ok("mobilenet_fmnist.onnx", 3, "aarch64", &b);
+    let mut names: Vec<_> = std::fs::read_dir(&a)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    names.sort();
+    assert_eq!(names.len(), 5, "{names:?}");
+    for n in names {
+        assert!(
+            std::fs::read(a.join(&n)).unwrap() == std::fs::read(b.join(&n)).unwrap(),
+            "{n:?} differs between runs"
+        );
+    }
+}
+
+#[test]
+fn header_is_stable_and_the_object_exports_the_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    compile_ok("resnet_fmnist.onnx", 4, "x86_64", tmp.path());
+    insta::assert_snapshot!(
+        "resnet_fmnist_h",
+        std::fs::read_to_string(tmp.path().join("resnet_fmnist.h")).unwrap()
+    );
+    let nm = ok(Command::new("nm").arg(tmp.path().join("resnet_fmnist.o")));
+    let syms = String::from_utf8(nm.stdout).unwrap();
+    assert!(syms.contains(" R resnet_fmnist_model\n"), "{syms}");
+    assert!(syms.contains(" R resnet_fmnist_model_len\n"), "{syms}");
+    let sections = ok(Command::new("readelf")
+        .arg("-S")
+        .arg(tmp.path().join("resnet_fmnist.o")));
+    assert!(String::from_utf8_lossy(&sections.stdout).contains(".note.GNU-stack"));
+    let report: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(tmp.path().join("resnet_fmnist.report.json")).unwrap(),
+    )
+    .unwrap();
+    let t = &report["totals"];
+    assert!(t["arena_bytes"].as_u64().unwrap() >= t["arena_lower_bound"].as_u64().unwrap());
+    assert!(t["weight_bytes"].as_u64().unwrap() * 4 < t["fp32_weight_bytes"].as_u64().unwrap());
+}
+
+#[test]
+fn a_failed_compile_leaves_no_file_behind() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("out");
+    let m = fixture("resnet_fmnist.onnx");
+    for bad in [
+        vec!["--bits", "5"],
+        vec!["--target", "riscv64"],
+        vec!["--name", "9lives"],
+        vec!["--act-bits", "6"],
+    ] {
+        let mut args = vec![m.to_str().unwrap(), "-o", dir.to_str().unwrap()];
+        args.extend(bad.iter().copied());
+        let out = compile(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{bad:?}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+        let left: Vec<_> = std::fs::read_dir(&dir)
+            .map(|d| d.map(|e| e.unwrap().file_name()).collect())
+            .unwrap_or_default();
+        assert!(left.is_empty(), "{bad:?} left {left:?}");
+    }
+    let out = compile(&[
+        m.to_str().unwrap(),
+        "--target",
+        "riscv64",
+        "-o",
+        dir.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("x86_64-unknown-linux-gnu") && err.contains("aarch64-unknown-linux-gnu"),
+        "{err}"
+    );
+}
