@@ -4,7 +4,8 @@ use std::fmt::Write;
 
 use crate::graph::{Graph, Op};
 
-fn shape(s: &[usize]) -> String {
+/// `[1, 3, 28, 28]`: how reports and headers print a shape.
+pub fn shape(s: &[usize]) -> String {
     format!(
         "[{}]",
         s.iter()

@@ -2,93 +2,19 @@
 //! determinism, integer runtime vs the float reference, and top-1 on the real Fashion-MNIST
 //! test set through `diffdfq-run NAME.dfq`.
 
-use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use candle_core::{Device, Tensor};
 use diffdfq_compiler::calib::FloatModel;
 use diffdfq_compiler::graph::{BatchNorm, Graph, Node, Op, Value};
-use diffdfq_compiler::import::{import_path, ImportOptions};
-use diffdfq_compiler::lower::{lower, plan, plan_tensors, Lowered};
+use diffdfq_compiler::lower::{lower, plan, plan_tensors};
 use diffdfq_compiler::npy;
 use diffdfq_compiler::quant::rtn::{self, RtnOptions};
-use diffdfq_compiler::quant::{Bits, QuantGraph};
 use diffdfq_runtime::Model;
 
-const FIXTURES: &[&str] = &["resnet_fmnist", "mobilenet_fmnist"];
-const DATA: &str = "/usr/share/datasets/fashion-mnist";
-
-fn model_path(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../examples/models/{name}.onnx"))
-}
-
-fn graph(name: &str) -> Graph {
-    import_path(&model_path(name), &ImportOptions::default()).unwrap()
-}
-
-fn fp32_top1(name: &str) -> f64 {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/models/fixtures.json");
-    let j = std::fs::read_to_string(p).unwrap();
-    // {"name": {... "fp32_test_top1": 0.887, ...}}: a tiny scan instead of a JSON dependency.
-    let at = j.find(&format!("\"{name}\"")).unwrap();
-    let rest = &j[at..];
-    let k = rest.find("\"fp32_test_top1\":").unwrap() + "\"fp32_test_top1\":".len();
-    let v: String = rest[k..]
-        .trim_start()
-        .chars()
-        .take_while(|c| c.is_ascii_digit() || *c == '.')
-        .collect();
-    v.parse().unwrap()
-}
-
-fn quantize(g: &Graph, w: u8, a: u8) -> (QuantGraph, Lowered) {
-    let opts = RtnOptions {
-        bits: Bits {
-            weight: w,
-            act: a,
-            first_last: 8,
-        },
-        ..Default::default()
-    };
-    let q = rtn::quantize(g, &opts).unwrap();
-    let l = lower(&q).unwrap();
-    (q, l)
-}
-
-fn gunzip(path: &str) -> Vec<u8> {
-    let mut v = Vec::new();
-    flate2::read::GzDecoder::new(std::fs::File::open(path).unwrap())
-        .read_to_end(&mut v)
-        .unwrap();
-    v
-}
-
-/// The first `n` test images, normalized as the fixtures were trained, and their labels.
-fn fashion_test(n: usize) -> (Vec<f32>, Vec<u8>) {
-    let img = gunzip(&format!("{DATA}/t10k-images-idx3-ubyte.gz"));
-    let lab = gunzip(&format!("{DATA}/t10k-labels-idx1-ubyte.gz"));
-    assert_eq!(&img[..4], &[0, 0, 8, 3]);
-    assert_eq!(&lab[..4], &[0, 0, 8, 1]);
-    let x = img[16..16 + n * 784]
-        .iter()
-        .map(|&p| (p as f32 / 255.0 - 0.2860) / 0.3530)
-        .collect();
-    (x, lab[8..8 + n].to_vec())
-}
-
-fn run_runtime(blob: &[u8], x: &[f32], per_out: usize) -> Vec<f32> {
-    let m = Model::from_bytes(blob).unwrap();
-    let mut buf = vec![0u8; m.arena_size() + 16];
-    let at = buf.as_ptr().align_offset(16);
-    let arena = &mut buf[at..at + m.arena_size()];
-    let per_in = m.input().numel as usize;
-    let mut out = vec![0f32; x.len() / per_in * per_out];
-    for (xi, yi) in x.chunks_exact(per_in).zip(out.chunks_exact_mut(per_out)) {
-        diffdfq_runtime::run(&m, xi, yi, arena).unwrap();
-    }
-    out
-}
+mod common;
+use common::*;
 
 fn run_float(g: &Graph, x: &[f32], per_out: usize) -> Vec<f32> {
     let m = FloatModel::new(g, &Device::Cpu).unwrap();
@@ -106,16 +32,6 @@ fn run_float(g: &Graph, x: &[f32], per_out: usize) -> Vec<f32> {
         );
     }
     out
-}
-
-fn argmax(v: &[f32]) -> usize {
-    v.iter()
-        .enumerate()
-        .fold(
-            (0, f32::NEG_INFINITY),
-            |b, (i, &x)| if x > b.1 { (i, x) } else { b },
-        )
-        .0
 }
 
 #[test]
@@ -317,43 +233,4 @@ fn fashion_mnist_top1_w8a8_through_diffdfq_run() {
     let fp32 = fp32_top1(name);
     eprintln!("{name} W8A8 rtn top-1 {top1:.4} (FP32 {fp32:.4})");
     assert!(top1 > fp32 - 0.01, "{top1} vs FP32 {fp32}");
-}
-
-/// The measurement table (run with `--ignored --nocapture`): weight bytes vs FP32, arena vs
-/// its lower bound and rtn top-1 on the 10k test set, per fixture and bit width.
-#[test]
-#[ignore]
-fn measure_table() {
-    let n: usize = std::env::var("DFQ_MEASURE_N").map_or(10_000, |v| v.parse().unwrap());
-    let (x, labels) = fashion_test(n);
-    println!(
-        "| model | W/A | weight bytes (FP32) | arena (lower bound, no reuse) | top-1 rtn (FP32) |"
-    );
-    for name in FIXTURES {
-        let g = graph(name);
-        for (w, a) in [(2, 8), (3, 8), (4, 8), (8, 8), (4, 4)] {
-            let (_, l) = quantize(&g, w, a);
-            if let Ok(dir) = std::env::var("DFQ_OUT") {
-                std::fs::write(format!("{dir}/{name}_w{w}a{a}.dfq"), &l.blob).unwrap();
-            }
-            let t = std::time::Instant::now();
-            let y = run_runtime(&l.blob, &x, 10);
-            eprintln!("{name} W{w}A{a}: {:.1} s", t.elapsed().as_secs_f64());
-            let c = y
-                .chunks(10)
-                .zip(&labels)
-                .filter(|(r, &t)| argmax(r) == t as usize)
-                .count();
-            let (wb, fb) = l.weight_bytes();
-            println!(
-                "| {name} | W{w}A{a} | {wb} ({fb}, {:.1}x) | {} ({}, {}) | {:.4} ({:.4}) |",
-                fb as f64 / wb as f64,
-                l.arena_size,
-                l.arena_lower_bound,
-                l.arena_no_reuse,
-                c as f64 / n as f64,
-                fp32_top1(name)
-            );
-        }
-    }
 }

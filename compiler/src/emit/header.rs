@@ -2,6 +2,8 @@
 
 use std::fmt::Write;
 
+use crate::inspect::shape;
+
 /// The runtime's C API, pasted into every NAME.h (behind its own include guard) so a firmware
 /// needs this one header.
 const RUNTIME_API: &str = include_str!("../../../runtime/include/diffdfq.h");
@@ -16,16 +18,6 @@ pub struct HeaderInfo<'a> {
     pub model_len: usize,
     pub input_shape: &'a [usize],
     pub output_shape: &'a [usize],
-}
-
-fn dims(s: &[usize]) -> String {
-    format!(
-        "[{}]",
-        s.iter()
-            .map(|d| d.to_string())
-            .collect::<Vec<_>>()
-            .join(", ")
-    )
 }
 
 pub fn render(h: &HeaderInfo) -> String {
@@ -46,12 +38,12 @@ pub fn render(h: &HeaderInfo) -> String {
     let _ = writeln!(
         o,
         " * Input:  float32 {} (NCHW, batch 1), {up}_INPUT_SIZE values",
-        dims(h.input_shape)
+        shape(h.input_shape)
     );
     let _ = writeln!(
         o,
         " * Output: float32 {}, {up}_OUTPUT_SIZE values",
-        dims(h.output_shape)
+        shape(h.output_shape)
     );
     let _ = writeln!(
         o,

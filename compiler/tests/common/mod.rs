@@ -1,0 +1,96 @@
+//! Fixture, dataset and runtime helpers shared by the lowering tests and the rtn_table example.
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use diffdfq_compiler::graph::Graph;
+use diffdfq_compiler::import::{import_path, ImportOptions};
+use diffdfq_compiler::lower::{lower, Lowered};
+use diffdfq_compiler::quant::rtn::{self, RtnOptions};
+use diffdfq_compiler::quant::{Bits, QuantGraph};
+use diffdfq_runtime::Model;
+
+pub const FIXTURES: &[&str] = &["resnet_fmnist", "mobilenet_fmnist"];
+pub const DATA: &str = "/usr/share/datasets/fashion-mnist";
+
+pub fn model_path(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../examples/models/{name}.onnx"))
+}
+
+pub fn graph(name: &str) -> Graph {
+    import_path(&model_path(name), &ImportOptions::default()).unwrap()
+}
+
+pub fn fp32_top1(name: &str) -> f64 {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/models/fixtures.json");
+    let j = std::fs::read_to_string(p).unwrap();
+    // {"name": {... "fp32_test_top1": 0.887, ...}}: a tiny scan instead of a JSON dependency.
+    let at = j.find(&format!("\"{name}\"")).unwrap();
+    let rest = &j[at..];
+    let k = rest.find("\"fp32_test_top1\":").unwrap() + "\"fp32_test_top1\":".len();
+    let v: String = rest[k..]
+        .trim_start()
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '.')
+        .collect();
+    v.parse().unwrap()
+}
+
+pub fn quantize(g: &Graph, w: u8, a: u8) -> (QuantGraph, Lowered) {
+    let opts = RtnOptions {
+        bits: Bits {
+            weight: w,
+            act: a,
+            first_last: 8,
+        },
+        ..Default::default()
+    };
+    let q = rtn::quantize(g, &opts).unwrap();
+    let l = lower(&q).unwrap();
+    (q, l)
+}
+
+pub fn gunzip(path: &str) -> Vec<u8> {
+    let mut v = Vec::new();
+    flate2::read::GzDecoder::new(std::fs::File::open(path).unwrap())
+        .read_to_end(&mut v)
+        .unwrap();
+    v
+}
+
+/// The first `n` test images, normalized as the fixtures were trained, and their labels.
+pub fn fashion_test(n: usize) -> (Vec<f32>, Vec<u8>) {
+    let img = gunzip(&format!("{DATA}/t10k-images-idx3-ubyte.gz"));
+    let lab = gunzip(&format!("{DATA}/t10k-labels-idx1-ubyte.gz"));
+    assert_eq!(&img[..4], &[0, 0, 8, 3]);
+    assert_eq!(&lab[..4], &[0, 0, 8, 1]);
+    let x = img[16..16 + n * 784]
+        .iter()
+        .map(|&p| (p as f32 / 255.0 - 0.2860) / 0.3530)
+        .collect();
+    (x, lab[8..8 + n].to_vec())
+}
+
+pub fn run_runtime(blob: &[u8], x: &[f32], per_out: usize) -> Vec<f32> {
+    let m = Model::from_bytes(blob).unwrap();
+    let mut buf = vec![0u8; m.arena_size() + 16];
+    let at = buf.as_ptr().align_offset(16);
+    let arena = &mut buf[at..at + m.arena_size()];
+    let per_in = m.input().numel as usize;
+    let mut out = vec![0f32; x.len() / per_in * per_out];
+    for (xi, yi) in x.chunks_exact(per_in).zip(out.chunks_exact_mut(per_out)) {
+        diffdfq_runtime::run(&m, xi, yi, arena).unwrap();
+    }
+    out
+}
+
+pub fn argmax(v: &[f32]) -> usize {
+    v.iter()
+        .enumerate()
+        .fold(
+            (0, f32::NEG_INFINITY),
+            |b, (i, &x)| if x > b.1 { (i, x) } else { b },
+        )
+        .0
+}
