@@ -364,7 +364,7 @@ fn unsupported(node: &str, what: &str) -> Error {
 
 /// Folds every BatchNorm into the conv/linear before it, fuses ReLU/ReLU6 into the op before
 /// them (conv, linear, add, mul) and maps the remaining ops. The layers' codes are left empty
-/// and every tensor gets a placeholder quantization over [−1, 1]: a method sets both.
+/// and every tensor starts with a quantization over [−1, 1]: a method sets both.
 ///
 /// The model input and output tensors keep 8-bit codes whatever `bits.act` is: like the
 /// first and last layers' weights, the boundaries are where low precision costs most, and the
