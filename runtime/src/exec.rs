@@ -133,78 +133,103 @@ fn exec_op(
         (y.arena_offset as usize, y.arena_len()),
         model.scratch_span(),
     )?;
-    let qin = |t: &TensorInfo| -> Result<QIn<'_>, Error> {
-        Ok(QIn {
-            data: piece(&ro, t)?,
+    let input = |i: usize| -> Result<(QIn<'_>, f32), Error> {
+        let t = model.tensor(rec.inputs.get(i).ok_or(Error::BadArgument)?)?;
+        let q = QIn {
+            data: piece(&ro, &t)?,
             dims: t.dims4(),
             zero: t.zero_point,
-        })
+        };
+        Ok((q, t.scale))
     };
+    eval_op(&op, rec.inputs.len(), input, &y, out, scratch, output)
+}
+
+/// Runs one decoded op on code buffers, wherever they live: `input(i)` gives input `i` (codes
+/// with dims and zero point, and its scale), `y` describes the output whose codes go to `out`
+/// (a final Softmax writes `f32` to `output` instead), and `scratch` holds at least
+/// [`kernels::conv_scratch_len`] bytes for a Conv. The executor calls it on arena pieces; the
+/// compiler's tract ops call it on tensors, so both run the same kernels on the same integers.
+pub fn eval_op<'i>(
+    op: &Op<'_>,
+    n_inputs: usize,
+    input: impl Fn(usize) -> Result<(QIn<'i>, f32), Error>,
+    y: &TensorInfo,
+    out: &mut [u8],
+    scratch: &mut [u8],
+    output: &mut [f32],
+) -> Result<(), Error> {
     let full = y.dtype.code_max();
-    match op {
+    match *op {
         Op::Conv {
-            geom,
-            weights,
+            ref geom,
+            ref weights,
             lo,
             hi,
         } => kernels::conv2d(
-            &geom,
-            &weights,
-            &qin(&x)?,
-            &mut qout(out, &y, lo, hi),
+            geom,
+            weights,
+            &input(0)?.0,
+            &mut qout(out, y, lo, hi),
             scratch,
         ),
-        Op::FullyConnected { weights, lo, hi } => {
-            kernels::fully_connected(&weights, &qin(&x)?, &mut qout(out, &y, lo, hi))
-        }
-        Op::Add { params, lo, hi } => {
-            let b = model.tensor(rec.inputs.get(1).ok_or(Error::BadArgument)?)?;
-            kernels::add(&params, &qin(&x)?, &qin(&b)?, &mut qout(out, &y, lo, hi))
-        }
+        Op::FullyConnected {
+            ref weights,
+            lo,
+            hi,
+        } => kernels::fully_connected(weights, &input(0)?.0, &mut qout(out, y, lo, hi)),
+        Op::Add { ref params, lo, hi } => kernels::add(
+            params,
+            &input(0)?.0,
+            &input(1)?.0,
+            &mut qout(out, y, lo, hi),
+        ),
         Op::Mul { req, lo, hi } => {
-            let b = model.tensor(rec.inputs.get(1).ok_or(Error::BadArgument)?)?;
-            kernels::mul(req, &qin(&x)?, &qin(&b)?, &mut qout(out, &y, lo, hi))
+            kernels::mul(req, &input(0)?.0, &input(1)?.0, &mut qout(out, y, lo, hi))
         }
-        Op::MaxPool { geom, lo, hi } => {
-            kernels::max_pool(&geom, &qin(&x)?, &mut qout(out, &y, lo, hi))
+        Op::MaxPool { ref geom, lo, hi } => {
+            kernels::max_pool(geom, &input(0)?.0, &mut qout(out, y, lo, hi))
         }
         Op::AvgPool {
-            geom,
+            ref geom,
             count_include_pad,
             req,
             lo,
             hi,
         } => kernels::avg_pool(
-            &geom,
+            geom,
             count_include_pad,
             req,
-            &qin(&x)?,
-            &mut qout(out, &y, lo, hi),
+            &input(0)?.0,
+            &mut qout(out, y, lo, hi),
         ),
         Op::GlobalAvgPool { req, lo, hi } => {
-            kernels::global_avg_pool(req, &qin(&x)?, &mut qout(out, &y, lo, hi))
+            kernels::global_avg_pool(req, &input(0)?.0, &mut qout(out, y, lo, hi))
         }
         Op::Concat { axis, requants } => {
             let axis4 = (axis as usize + 4)
                 .checked_sub(y.rank as usize)
                 .ok_or(Error::BadArgument)?;
             let mut offset = 0usize;
-            let mut q = qout(out, &y, 0, full);
-            for (i, id) in rec.inputs.iter().enumerate() {
-                let t = model.tensor(id)?;
+            let mut q = qout(out, y, 0, full);
+            for i in 0..n_inputs {
+                let (x, _) = input(i)?;
                 let req = concat_requant(requants, i).ok_or(Error::BadArgument)?;
-                kernels::concat_part(axis4, offset, req, &qin(&t)?, &mut q)?;
-                offset += t.dims4().get(axis4).copied().unwrap_or(0);
+                kernels::concat_part(axis4, offset, req, &x, &mut q)?;
+                offset += x.dims.get(axis4).copied().unwrap_or(0);
             }
             Ok(())
         }
         Op::Reshape => {
-            let src = piece(&ro, &x)?;
+            let src = input(0)?.0.data;
             let dst = out.get_mut(..src.len()).ok_or(Error::BadArgument)?;
             dst.copy_from_slice(src);
             Ok(())
         }
-        Op::Lut { table, .. } => kernels::lut(table, &qin(&x)?, &mut qout(out, &y, 0, full)),
-        Op::Softmax => kernels::softmax(&qin(&x)?, x.scale, output),
+        Op::Lut { table, .. } => kernels::lut(table, &input(0)?.0, &mut qout(out, y, 0, full)),
+        Op::Softmax => {
+            let (x, scale) = input(0)?;
+            kernels::softmax(&x, scale, output)
+        }
     }
 }

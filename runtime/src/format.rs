@@ -999,6 +999,249 @@ fn parse_op_record(b: &[u8], index: u16) -> Result<(OpRecord<'_>, usize), Error>
 // ---------------------------------------------------------------------------------------------
 // The model.
 
+/// What [`decode_op`] needs to know about an op besides its parameter bytes.
+#[derive(Clone, Copy, Debug)]
+pub struct OpContext<'t> {
+    /// Position in the op list (for errors).
+    pub index: u16,
+    /// Number of inputs.
+    pub n_inputs: usize,
+    /// The first input (Conv and FullyConnected take `K` from it).
+    pub x: &'t TensorInfo,
+    /// The output.
+    pub out: &'t TensorInfo,
+}
+
+fn pool_slice(pool: &[u8], off: u32, len: usize, err: Error) -> Result<&[u8], Error> {
+    pool.get(off as usize..)
+        .and_then(|s| s.get(..len))
+        .ok_or(err)
+}
+
+/// `at` = (weights offset, weights length, channels offset) in the pool.
+fn weights(
+    pool: &[u8],
+    index: u16,
+    bits: u8,
+    k: usize,
+    c_out: usize,
+    at: (u32, u32, u32),
+) -> Result<Weights<'_>, Error> {
+    let (off, len, ch_off) = at;
+    let ws = Error::WeightSize { op: index };
+    if !is_weight_bits(bits) {
+        return Err(Error::BadOp { op: index });
+    }
+    let rb = row_bytes(bits, k).ok_or(ws)?;
+    if rb.checked_mul(c_out) != Some(len as usize) {
+        return Err(ws);
+    }
+    let rows = pool_slice(pool, off, len as usize, ws)?;
+    let ch_len = CHANNEL_RECORD_LEN.checked_mul(c_out).ok_or(ws)?;
+    let channels = pool_slice(pool, ch_off, ch_len, ws)?;
+    Weights::new(bits, k, c_out, rows, channels).map_err(|_| ws)
+}
+
+/// Decodes the parameter record `params` of an op of `kind`, its weights and tables read from
+/// `pool` (offsets in `params` are relative to it). [`Model::decode`] is this on the model's
+/// own pool; the compiler's tract ops call it on the pool bytes they own, so both decode alike.
+pub fn decode_op<'p>(
+    kind: OpKind,
+    params: &'p [u8],
+    pool: &'p [u8],
+    ctx: &OpContext<'_>,
+) -> Result<Op<'p>, Error> {
+    let bad = Error::BadOp { op: ctx.index };
+    let out = ctx.out;
+    let p = params;
+    Ok(match kind {
+        OpKind::Conv => {
+            let r = ConvRecord::read_from(p, bad)?;
+            if r.reserved != [0; 3] {
+                return Err(bad);
+            }
+            let geom = ConvGeom {
+                kernel_h: r.kernel_h as usize,
+                kernel_w: r.kernel_w as usize,
+                stride_h: r.stride_h as usize,
+                stride_w: r.stride_w as usize,
+                dilation_h: r.dilation_h as usize,
+                dilation_w: r.dilation_w as usize,
+                pad_top: r.pad_top as usize,
+                pad_left: r.pad_left as usize,
+                pad_bottom: r.pad_bottom as usize,
+                pad_right: r.pad_right as usize,
+                groups: r.groups as usize,
+            };
+            let x = *ctx.x;
+            let s = geom
+                .check(x.dims4(), out.dims4())
+                .ok_or(Error::ShapeMismatch { op: ctx.index })?;
+            let weights = weights(
+                pool,
+                ctx.index,
+                r.w_bits,
+                s.k,
+                s.c_out,
+                (r.weights_offset, r.weights_len, r.channels_offset),
+            )?;
+            Op::Conv {
+                geom,
+                weights,
+                lo: r.clamp_lo,
+                hi: r.clamp_hi,
+            }
+        }
+        OpKind::FullyConnected => {
+            let r = FcRecord::read_from(p, bad)?;
+            if r.reserved != 0 {
+                return Err(bad);
+            }
+            let x = *ctx.x;
+            let weights = weights(
+                pool,
+                ctx.index,
+                r.w_bits,
+                x.numel as usize,
+                ctx.out.numel as usize,
+                (r.weights_offset, r.weights_len, r.channels_offset),
+            )?;
+            Op::FullyConnected {
+                weights,
+                lo: r.clamp_lo,
+                hi: r.clamp_hi,
+            }
+        }
+        OpKind::Add | OpKind::Mul => {
+            let r = BinaryRecord::read_from(p, bad)?;
+            if r.reserved != [0; 2] {
+                return Err(bad);
+            }
+            let rq = |mult, shift| Requant { mult, shift };
+            if kind == OpKind::Add {
+                let params = AddParams {
+                    a: rq(r.mult_a, r.shift_a),
+                    b: rq(r.mult_b, r.shift_b),
+                    out: rq(r.mult_out, r.shift_out),
+                };
+                Op::Add {
+                    params,
+                    lo: r.clamp_lo,
+                    hi: r.clamp_hi,
+                }
+            } else {
+                if r.mult_a != 0 || r.shift_a != 0 || r.mult_b != 0 || r.shift_b != 0 {
+                    return Err(bad);
+                }
+                Op::Mul {
+                    req: rq(r.mult_out, r.shift_out),
+                    lo: r.clamp_lo,
+                    hi: r.clamp_hi,
+                }
+            }
+        }
+        OpKind::MaxPool | OpKind::AvgPool => {
+            let r = PoolRecord::read_from(p, bad)?;
+            if r.reserved != 0 {
+                return Err(bad);
+            }
+            let geom = PoolGeom {
+                kernel_h: r.kernel_h as usize,
+                kernel_w: r.kernel_w as usize,
+                stride_h: r.stride_h as usize,
+                stride_w: r.stride_w as usize,
+                dilation_h: r.dilation_h as usize,
+                dilation_w: r.dilation_w as usize,
+                pad_top: r.pad_top as usize,
+                pad_left: r.pad_left as usize,
+                pad_bottom: r.pad_bottom as usize,
+                pad_right: r.pad_right as usize,
+            };
+            let req = Requant {
+                mult: r.mult,
+                shift: r.shift,
+            };
+            if kind == OpKind::MaxPool {
+                if r.flags != 0 || r.mult != 0 || r.shift != 0 {
+                    return Err(bad);
+                }
+                Op::MaxPool {
+                    geom,
+                    lo: r.clamp_lo,
+                    hi: r.clamp_hi,
+                }
+            } else {
+                if r.flags > 1 {
+                    return Err(bad);
+                }
+                Op::AvgPool {
+                    geom,
+                    count_include_pad: r.flags == 1,
+                    req,
+                    lo: r.clamp_lo,
+                    hi: r.clamp_hi,
+                }
+            }
+        }
+        OpKind::GlobalAvgPool => {
+            let r = GapRecord::read_from(p, bad)?;
+            if r.reserved != [0; 2] {
+                return Err(bad);
+            }
+            Op::GlobalAvgPool {
+                req: Requant {
+                    mult: r.mult,
+                    shift: r.shift,
+                },
+                lo: r.clamp_lo,
+                hi: r.clamp_hi,
+            }
+        }
+        OpKind::Concat => {
+            let r = ConcatRecord::read_from(p, bad)?;
+            if r.reserved != [0; 3] {
+                return Err(bad);
+            }
+            let requants = pool_slice(
+                pool,
+                r.requant_offset,
+                8 * ctx.n_inputs,
+                Error::WeightSize { op: ctx.index },
+            )?;
+            Op::Concat {
+                axis: r.axis,
+                requants,
+            }
+        }
+        OpKind::Reshape => Op::Reshape,
+        OpKind::Lut => {
+            let r = LutRecord::read_from(p, bad)?;
+            if r.reserved != [0; 3] {
+                return Err(bad);
+            }
+            let t = pool_slice(
+                pool,
+                r.table_offset,
+                256,
+                Error::WeightSize { op: ctx.index },
+            )?;
+            let table = t
+                .first_chunk::<256>()
+                .ok_or(Error::WeightSize { op: ctx.index })?;
+            Op::Lut {
+                func: r.func,
+                table,
+            }
+        }
+        OpKind::Softmax => {
+            if p != [0u8; 4] {
+                return Err(bad);
+            }
+            Op::Softmax
+        }
+    })
+}
+
 /// A validated model, borrowing its blob.
 #[derive(Clone, Copy, Debug)]
 pub struct Model<'a> {
@@ -1180,229 +1423,25 @@ impl<'a> Model<'a> {
         self.pool
     }
 
-    fn pool_slice(&self, off: u32, len: usize, err: Error) -> Result<&'a [u8], Error> {
-        self.pool
-            .get(off as usize..)
-            .and_then(|s| s.get(..len))
-            .ok_or(err)
-    }
-
     fn io(&self, rec: &OpRecord<'a>, i: usize) -> Result<TensorInfo, Error> {
         let id = rec.inputs.get(i).ok_or(Error::BadOp { op: rec.index })?;
         self.tensor(id)
             .map_err(|_| Error::BadTensorRef { op: rec.index })
     }
 
-    /// `at` = (weights offset, weights length, channels offset) in the pool.
-    fn weights(
-        &self,
-        rec: &OpRecord<'a>,
-        bits: u8,
-        k: usize,
-        c_out: usize,
-        at: (u32, u32, u32),
-    ) -> Result<Weights<'a>, Error> {
-        let (off, len, ch_off) = at;
-        let ws = Error::WeightSize { op: rec.index };
-        if !is_weight_bits(bits) {
-            return Err(Error::BadOp { op: rec.index });
-        }
-        let rb = row_bytes(bits, k).ok_or(ws)?;
-        if rb.checked_mul(c_out) != Some(len as usize) {
-            return Err(ws);
-        }
-        let rows = self.pool_slice(off, len as usize, ws)?;
-        let ch_len = CHANNEL_RECORD_LEN.checked_mul(c_out).ok_or(ws)?;
-        let channels = self.pool_slice(ch_off, ch_len, ws)?;
-        Weights::new(bits, k, c_out, rows, channels).map_err(|_| ws)
-    }
-
     /// Decodes an op's parameters (shapes come from its tensors).
     pub fn decode(&self, rec: &OpRecord<'a>) -> Result<Op<'a>, Error> {
-        let bad = Error::BadOp { op: rec.index };
         let out = self
             .tensor(rec.output)
             .map_err(|_| Error::BadTensorRef { op: rec.index })?;
-        let p = rec.params;
-        Ok(match rec.kind {
-            OpKind::Conv => {
-                let r = ConvRecord::read_from(p, bad)?;
-                if r.reserved != [0; 3] {
-                    return Err(bad);
-                }
-                let geom = ConvGeom {
-                    kernel_h: r.kernel_h as usize,
-                    kernel_w: r.kernel_w as usize,
-                    stride_h: r.stride_h as usize,
-                    stride_w: r.stride_w as usize,
-                    dilation_h: r.dilation_h as usize,
-                    dilation_w: r.dilation_w as usize,
-                    pad_top: r.pad_top as usize,
-                    pad_left: r.pad_left as usize,
-                    pad_bottom: r.pad_bottom as usize,
-                    pad_right: r.pad_right as usize,
-                    groups: r.groups as usize,
-                };
-                let x = self.io(rec, 0)?;
-                let s = geom
-                    .check(x.dims4(), out.dims4())
-                    .ok_or(Error::ShapeMismatch { op: rec.index })?;
-                let weights = self.weights(
-                    rec,
-                    r.w_bits,
-                    s.k,
-                    s.c_out,
-                    (r.weights_offset, r.weights_len, r.channels_offset),
-                )?;
-                Op::Conv {
-                    geom,
-                    weights,
-                    lo: r.clamp_lo,
-                    hi: r.clamp_hi,
-                }
-            }
-            OpKind::FullyConnected => {
-                let r = FcRecord::read_from(p, bad)?;
-                if r.reserved != 0 {
-                    return Err(bad);
-                }
-                let x = self.io(rec, 0)?;
-                let weights = self.weights(
-                    rec,
-                    r.w_bits,
-                    x.numel as usize,
-                    out.numel as usize,
-                    (r.weights_offset, r.weights_len, r.channels_offset),
-                )?;
-                Op::FullyConnected {
-                    weights,
-                    lo: r.clamp_lo,
-                    hi: r.clamp_hi,
-                }
-            }
-            OpKind::Add | OpKind::Mul => {
-                let r = BinaryRecord::read_from(p, bad)?;
-                if r.reserved != [0; 2] {
-                    return Err(bad);
-                }
-                let rq = |mult, shift| Requant { mult, shift };
-                if rec.kind == OpKind::Add {
-                    let params = AddParams {
-                        a: rq(r.mult_a, r.shift_a),
-                        b: rq(r.mult_b, r.shift_b),
-                        out: rq(r.mult_out, r.shift_out),
-                    };
-                    Op::Add {
-                        params,
-                        lo: r.clamp_lo,
-                        hi: r.clamp_hi,
-                    }
-                } else {
-                    if r.mult_a != 0 || r.shift_a != 0 || r.mult_b != 0 || r.shift_b != 0 {
-                        return Err(bad);
-                    }
-                    Op::Mul {
-                        req: rq(r.mult_out, r.shift_out),
-                        lo: r.clamp_lo,
-                        hi: r.clamp_hi,
-                    }
-                }
-            }
-            OpKind::MaxPool | OpKind::AvgPool => {
-                let r = PoolRecord::read_from(p, bad)?;
-                if r.reserved != 0 {
-                    return Err(bad);
-                }
-                let geom = PoolGeom {
-                    kernel_h: r.kernel_h as usize,
-                    kernel_w: r.kernel_w as usize,
-                    stride_h: r.stride_h as usize,
-                    stride_w: r.stride_w as usize,
-                    dilation_h: r.dilation_h as usize,
-                    dilation_w: r.dilation_w as usize,
-                    pad_top: r.pad_top as usize,
-                    pad_left: r.pad_left as usize,
-                    pad_bottom: r.pad_bottom as usize,
-                    pad_right: r.pad_right as usize,
-                };
-                let req = Requant {
-                    mult: r.mult,
-                    shift: r.shift,
-                };
-                if rec.kind == OpKind::MaxPool {
-                    if r.flags != 0 || r.mult != 0 || r.shift != 0 {
-                        return Err(bad);
-                    }
-                    Op::MaxPool {
-                        geom,
-                        lo: r.clamp_lo,
-                        hi: r.clamp_hi,
-                    }
-                } else {
-                    if r.flags > 1 {
-                        return Err(bad);
-                    }
-                    Op::AvgPool {
-                        geom,
-                        count_include_pad: r.flags == 1,
-                        req,
-                        lo: r.clamp_lo,
-                        hi: r.clamp_hi,
-                    }
-                }
-            }
-            OpKind::GlobalAvgPool => {
-                let r = GapRecord::read_from(p, bad)?;
-                if r.reserved != [0; 2] {
-                    return Err(bad);
-                }
-                Op::GlobalAvgPool {
-                    req: Requant {
-                        mult: r.mult,
-                        shift: r.shift,
-                    },
-                    lo: r.clamp_lo,
-                    hi: r.clamp_hi,
-                }
-            }
-            OpKind::Concat => {
-                let r = ConcatRecord::read_from(p, bad)?;
-                if r.reserved != [0; 3] {
-                    return Err(bad);
-                }
-                let requants = self.pool_slice(
-                    r.requant_offset,
-                    8 * rec.inputs.len(),
-                    Error::WeightSize { op: rec.index },
-                )?;
-                Op::Concat {
-                    axis: r.axis,
-                    requants,
-                }
-            }
-            OpKind::Reshape => Op::Reshape,
-            OpKind::Lut => {
-                let r = LutRecord::read_from(p, bad)?;
-                if r.reserved != [0; 3] {
-                    return Err(bad);
-                }
-                let t =
-                    self.pool_slice(r.table_offset, 256, Error::WeightSize { op: rec.index })?;
-                let table = t
-                    .first_chunk::<256>()
-                    .ok_or(Error::WeightSize { op: rec.index })?;
-                Op::Lut {
-                    func: r.func,
-                    table,
-                }
-            }
-            OpKind::Softmax => {
-                if p != [0u8; 4] {
-                    return Err(bad);
-                }
-                Op::Softmax
-            }
-        })
+        let x = self.io(rec, 0)?;
+        let ctx = OpContext {
+            index: rec.index,
+            n_inputs: rec.inputs.len(),
+            x: &x,
+            out: &out,
+        };
+        decode_op(rec.kind, rec.params, self.pool, &ctx)
     }
 
     /// The op that writes tensor `id` (its producer), searching ops before `before`; `None`
