@@ -11,6 +11,7 @@ pub mod inspect;
 pub mod lower;
 pub mod npy;
 pub mod quant;
+pub mod tract;
 
 /// Failures, split by whose fault they are: bad input exits 2, everything else 1.
 #[derive(Debug, thiserror::Error)]

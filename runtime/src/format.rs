@@ -695,6 +695,11 @@ impl<'a> Weights<'a> {
     pub fn rows(&self) -> &'a [u8] {
         self.rows
     }
+
+    /// All channel records (`c_out` × 24 bytes).
+    pub fn channels(&self) -> &'a [u8] {
+        self.channels
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -784,6 +789,28 @@ impl TensorInfo {
         self.dtype == o.dtype
             && self.zero_point == o.zero_point
             && self.scale.to_bits() == o.scale.to_bits()
+    }
+
+    /// Parses and validates a 32-byte tensor record (`id` names it in errors).
+    pub fn from_bytes(b: &[u8], id: u16) -> Result<TensorInfo, Error> {
+        TensorInfo::from_record(
+            &TensorRecord::read_from(b, Error::BadTensor { tensor: id })?,
+            id,
+        )
+    }
+
+    /// Its record, at arena offset `arena_offset`.
+    pub fn to_record(&self, arena_offset: u32) -> TensorRecord {
+        TensorRecord {
+            rank: self.rank,
+            dtype: self.dtype.bits(),
+            zero_point: self.zero_point,
+            reserved: 0,
+            dims: self.dims,
+            numel: self.numel,
+            scale: self.scale,
+            arena_offset,
+        }
     }
 
     fn from_record(r: &TensorRecord, id: u16) -> Result<TensorInfo, Error> {
