@@ -19,6 +19,13 @@ enum Method {
     Rtn,
 }
 
+/// Extra artifacts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Emit {
+    /// NAME.nnef.tgz: the packed-integer tract graph as NNEF (tract-nnef with the diffdfq registry)
+    Nnef,
+}
+
 #[derive(Parser)]
 #[command(
     version,
@@ -60,6 +67,9 @@ struct Args {
     /// Input shape overriding the model's, e.g. 1,3,224,224
     #[arg(long, value_delimiter = ',')]
     input_shape: Option<Vec<usize>>,
+    /// Also write these artifacts (comma-separated)
+    #[arg(long, value_enum, value_delimiter = ',')]
+    emit: Vec<Emit>,
     /// Skip libNAME.a (no toolchain for the target needed)
     #[arg(long)]
     no_lib: bool,
@@ -125,6 +135,12 @@ fn run(a: &Args) -> Result<(), Error> {
     }
     let q = rtn::quantize(&graph, &ro)?;
     let low = lower::lower(&q)?;
+    let nnef = if a.emit.contains(&Emit::Nnef) {
+        let graph = diffdfq_compiler::tract::from_dfq(&low.blob)?;
+        Some(diffdfq_compiler::tract::nnef::to_tgz(&graph)?)
+    } else {
+        None
+    };
     let method = "rtn";
     let summary = format!(
         "Method {method}, weights {}-bit (first/last {}-bit), activations {}-bit, seed {}.",
@@ -156,6 +172,7 @@ fn run(a: &Args) -> Result<(), Error> {
             &low,
         ),
         with_lib: !a.no_lib,
+        nnef,
     };
     let written = emit::write_outputs(&a.out_dir, &e)?;
     if !a.quiet {

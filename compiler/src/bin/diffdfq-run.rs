@@ -5,21 +5,36 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use candle_core::{Device, Tensor};
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 use diffdfq_compiler::calib::FloatModel;
 use diffdfq_compiler::import::{import_path, ImportOptions};
-use diffdfq_compiler::{npy, Error};
+use diffdfq_compiler::{npy, tract, Error};
 use diffdfq_runtime::Model;
+use tract_nnef::prelude::{TractResult, TypedFact, TypedModel};
+
+/// How a packed model runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Engine {
+    /// The integer device runtime, exactly as a device runs it
+    Runtime,
+    /// The packed-integer tract graph (custom ops calling the runtime's kernels)
+    Tract,
+}
 
 /// Runs MODEL on the batch in --input (first axis = batch) and writes --output.
 ///
 /// An .onnx model runs the float reference (candle); a .dfq model runs the integer device
-/// runtime, one sample at a time, exactly as a device would.
+/// runtime, one sample at a time, exactly as a device would, or with --engine tract the
+/// packed-integer tract graph built from it; a .nnef.tgz archive (diffdfq-compile --emit nnef)
+/// runs on tract.
 #[derive(Parser)]
 #[command(version, about)]
 struct Args {
-    /// Model file (.onnx or .dfq)
+    /// Model file (.onnx, .dfq or .nnef.tgz)
     model: PathBuf,
+    /// Engine for a packed model (default: runtime for .dfq, tract for .nnef.tgz)
+    #[arg(long, value_enum)]
+    engine: Option<Engine>,
     /// float32 .npy input; its first axis is the batch
     #[arg(long)]
     input: PathBuf,
@@ -35,13 +50,33 @@ struct Args {
 }
 
 fn run(a: &Args) -> Result<(), Error> {
-    let ext = a.model.extension().and_then(|e| e.to_str()).unwrap_or("");
-    if ext != "onnx" && ext != "dfq" {
+    let file = a.model.file_name().and_then(|e| e.to_str()).unwrap_or("");
+    let ext = if file.ends_with(".nnef.tgz") || file.ends_with(".nnef.tar") {
+        "nnef"
+    } else {
+        a.model.extension().and_then(|e| e.to_str()).unwrap_or("")
+    };
+    if !matches!(ext, "onnx" | "dfq" | "nnef") {
         return Err(Error::Input(format!(
-            "{}: expected an .onnx or .dfq model",
+            "{}: expected an .onnx, .dfq or .nnef.tgz model",
             a.model.display()
         )));
     }
+    let engine = match (ext, a.engine) {
+        ("onnx", Some(_)) => {
+            return Err(Error::Input(
+                "--engine applies to .dfq and .nnef.tgz models; an .onnx model runs the float reference".into(),
+            ))
+        }
+        ("nnef", Some(Engine::Runtime)) => {
+            return Err(Error::Input(format!(
+                "{}: an NNEF archive runs on --engine tract; the runtime runs .dfq models",
+                a.model.display()
+            )))
+        }
+        ("nnef", _) => Engine::Tract,
+        (_, e) => e.unwrap_or(Engine::Runtime),
+    };
     let (shape, data) = npy::read_f32(&a.input)?;
     if shape.len() < 2 || shape[0] == 0 {
         return Err(Error::Input(format!(
@@ -49,8 +84,22 @@ fn run(a: &Args) -> Result<(), Error> {
             a.input.display()
         )));
     }
-    if ext == "dfq" {
-        let (s, out) = run_dfq(a, &shape, &data)?;
+    if ext == "dfq" || ext == "nnef" {
+        let bytes = std::fs::read(&a.model)
+            .map_err(|e| Error::Input(format!("{}: {e}", a.model.display())))?;
+        let (s, out) = match (ext, engine) {
+            ("dfq", Engine::Runtime) => run_dfq(a, &bytes, &shape, &data)?,
+            ("dfq", Engine::Tract) => {
+                let m = tract::from_dfq(&bytes)
+                    .map_err(|e| e.context(&a.model.display().to_string()))?;
+                run_tract(a, &m, &shape, &data)?
+            }
+            _ => {
+                let m = tract::nnef::from_bytes(&bytes)
+                    .map_err(|e| e.context(&a.model.display().to_string()))?;
+                run_tract(a, &m, &shape, &data)?
+            }
+        };
         return finish(a, s, out);
     }
     let batch = shape[0];
@@ -113,26 +162,65 @@ fn run(a: &Args) -> Result<(), Error> {
     finish(a, s, out)
 }
 
-/// Runs a `.dfq` blob on the runtime, sample by sample (the model has batch 1).
-fn run_dfq(a: &Args, shape: &[usize], data: &[f32]) -> Result<(Vec<usize>, Vec<f32>), Error> {
-    let blob =
-        std::fs::read(&a.model).map_err(|e| Error::Input(format!("{}: {e}", a.model.display())))?;
-    let bad = |what: String| Error::Input(format!("{}: {what}", a.model.display()));
-    let model =
-        Model::from_bytes(&blob).map_err(|e| bad(format!("not a valid .dfq model: {e}")))?;
-    let dims = |t: &diffdfq_runtime::format::TensorInfo| -> Vec<usize> {
-        t.shape().iter().map(|&d| d as usize).collect()
-    };
-    let (in_dims, out_dims) = (dims(model.input()), dims(model.output()));
+/// Checks that the batch in `shape` holds samples of a batch-1 model input `in_dims`.
+fn check_samples(a: &Args, in_dims: &[usize], shape: &[usize]) -> Result<(), Error> {
     // The model's batch is 1: a sample is everything after the input's first axis.
-    if shape[1..] != in_dims[1..] {
-        return Err(bad(format!(
-            "takes samples of shape {:?}, {} holds {:?}",
-            &in_dims[1..],
+    if in_dims.len() != shape.len() || shape[1..] != in_dims[1..] {
+        return Err(Error::Input(format!(
+            "{}: takes samples of shape {:?}, {} holds {:?}",
+            a.model.display(),
+            in_dims.get(1..).unwrap_or(&[]),
             a.input.display(),
             &shape[1..]
         )));
     }
+    Ok(())
+}
+
+/// Runs a packed-integer tract graph (batch 1) sample by sample.
+fn run_tract(
+    a: &Args,
+    model: &TypedModel,
+    shape: &[usize],
+    data: &[f32],
+) -> Result<(Vec<usize>, Vec<f32>), Error> {
+    let concrete = |f: TractResult<&TypedFact>| -> Option<Vec<usize>> {
+        Some(f.ok()?.shape.as_concrete()?.to_vec())
+    };
+    let (Some(in_dims), Some(out_dims)) = (
+        concrete(model.input_fact(0)),
+        concrete(model.output_fact(0)),
+    ) else {
+        return Err(Error::Input(format!(
+            "{}: the graph has no single input and output of fixed shape",
+            a.model.display()
+        )));
+    };
+    check_samples(a, &in_dims, shape)?;
+    let out = tract::run_samples(model, data)?;
+    let mut s = out_dims;
+    s[0] = shape[0];
+    Ok((s, out))
+}
+
+/// Runs a `.dfq` blob on the runtime, sample by sample (the model has batch 1).
+fn run_dfq(
+    a: &Args,
+    blob: &[u8],
+    shape: &[usize],
+    data: &[f32],
+) -> Result<(Vec<usize>, Vec<f32>), Error> {
+    let model = Model::from_bytes(blob).map_err(|e| {
+        Error::Input(format!(
+            "{}: not a valid .dfq model: {e}",
+            a.model.display()
+        ))
+    })?;
+    let dims = |t: &diffdfq_runtime::format::TensorInfo| -> Vec<usize> {
+        t.shape().iter().map(|&d| d as usize).collect()
+    };
+    let (in_dims, out_dims) = (dims(model.input()), dims(model.output()));
+    check_samples(a, &in_dims, shape)?;
     let per_in: usize = in_dims.iter().product();
     let per_out: usize = out_dims.iter().product();
     let mut out = vec![0f32; shape[0] * per_out];

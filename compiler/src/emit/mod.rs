@@ -1,4 +1,5 @@
-//! Emission: NAME.dfq, NAME.o, NAME.h, libNAME.a and NAME.report.json into the output directory.
+//! Emission: NAME.dfq, NAME.o, NAME.h, libNAME.a, NAME.report.json and, on request,
+//! NAME.nnef.tgz (the packed-integer tract graph) into the output directory.
 //!
 //! Everything is produced in a private temporary directory inside DIR and renamed into place
 //! only when all of it succeeded: a failed compile leaves no NAME.* file behind.
@@ -24,6 +25,8 @@ pub struct Emission<'a> {
     pub report: String,
     /// Build libNAME.a (needs a toolchain for the target).
     pub with_lib: bool,
+    /// NAME.nnef.tgz contents (`--emit nnef`).
+    pub nnef: Option<Vec<u8>>,
 }
 
 fn io(path: &Path, e: std::io::Error) -> Error {
@@ -54,6 +57,9 @@ pub fn write_outputs(dir: &Path, e: &Emission) -> Result<Vec<PathBuf>, Error> {
         (format!("{name}.h"), header::render(&e.header).into_bytes()),
         (format!("{name}.report.json"), e.report.clone().into_bytes()),
     ];
+    if let Some(nnef) = &e.nnef {
+        files.push((format!("{name}.nnef.tgz"), nnef.clone()));
+    }
     for (f, bytes) in &files {
         std::fs::write(t.join(f), bytes).map_err(|err| io(&t.join(f), err))?;
     }

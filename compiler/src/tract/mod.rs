@@ -79,7 +79,7 @@ pub fn run_samples(model: &TypedModel, data: &[f32]) -> Result<Vec<f32>, Error> 
             .to_vec();
         let per_in: usize = shape.iter().product();
         ensure!(
-            per_in > 0 && data.len() % per_in == 0,
+            per_in > 0 && data.len().is_multiple_of(per_in),
             "{} values are not whole samples of shape {shape:?}",
             data.len()
         );

@@ -83,7 +83,7 @@ fn bytes_arg(
 
 fn tensor_records(b: &[u8]) -> TractResult<Vec<TensorBytes>> {
     ensure!(
-        b.len() % TENSOR_RECORD_LEN == 0,
+        b.len().is_multiple_of(TENSOR_RECORD_LEN),
         "tensor records of {} bytes",
         b.len()
     );
@@ -205,5 +205,8 @@ pub fn from_bytes(bytes: &[u8]) -> Result<TypedModel, Error> {
     use tract_nnef::prelude::Framework;
     framework()
         .model_for_read(&mut &*bytes)
-        .map_err(|e| Error::Input(format!("not a diffdfq NNEF archive: {e:#}")))
+        .map_err(|e| {
+            let why = format!("{e:#}").replace('\n', " ");
+            Error::Input(format!("not a diffdfq NNEF archive: {why}"))
+        })
 }
