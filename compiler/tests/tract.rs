@@ -125,3 +125,109 @@ fn bad_archives_and_blobs_are_one_line_input_errors() {
     blob[100] ^= 1;
     assert!(matches!(dtract::from_dfq(&blob), Err(Error::Input(_))));
 }
+
+fn cli(bin: &str, args: &[&str]) -> std::process::Output {
+    let out = std::process::Command::new(bin).args(args).output().unwrap();
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("panicked"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn assert_bad_input(out: &std::process::Output, needle: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err}");
+    assert!(err.contains(needle), "{err:?} lacks {needle:?}");
+}
+
+#[test]
+fn cli_emit_nnef_and_engine_tract_agree_byte_for_byte() {
+    let compile = env!("CARGO_BIN_EXE_diffdfq-compile");
+    let run = env!("CARGO_BIN_EXE_diffdfq-run");
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/models");
+    for (name, bits) in [("mobilenet_fmnist", "3"), ("resnet_fmnist", "2")] {
+        let onnx = models.join(format!("{name}.onnx"));
+        let x = models.join(format!("{name}.sample.npy"));
+        let (a, b) = (t.join(format!("{name}_a")), t.join(format!("{name}_b")));
+        for dir in [&a, &b] {
+            let args = [
+                onnx.to_str().unwrap(),
+                "--bits",
+                bits,
+                "--no-lib",
+                "--quiet",
+                "--emit",
+                "nnef",
+                "-o",
+                dir.to_str().unwrap(),
+            ];
+            assert!(cli(compile, &args).status.success());
+        }
+        // Deterministic, NNEF included.
+        let mut names: Vec<_> = std::fs::read_dir(&a)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert!(names.contains(&format!("{name}.nnef.tgz")), "{names:?}");
+        assert_eq!(names.len(), 5, "{names:?}");
+        for n in &names {
+            let same = std::fs::read(a.join(n)).unwrap() == std::fs::read(b.join(n)).unwrap();
+            assert!(same, "{n} differs between runs");
+        }
+        let dfq = a.join(format!("{name}.dfq"));
+        let tgz = a.join(format!("{name}.nnef.tgz"));
+        let mut outs = Vec::new();
+        for (i, extra) in [
+            vec![dfq.to_str().unwrap()],
+            vec![dfq.to_str().unwrap(), "--engine", "tract"],
+            vec![tgz.to_str().unwrap()],
+            vec![tgz.to_str().unwrap(), "--engine", "tract"],
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let y = t.join(format!("{name}_{i}.npy"));
+            let mut args = extra.clone();
+            args.extend([
+                "--input",
+                x.to_str().unwrap(),
+                "--output",
+                y.to_str().unwrap(),
+            ]);
+            args.push("--argmax");
+            let out = cli(run, &args);
+            assert!(out.status.success(), "{args:?}");
+            outs.push((std::fs::read(&y).unwrap(), out.stdout));
+        }
+        for o in &outs[1..] {
+            assert!(*o == outs[0], "{name}: outputs differ between engines");
+        }
+        // Bad input: a corrupted archive, and the runtime asked to run NNEF.
+        let bad = t.join(format!("{name}_bad.nnef.tgz"));
+        let bytes = std::fs::read(&tgz).unwrap();
+        std::fs::write(&bad, &bytes[..bytes.len() / 3]).unwrap();
+        let y = t.join("never.npy");
+        let (bad_s, x_s, y_s) = (
+            bad.to_str().unwrap(),
+            x.to_str().unwrap(),
+            y.to_str().unwrap(),
+        );
+        let out = cli(run, &[bad_s, "--input", x_s, "--output", y_s]);
+        assert_bad_input(&out, &format!("{name}_bad.nnef.tgz"));
+        let tgz_s = tgz.to_str().unwrap();
+        let out = cli(
+            run,
+            &[
+                tgz_s, "--engine", "runtime", "--input", x_s, "--output", y_s,
+            ],
+        );
+        assert_bad_input(&out, "--engine tract");
+        assert!(!y.exists());
+    }
+}

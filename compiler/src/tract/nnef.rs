@@ -203,10 +203,8 @@ pub fn to_tgz(model: &TypedModel) -> Result<Vec<u8>, Error> {
 /// Loads an NNEF archive (tar or tgz) written by [`to_tgz`]; anything else is bad input.
 pub fn from_bytes(bytes: &[u8]) -> Result<TypedModel, Error> {
     use tract_nnef::prelude::Framework;
-    framework()
-        .model_for_read(&mut &*bytes)
-        .map_err(|e| {
-            let why = format!("{e:#}").replace('\n', " ");
-            Error::Input(format!("not a diffdfq NNEF archive: {why}"))
-        })
+    framework().model_for_read(&mut &*bytes).map_err(|e| {
+        let why = format!("{e:#}").replace('\n', " ");
+        Error::Input(format!("not a diffdfq NNEF archive: {why}"))
+    })
 }
