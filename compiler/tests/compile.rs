@@ -27,7 +27,12 @@ fn ok(cmd: &mut Command) -> Output {
     out
 }
 
+/// Runs the compiler; rtn unless the test picks a method (calibration has its own tests).
 fn compile(args: &[&str]) -> Output {
+    let mut args = args.to_vec();
+    if !args.contains(&"--method") {
+        args.extend(["--method", "rtn"]);
+    }
     Command::new(env!("CARGO_BIN_EXE_diffdfq-compile"))
         .args(args)
         .env(

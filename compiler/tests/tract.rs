@@ -163,6 +163,8 @@ fn cli_emit_nnef_and_engine_tract_agree_byte_for_byte() {
                 "--quiet",
                 "--emit",
                 "nnef",
+                "--method",
+                "rtn",
                 "-o",
                 dir.to_str().unwrap(),
             ];

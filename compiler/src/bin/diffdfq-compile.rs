@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, ValueEnum};
+use diffdfq_compiler::calib::{self, CalibOptions, DeviceKind, Progress};
 use diffdfq_compiler::emit::{self, header, report};
 use diffdfq_compiler::import::{import_path, ImportOptions};
 use diffdfq_compiler::quant::{rtn, Bits};
@@ -24,6 +25,13 @@ enum Method {
 enum Emit {
     /// NAME.nnef.tgz: the packed-integer tract graph as NNEF (tract-nnef with the diffdfq registry)
     Nnef,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum DeviceArg {
+    Cpu,
+    /// NVIDIA GPU (builds with the `cuda` feature)
+    Cuda,
 }
 
 #[derive(Parser)]
@@ -55,15 +63,25 @@ struct Args {
     /// Artifact name (a C identifier); default: the model's file stem
     #[arg(long)]
     name: Option<String>,
-    /// Quantization method (only rtn is available in this build)
-    #[arg(long, value_enum, default_value_t = Method::Rtn)]
+    /// Quantization method
+    #[arg(long, value_enum, default_value_t = Method::Diffdfq)]
     method: Method,
+    /// Where calibration computes
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    device: DeviceArg,
     /// Seed of everything random
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Synthetic samples (rtn: N(0,1) samples that set ranges without a BatchNorm before them)
+    /// Synthetic calibration samples (default 1024; rtn: N(0,1) samples that set ranges of
+    /// layers without a BatchNorm, default 32)
     #[arg(long)]
     samples: Option<usize>,
+    /// Synthesis iterations per batch (fewer: faster, less faithful samples)
+    #[arg(long, default_value_t = calib::synth::SynthOptions::default().iters)]
+    synth_iters: usize,
+    /// Reconstruction iterations per block (fewer: faster, coarser rounding)
+    #[arg(long, default_value_t = calib::recon::ReconOptions::default().iters)]
+    recon_iters: usize,
     /// Input shape overriding the model's, e.g. 1,3,224,224
     #[arg(long, value_delimiter = ',')]
     input_shape: Option<Vec<usize>>,
@@ -118,22 +136,50 @@ fn run(a: &Args) -> Result<(), Error> {
         first_last: a.first_last_bits,
     };
     bits.check()?;
-    if a.method != Method::Rtn {
-        return Err(Error::Input(format!(
-            "--method {:?} is not available in this build yet (calibration is not implemented); use --method rtn",
-            a.method
-        )
-        .to_lowercase()));
-    }
-    let mut ro = rtn::RtnOptions {
-        bits,
-        seed: a.seed,
-        ..Default::default()
+    let (q, method, calibration) = match a.method {
+        Method::Rtn => {
+            let mut ro = rtn::RtnOptions {
+                bits,
+                seed: a.seed,
+                ..Default::default()
+            };
+            if let Some(n) = a.samples {
+                ro.samples = n;
+            }
+            (rtn::quantize(&graph, &ro)?, "rtn", None)
+        }
+        Method::Diffdfq | Method::Genie => {
+            let dev = calib::device(match a.device {
+                DeviceArg::Cpu => DeviceKind::Cpu,
+                DeviceArg::Cuda => DeviceKind::Cuda,
+            })?;
+            let diffusion = a.method == Method::Diffdfq;
+            let mut co = CalibOptions::new(bits, a.seed, diffusion);
+            if let Some(n) = a.samples {
+                co.synth.samples = n;
+            }
+            co.synth.iters = a.synth_iters;
+            co.recon.iters = a.recon_iters;
+            if co.synth.samples == 0 || co.synth.iters == 0 || co.recon.iters == 0 {
+                return Err(Error::Input(
+                    "--samples, --synth-iters and --recon-iters must be at least 1".into(),
+                ));
+            }
+            let (q, rep) = calib::calibrate(&graph, &co, &dev, Progress::new(a.quiet))?;
+            if !a.quiet {
+                eprintln!(
+                    "calibrated: synthesis {:.1} s, reconstruction {:.1} s, {} blocks on levels {:?}",
+                    rep.synthesis_s,
+                    rep.reconstruction_s,
+                    rep.recon.blocks.len(),
+                    rep.recon.levels
+                );
+            }
+            let json = serde_json::to_value(&rep.recon)
+                .map_err(|e| Error::Internal(format!("report: {e}")))?;
+            (q, if diffusion { "diffdfq" } else { "genie" }, Some(json))
+        }
     };
-    if let Some(n) = a.samples {
-        ro.samples = n;
-    }
-    let q = rtn::quantize(&graph, &ro)?;
     let low = lower::lower(&q)?;
     let nnef = if a.emit.contains(&Emit::Nnef) {
         let graph = diffdfq_compiler::tract::from_dfq(&low.blob)?;
@@ -141,7 +187,6 @@ fn run(a: &Args) -> Result<(), Error> {
     } else {
         None
     };
-    let method = "rtn";
     let summary = format!(
         "Method {method}, weights {}-bit (first/last {}-bit), activations {}-bit, seed {}.",
         bits.weight, bits.first_last, bits.act, a.seed
@@ -168,6 +213,7 @@ fn run(a: &Args) -> Result<(), Error> {
                 method,
                 seed: a.seed,
                 bits,
+                calibration,
             },
             &low,
         ),
@@ -193,6 +239,7 @@ fn run(a: &Args) -> Result<(), Error> {
 }
 
 fn main() -> ExitCode {
+    diffdfq_compiler::calib::keep_freed_memory();
     let args = Args::parse();
     match run(&args) {
         Ok(()) => ExitCode::SUCCESS,

@@ -136,8 +136,20 @@ impl FloatModel {
             )));
         }
         let mut vals: Vec<Option<Tensor>> = vec![None; g.values.len()];
+        // A graph imported with batch 1 runs any batch: every shape's leading 1 stands for it.
+        let batch = inputs
+            .first()
+            .and_then(|x| x.dims().first().copied())
+            .unwrap_or(1);
+        let batched = |shape: &[usize]| -> Vec<usize> {
+            let mut s = shape.to_vec();
+            if s.first() == Some(&1) {
+                s[0] = batch;
+            }
+            s
+        };
         for (&id, x) in g.inputs.iter().zip(inputs) {
-            if x.dims() != g.shape(id) {
+            if x.dims() != g.shape(id) && x.dims() != batched(g.shape(id)) {
                 return Err(Error::Input(format!(
                     "input '{}' has shape {:?}, the model expects {:?}",
                     g.values[id].name,
@@ -156,20 +168,29 @@ impl FloatModel {
             };
             let x = get(0)?;
             let y = match (&n.op, &self.params[i]) {
-                (Op::Conv(c), Params::Conv { w, b }) => conv(x, w, b.as_ref(), c)?,
+                (Op::Conv(c), Params::Conv { w, b }) => {
+                    // A non-square dilation is already spread into the kernel.
+                    let dil = if c.dilations[0] == c.dilations[1] {
+                        c.dilations[0]
+                    } else {
+                        1
+                    };
+                    conv(
+                        x,
+                        w,
+                        b,
+                        &ConvArgs {
+                            pads: c.pads,
+                            strides: c.strides,
+                            dil,
+                            groups: c.groups,
+                        },
+                    )?
+                }
                 (Op::BatchNorm(_), Params::Affine { mul, add }) => {
                     if taps {
-                        let dims: Vec<usize> = (0..x.rank()).filter(|&d| d != 1).collect();
-                        let mean = x.mean_keepdim(dims.as_slice())?;
-                        let var = x
-                            .broadcast_sub(&mean)?
-                            .sqr()?
-                            .mean_keepdim(dims.as_slice())?;
-                        bn.push(BnStats {
-                            node: i,
-                            mean: mean.flatten_all()?,
-                            var: var.flatten_all()?,
-                        });
+                        let (mean, var) = channel_stats(x)?;
+                        bn.push(BnStats { node: i, mean, var });
                     }
                     x.broadcast_mul(mul)?.broadcast_add(add)?
                 }
@@ -220,7 +241,7 @@ impl FloatModel {
                     let dims: Vec<usize> = (2..x.rank()).collect();
                     x.mean_keepdim(dims.as_slice())?
                 }
-                (Op::Reshape, _) => x.reshape(g.shape(n.output))?,
+                (Op::Reshape, _) => x.reshape(batched(g.shape(n.output)))?,
                 (Op::MatMul { trans_a, .. }, Params::MatMul { b, bias }) => {
                     let a = if *trans_a {
                         x.t()?.contiguous()?
@@ -254,7 +275,7 @@ impl FloatModel {
                     )))
                 }
             };
-            if y.dims() != g.shape(n.output) {
+            if y.dims() != g.shape(n.output) && y.dims() != batched(g.shape(n.output)) {
                 return Err(Error::Internal(format!(
                     "node '{}' ({}) produced shape {:?}, import inferred {:?}",
                     n.name,
@@ -295,27 +316,39 @@ fn dilate_kernel(w: &Tensor, d: [usize; 2]) -> candle_core::Result<Tensor> {
     Tensor::from_vec(out, (o, i, eh, ew), w.device())
 }
 
-fn conv(
+/// Geometry of a 2-D convolution (a non-square dilation is spread into the kernel beforehand).
+#[derive(Debug, Clone, Copy)]
+pub struct ConvArgs {
+    /// top, left, bottom, right
+    pub pads: [usize; 4],
+    pub strides: [usize; 2],
+    pub dil: usize,
+    pub groups: usize,
+}
+
+/// 2-D convolution with asymmetric pads and non-square strides (which candle's `conv2d` lacks).
+fn conv_candle(
     x: &Tensor,
     w: &Tensor,
-    b: Option<&Tensor>,
-    c: &graph::Conv,
+    b: &Option<Tensor>,
+    a: &ConvArgs,
 ) -> candle_core::Result<Tensor> {
-    let [pt, pl, pb, pr] = c.pads;
+    let ConvArgs {
+        pads,
+        strides,
+        dil,
+        groups,
+    } = *a;
+    let [pt, pl, pb, pr] = pads;
     let symmetric = pt == pb && pl == pr && pt == pl;
     let (xp, pad) = if symmetric {
         (x.clone(), pt)
     } else {
         (x.pad_with_zeros(2, pt, pb)?.pad_with_zeros(3, pl, pr)?, 0)
     };
-    let dil = if c.dilations[0] == c.dilations[1] {
-        c.dilations[0]
-    } else {
-        1
-    };
-    let square = c.strides[0] == c.strides[1];
-    let stride = if square { c.strides[0] } else { 1 };
-    let mut y = xp.conv2d(w, pad, stride, dil, c.groups)?;
+    let square = strides[0] == strides[1];
+    let stride = if square { strides[0] } else { 1 };
+    let mut y = xp.conv2d(w, pad, stride, dil, groups)?;
     if !square {
         let (_, _, h, wd) = y.dims4()?;
         let pick = |n: usize, s: usize| {
@@ -326,11 +359,63 @@ fn conv(
             )
         };
         y = y
-            .index_select(&pick(h, c.strides[0])?, 2)?
-            .index_select(&pick(wd, c.strides[1])?, 3)?;
+            .index_select(&pick(h, strides[0])?, 2)?
+            .index_select(&pick(wd, strides[1])?, 3)?;
     }
     match b {
         Some(b) => y.broadcast_add(b),
         None => Ok(y),
     }
+}
+
+/// 2-D convolution as im2col and one matrix product per group (batched over the groups:
+/// also the fastest depthwise form measured), see [`super::im2col`]; other devices use candle's `conv2d`.
+pub fn conv(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Option<Tensor>,
+    a: &ConvArgs,
+) -> candle_core::Result<Tensor> {
+    if !x.device().is_cpu() {
+        return conv_candle(x, w, b, a);
+    }
+    let ConvArgs {
+        pads,
+        strides,
+        dil,
+        groups,
+    } = *a;
+    let (n, _, h, wd) = x.dims4()?;
+    let (o, cg, kh, kw) = w.dims4()?;
+    let op = super::im2col::Im2Col {
+        kernel: [kh, kw],
+        strides,
+        dil,
+        pads,
+        groups,
+    };
+    let (ho, wo) = op.out_hw(h, wd);
+    // (G, Cg·kh·kw, N·Ho·Wo)
+    let cols = x.contiguous()?.apply_op1(op)?;
+    let og = o / groups;
+    let y = w.reshape((groups, og, cg * kh * kw))?.matmul(&cols)?;
+    let y = y.reshape((o, n, ho, wo))?.transpose(0, 1)?.contiguous()?;
+    match b {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
+    }
+}
+
+/// Per-channel (axis 1) mean and biased variance over every other axis, each of shape (C).
+/// Reduced along the contiguous last axis first: candle's reductions over strided axes
+/// (0, 2, 3) are many times slower, forwards and backwards.
+pub fn channel_stats(x: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+    let (n, c) = (x.dim(0)?, x.dim(1)?);
+    let inner = x.elem_count() / (n * c).max(1);
+    let x3 = x.reshape((n, c, inner))?;
+    let count = (n * inner) as f64;
+    let mean = (x3.sum(2)?.sum(0)? / count)?;
+    let centered = x3.broadcast_sub(&mean.reshape((1, c, 1))?)?;
+    let var = (centered.sqr()?.sum(2)?.sum(0)? / count)?;
+    Ok((mean, var))
 }

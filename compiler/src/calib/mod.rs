@@ -1,6 +1,137 @@
-//! Calibration on candle. For now: the float reference model everything is checked against.
+//! Calibration on candle: the float reference, and the DiffDFQ / Genie methods.
+//!
+//! [`calibrate`] runs the three stages: synthesis from the BN statistics ([`synth`]), the
+//! forward diffusion series ([`synth::noised`]) and block reconstruction with progressive
+//! selection ([`recon`]), producing the same [`QuantGraph`] that rtn produces.
 
 pub mod float;
+mod im2col;
 mod pool;
+pub mod progress;
+pub mod qmodel;
+pub mod recon;
+pub mod rng;
+pub mod synth;
+
+use std::time::Instant;
+
+use candle_core::Device;
 
 pub use float::{BnStats, FloatModel, Forward};
+pub use progress::Progress;
+
+use crate::graph::Graph;
+use crate::quant::{rtn, Bits, QuantGraph};
+use crate::Error;
+
+/// Makes the allocator keep freed blocks instead of returning them to the system.
+/// Calibration allocates and frees tensors of tens of MB every iteration; glibc hands blocks
+/// that large back to the kernel on free, and faulting the fresh pages in again costs about a
+/// third of synthesis time (measured). Call once at program start.
+pub fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only tunes glibc's allocator; it is called before other threads exist.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+    }
+}
+
+/// Where calibration computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceKind {
+    Cpu,
+    Cuda,
+}
+
+/// The candle device for `kind`: CUDA needs a build with the `cuda` feature.
+pub fn device(kind: DeviceKind) -> Result<Device, Error> {
+    match kind {
+        DeviceKind::Cpu => Ok(Device::Cpu),
+        #[cfg(feature = "cuda")]
+        DeviceKind::Cuda => Device::new_cuda(0)
+            .map_err(|e| Error::Input(format!("--device cuda: no usable CUDA device: {e}"))),
+        #[cfg(not(feature = "cuda"))]
+        DeviceKind::Cuda => Err(Error::Input(
+            "--device cuda: this build has no CUDA support; rebuild with \
+             `cargo build --release --features cuda` on a machine with nvcc (CUDA 11.4+)"
+                .into(),
+        )),
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct CalibOptions {
+    pub bits: Bits,
+    pub seed: u64,
+    pub synth: synth::SynthOptions,
+    pub recon: recon::ReconOptions,
+}
+
+impl CalibOptions {
+    /// Defaults of `--method diffdfq` (`diffusion`) or `--method genie`.
+    pub fn new(bits: Bits, seed: u64, diffusion: bool) -> CalibOptions {
+        CalibOptions {
+            bits,
+            seed,
+            synth: synth::SynthOptions {
+                seed,
+                ..Default::default()
+            },
+            recon: recon::ReconOptions {
+                seed,
+                diffusion,
+                ..Default::default()
+            },
+        }
+    }
+}
+
+/// What calibration did and how long each stage took.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CalibReport {
+    pub samples: usize,
+    pub synthesis_s: f64,
+    pub reconstruction_s: f64,
+    #[serde(flatten)]
+    pub recon: recon::ReconReport,
+}
+
+/// Quantizes `g` with DiffDFQ (or Genie, without diffusion) on `dev`.
+pub fn calibrate(
+    g: &Graph,
+    opts: &CalibOptions,
+    dev: &Device,
+    progress: Progress,
+) -> Result<(QuantGraph, CalibReport), Error> {
+    // rtn gives every tensor a data-free starting quantization; weights restart from the Lp
+    // clipping search.
+    let mut q = rtn::quantize(
+        g,
+        &rtn::RtnOptions {
+            bits: opts.bits,
+            seed: opts.seed,
+            ..Default::default()
+        },
+    )?;
+    for n in &mut q.nodes {
+        if let Some(l) = n.op.layer_mut() {
+            l.quantize_lp();
+        }
+    }
+    let mut model = qmodel::QModel::new(q, dev)?;
+    let t0 = Instant::now();
+    let samples = synth::synthesize(g, Some(&model), &opts.synth, progress)?;
+    let synthesis_s = t0.elapsed().as_secs_f64();
+    let t1 = Instant::now();
+    let recon = recon::reconstruct(&mut model, &samples, &opts.recon, progress)?;
+    Ok((
+        model.q,
+        CalibReport {
+            samples: opts.synth.samples,
+            synthesis_s,
+            reconstruction_s: t1.elapsed().as_secs_f64(),
+            recon,
+        },
+    ))
+}

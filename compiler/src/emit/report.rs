@@ -49,6 +49,8 @@ struct Report<'a> {
     output_shape: &'a [usize],
     layers: Vec<Layer<'a>>,
     totals: Totals,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    calibration: Option<&'a serde_json::Value>,
 }
 
 /// What the report says besides the lowered model.
@@ -59,6 +61,9 @@ pub struct ReportInfo<'a> {
     pub method: &'a str,
     pub seed: u64,
     pub bits: Bits,
+    /// Blocks, diffusion levels and losses of a calibrated method (no timings: the report is
+    /// reproducible).
+    pub calibration: Option<serde_json::Value>,
 }
 
 /// Pretty JSON with a trailing newline; no timestamps or paths, so it is reproducible.
@@ -105,6 +110,7 @@ pub fn render(info: &ReportInfo, l: &Lowered) -> String {
             arena_without_reuse: l.arena_no_reuse,
             macs: l.macs(),
         },
+        calibration: info.calibration.as_ref(),
     };
     let mut s = serde_json::to_string_pretty(&r).unwrap_or_default();
     s.push('\n');

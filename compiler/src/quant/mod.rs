@@ -138,6 +138,64 @@ impl QLayer {
         Ok(())
     }
 
+    /// Sets codes chosen elsewhere (AdaRound's rounding decisions) with their scales and zero
+    /// points; every code must fit the layer's bits.
+    pub fn set_codes(
+        &mut self,
+        scales: Vec<f32>,
+        zeros: Vec<u8>,
+        codes: Vec<u8>,
+    ) -> Result<(), Error> {
+        let max = ((1u32 << self.bits) - 1) as u8;
+        if scales.len() != self.c_out
+            || zeros.len() != self.c_out
+            || codes.len() != self.c_out * self.k
+            || codes.iter().chain(&zeros).any(|&c| c > max)
+            || scales.iter().any(|s| !(s.is_finite() && *s > 0.0))
+        {
+            return Err(Error::Internal(format!(
+                "{}-bit layer {}×{}: inconsistent codes, scales or zero points",
+                self.bits, self.c_out, self.k
+            )));
+        }
+        self.scales = scales;
+        self.zeros = zeros;
+        self.codes = codes;
+        Ok(())
+    }
+
+    /// Per-channel scales and zero points minimizing the Lp (p = 2.4) rounding error over
+    /// clipping ratios 1.00, 0.99, …, 0.01 of the channel's min–max range (Genie's search),
+    /// then round-to-nearest codes.
+    pub fn quantize_lp(&mut self) {
+        let max = ((1u32 << self.bits) - 1) as f32;
+        let (mut scales, mut zeros) = (Vec::new(), Vec::new());
+        for row in self.weight.chunks_exact(self.k) {
+            let lo = row.iter().fold(0f32, |a, &w| a.min(w));
+            let hi = row.iter().fold(0f32, |a, &w| a.max(w));
+            let mut best = (f64::INFINITY, 1e-8f32, 0u8);
+            for step in 0..100 {
+                let r = 1.0 - step as f32 * 0.01;
+                let s = ((hi - lo) * r / max).max(1e-8);
+                let z = (-lo * r / s).round().clamp(0.0, max);
+                let err: f64 = row
+                    .iter()
+                    .map(|&w| {
+                        let q = ((w / s).round() + z).clamp(0.0, max);
+                        ((w - s * (q - z)).abs() as f64).powf(2.4)
+                    })
+                    .sum();
+                if err < best.0 {
+                    best = (err, s, z as u8);
+                }
+            }
+            scales.push(best.1);
+            zeros.push(best.2);
+        }
+        // Sizes match by construction.
+        let _ = self.set_weights(scales, zeros);
+    }
+
     /// Per-channel min–max round-to-nearest (asymmetric, the range widened to contain 0 so the
     /// zero point is a code).
     pub fn quantize_rtn(&mut self) {
@@ -185,6 +243,8 @@ impl QLayer {
 /// statistics).
 #[derive(Debug, Clone, PartialEq)]
 pub struct BnOutStats {
+    /// The folded BatchNorm's index in the source graph's nodes.
+    pub node: usize,
     pub mean: Vec<f32>,
     pub std: Vec<f32>,
 }
@@ -447,6 +507,7 @@ pub fn fold(g: &Graph, bits: Bits) -> Result<QuantGraph, Error> {
             done[j] = true;
             *out_v = g.nodes[j].output;
             let mut stats = BnOutStats {
+                node: j,
                 mean: Vec::new(),
                 std: Vec::new(),
             };

@@ -94,3 +94,22 @@ pub fn argmax(v: &[f32]) -> usize {
         )
         .0
 }
+
+/// Top-1 classes of the fake-quantized candle model (calibration's view of `q`) on `x`.
+pub fn fake_quant_classes(q: &QuantGraph, x: &[f32]) -> Vec<usize> {
+    use candle_core::{Device, Tensor};
+    use diffdfq_compiler::calib::qmodel::{Mode, QModel};
+    let m = QModel::new(q.clone(), &Device::Cpu).unwrap();
+    let mut out = Vec::new();
+    for chunk in x.chunks(784 * 500) {
+        let xt =
+            Tensor::from_vec(chunk.to_vec(), (chunk.len() / 784, 1, 28, 28), &Device::Cpu).unwrap();
+        let y = m
+            .forward(&xt, Mode::Quant)
+            .unwrap()
+            .flatten_from(1)
+            .unwrap();
+        out.extend(y.to_vec2::<f32>().unwrap().iter().map(|r| argmax(r)));
+    }
+    out
+}

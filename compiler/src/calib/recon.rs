@@ -1,0 +1,530 @@
+//! Stage 3: block reconstruction (Genie/BRECQ) with progressive selection over the diffusion
+//! levels (DiffDFQ).
+//!
+//! Blocks are the spans between points where a single tensor is live: a residual block (or an
+//! SE block) is one block, a plain chain gives one block per layer; spans without a weight
+//! layer join the next block. Each block in turn minimizes
+//! `mean ‖Q_block(x̂) − P_block(x)‖²` (summed over channels) where `P` is the folded float
+//! network on the float block input and `x̂` mixes, element-wise with p = 0.5 (QDrop), the
+//! float input and the output of the already calibrated quantized prefix. Trained per block:
+//! AdaRound's rounding variables (rectified sigmoid, ζ = 1.1, γ = −0.1, regularizer β annealed
+//! 20 → 2 after a 20 % warm-up) with Adam lr 1e-3, and every quantized activation's step (LSQ)
+//! with Adam lr 4e-5, each activation quantizer dropping to float with p = 0.5 (QDrop).
+//! Weight scales come from the Lp(2.4) clipping search and stay; activation steps start from
+//! the same search on the block's float activations.
+//!
+//! Progressive selection (`--method diffdfq`): the adaptability `d(L) = Σ ‖P(x_L) − Q(x_L)‖₂`
+//! over the logits of an evaluation subset picks the start level `argmin d`; before each later
+//! block the current level is compared with the next cleaner one and steps down when that one
+//! is better. So that the last block always sees clean samples, the level is also capped by a
+//! linear descent from the start level to 0 over the blocks (the published code descends per
+//! epoch with no such cap; a block-wise PTQ has few steps to descend in).
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+
+use candle_core::{Tensor, Var};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+
+use super::progress::Progress;
+use super::qmodel::{Mode, Overrides, QModel};
+use super::rng::Rng;
+use super::synth::{noised, LEVELS};
+use crate::quant::{ActQuant, QOp, TensorId};
+use crate::Error;
+
+const ZETA: f64 = 1.1;
+const GAMMA: f64 = -0.1;
+
+#[derive(Debug, Clone)]
+pub struct ReconOptions {
+    pub iters: usize,
+    pub batch: usize,
+    pub round_weight: f64,
+    pub lr_round: f64,
+    pub lr_act: f64,
+    pub seed: u64,
+    /// Progressive selection over diffusion levels (DiffDFQ); off = clean samples only (Genie).
+    pub diffusion: bool,
+    /// Samples the adaptability `d(L)` is measured on.
+    pub eval_samples: usize,
+}
+
+impl Default for ReconOptions {
+    fn default() -> Self {
+        ReconOptions {
+            iters: 500,
+            batch: 32,
+            round_weight: 1.0,
+            lr_round: 1e-3,
+            lr_act: 4e-5,
+            seed: 0,
+            diffusion: true,
+            eval_samples: 256,
+        }
+    }
+}
+
+/// What calibration did, for the report and the user.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct ReconReport {
+    /// Node names of each block.
+    pub blocks: Vec<Vec<String>>,
+    /// Diffusion level each block was calibrated on.
+    pub levels: Vec<usize>,
+    /// `d(L)` for L = 0..20 before calibration (DiffDFQ only).
+    pub adaptability: Vec<f32>,
+    /// Final reconstruction loss per block.
+    pub losses: Vec<f32>,
+}
+
+/// Splits the node list into blocks (see the module doc).
+pub fn blocks(m: &QModel) -> Vec<Range<usize>> {
+    let q = &m.q;
+    let n = q.nodes.len();
+    let mut last_use = vec![0usize; q.tensors.len()];
+    for (i, node) in q.nodes.iter().enumerate() {
+        for &t in &node.inputs {
+            last_use[t] = last_use[t].max(i);
+        }
+    }
+    last_use[q.output] = n;
+    let mut produced_at = vec![usize::MAX; q.tensors.len()];
+    produced_at[q.input] = 0;
+    for (i, node) in q.nodes.iter().enumerate() {
+        produced_at[node.output] = i;
+    }
+    let mut cuts = Vec::new();
+    for i in 0..n {
+        let live = (0..q.tensors.len())
+            .filter(|&t| {
+                produced_at[t] != usize::MAX
+                    && (produced_at[t] <= i || t == q.input)
+                    && last_use[t] > i
+            })
+            .count();
+        if live <= 1 {
+            cuts.push(i + 1);
+        }
+    }
+    if cuts.last() != Some(&n) {
+        cuts.push(n);
+    }
+    let mut out: Vec<Range<usize>> = Vec::new();
+    let mut start = 0;
+    for c in cuts {
+        let r = start..c;
+        let has_layer = r.clone().any(|i| q.nodes[i].op.layer().is_some());
+        if has_layer || c == n {
+            out.push(r);
+            start = c;
+        }
+    }
+    // A trailing span without layers joins the last block.
+    if out.len() > 1
+        && !out[out.len() - 1]
+            .clone()
+            .any(|i| q.nodes[i].op.layer().is_some())
+    {
+        if let (Some(last), Some(prev)) = (out.pop(), out.last_mut()) {
+            prev.end = last.end;
+        }
+    }
+    out
+}
+
+/// Activation quantization minimizing the Lp(2.4) error on `values` over clipping ratios of
+/// their min–max range.
+fn lp_act_quant(values: &[f32], bits: u8) -> ActQuant {
+    let lo = values.iter().fold(0f32, |a, &v| a.min(v));
+    let hi = values.iter().fold(0f32, |a, &v| a.max(v));
+    let mut best = (f64::INFINITY, ActQuant::from_range(lo, hi, bits));
+    for step in 0..100 {
+        let r = 1.0 - step as f32 * 0.01;
+        let aq = ActQuant::from_range(lo * r, hi * r, bits);
+        let max = ((1u32 << bits) - 1) as f32;
+        let err: f64 = values
+            .iter()
+            .map(|&v| {
+                let c = ((v / aq.scale).round() + aq.zero as f32).clamp(0.0, max);
+                ((v - aq.scale * (c - aq.zero as f32)).abs() as f64).powf(2.4)
+            })
+            .sum();
+        if err < best.0 {
+            best = (err, aq);
+        }
+    }
+    best.1
+}
+
+/// Runs `nodes` of the model in `mode` on `x` in chunks and gathers the tensors `want`
+/// (concatenated over the batch).
+fn gather(
+    m: &QModel,
+    x: &[f32],
+    nodes: Range<usize>,
+    mode: Mode,
+    want: &[TensorId],
+) -> Result<Vec<Tensor>, Error> {
+    let mut in_shape = m.q.tensors[m.q.input].shape.clone();
+    let per: usize = in_shape[1..].iter().product();
+    let mut parts: Vec<Vec<Tensor>> = vec![Vec::new(); want.len()];
+    for chunk in x.chunks(128 * per) {
+        in_shape[0] = chunk.len() / per;
+        let xt = Tensor::from_vec(chunk.to_vec(), in_shape.as_slice(), m.device())?;
+        let mut vals = vec![None; m.q.tensors.len()];
+        vals[m.q.input] = Some(m.input(&xt, mode)?);
+        m.run(
+            nodes.clone(),
+            &mut vals,
+            mode,
+            &mut Overrides::default(),
+            None,
+        )?;
+        for (p, &t) in parts.iter_mut().zip(want) {
+            p.push(
+                vals[t]
+                    .clone()
+                    .ok_or_else(|| Error::Internal(format!("tensor {t} not computed")))?,
+            );
+        }
+    }
+    parts
+        .iter()
+        .map(|p| Tensor::cat(p, 0).map_err(Error::from))
+        .collect()
+}
+
+/// `d(L)`: the summed Frobenius norm of the float–quantized logit difference over chunks.
+fn adaptability(m: &QModel, x: &[f32]) -> Result<f32, Error> {
+    let n = m.q.nodes.len();
+    let logits = logits_tensor(m);
+    let p = gather(m, x, 0..n, Mode::Float, &[logits])?;
+    let q = gather(m, x, 0..n, Mode::Quant, &[logits])?;
+    Ok((&p[0] - &q[0])?
+        .sqr()?
+        .sum_all()?
+        .sqrt()?
+        .to_scalar::<f32>()?)
+}
+
+/// The logits: the model output, or the input of a final Softmax.
+fn logits_tensor(m: &QModel) -> TensorId {
+    match m.q.producer(m.q.output).map(|i| &m.q.nodes[i]) {
+        Some(n) if matches!(n.op, QOp::Softmax) => n.inputs[0],
+        _ => m.q.output,
+    }
+}
+
+/// AdaRound state of one layer.
+struct Rounding {
+    node: usize,
+    v: Var,
+    /// floor(w / s), (c_out, k).
+    floor: Tensor,
+    scale: Tensor,
+    zero: Tensor,
+    max: f64,
+    shape: Vec<usize>,
+}
+
+impl Rounding {
+    fn h(&self) -> candle_core::Result<Tensor> {
+        candle_nn::ops::sigmoid(self.v.as_tensor())?
+            .affine(ZETA - GAMMA, GAMMA)?
+            .clamp(0f32, 1f32)
+    }
+
+    fn soft_weight(&self) -> candle_core::Result<Tensor> {
+        let q = (&self.floor + self.h()?)?
+            .broadcast_add(&self.zero)?
+            .clamp(0.0, self.max)?
+            .broadcast_sub(&self.zero)?;
+        q.broadcast_mul(&self.scale)?.reshape(self.shape.as_slice())
+    }
+}
+
+/// Calibrates `m` in place on `clean` samples (flattened inputs).
+pub fn reconstruct(
+    m: &mut QModel,
+    clean: &[f32],
+    opts: &ReconOptions,
+    progress: Progress,
+) -> Result<ReconReport, Error> {
+    let dev = m.device().clone();
+    let per: usize = m.q.tensors[m.q.input].shape[1..].iter().product();
+    let n_samples = clean.len() / per.max(1);
+    if n_samples == 0 {
+        return Err(Error::Input("calibration needs at least one sample".into()));
+    }
+    let blocks = blocks(m);
+    let n_layer_blocks = blocks.len();
+    let mut report = ReconReport {
+        blocks: blocks
+            .iter()
+            .map(|b| b.clone().map(|i| m.q.nodes[i].name.clone()).collect())
+            .collect(),
+        ..Default::default()
+    };
+    let eval_n = opts.eval_samples.min(n_samples);
+    let mut level_cache: BTreeMap<usize, Vec<f32>> = BTreeMap::new();
+    let mut at_level = |l: usize| -> Vec<f32> {
+        level_cache
+            .entry(l)
+            .or_insert_with(|| noised(clean, l, opts.seed))
+            .clone()
+    };
+    let d_of = |m: &QModel, l: usize, at: &mut dyn FnMut(usize) -> Vec<f32>| {
+        let x = at(l);
+        adaptability(m, &x[..eval_n * per])
+    };
+    let (mut level, start_level) = if opts.diffusion {
+        let mut ds = Vec::new();
+        let mut bar = progress.bar("diffusion", LEVELS as u64);
+        for l in 0..LEVELS {
+            ds.push(d_of(m, l, &mut at_level)?);
+            bar.set(l as u64 + 1, || format!("d({l}) = {:.3}", ds[l]));
+        }
+        let best = (0..LEVELS)
+            .min_by(|&a, &b| ds[a].total_cmp(&ds[b]))
+            .unwrap_or(0);
+        bar.finish(format!("start level {best}"));
+        report.adaptability = ds;
+        (best, best)
+    } else {
+        (0, 0)
+    };
+    let mut rng = Rng::new(opts.seed, 2);
+    let mut bar = progress.bar("reconstruct", (blocks.len() * opts.iters) as u64);
+    for (bi, block) in blocks.iter().enumerate() {
+        if opts.diffusion && bi > 0 && level > 0 {
+            let (cur, cleaner) = (
+                d_of(m, level, &mut at_level)?,
+                d_of(m, level - 1, &mut at_level)?,
+            );
+            if cleaner < cur {
+                level -= 1;
+            }
+            let cap =
+                (start_level * (n_layer_blocks - 1 - bi)).div_ceil((n_layer_blocks - 1).max(1));
+            level = level.min(cap);
+        }
+        report.levels.push(level);
+        let x = at_level(level);
+        let q = &m.q;
+        let inside = |t: TensorId| block.clone().any(|i| q.nodes[i].output == t);
+        let mut ins: Vec<TensorId> = Vec::new();
+        for i in block.clone() {
+            for &t in &q.nodes[i].inputs {
+                if !inside(t) && !ins.contains(&t) {
+                    ins.push(t);
+                }
+            }
+        }
+        let mut outs: Vec<TensorId> = Vec::new();
+        for i in block.clone() {
+            let t = q.nodes[i].output;
+            let used_after = (block.end..q.nodes.len()).any(|j| q.nodes[j].inputs.contains(&t));
+            if used_after || t == q.output {
+                outs.push(t);
+            }
+        }
+        // Quantized activations of the block, initialized from its float activations.
+        let quantized: Vec<TensorId> = block
+            .clone()
+            .filter(|&i| m.quantizes_output(i))
+            .map(|i| q.nodes[i].output)
+            .collect();
+        let mut want_f: Vec<TensorId> = ins.clone();
+        want_f.extend(&outs);
+        let fp = gather(m, &x, 0..block.end, Mode::Float, &want_f)?;
+        let init = gather(
+            m,
+            &x[..per * n_samples.min(64)],
+            0..block.end,
+            Mode::Float,
+            &quantized,
+        )?;
+        for (&t, v) in quantized.iter().zip(&init) {
+            let v = v.flatten_all()?.to_vec1::<f32>()?;
+            let stride = (v.len() / 65536).max(1);
+            let sub: Vec<f32> = v.iter().step_by(stride).copied().collect();
+            let bits = m.q.tensors[t].quant.bits;
+            m.q.tensors[t].quant = lp_act_quant(&sub, bits);
+        }
+        let qin = gather(m, &x, 0..block.start, Mode::Quant, &ins)?;
+        let (fp_in, fp_out) = fp.split_at(ins.len());
+        // Trainable state.
+        let mut rounding = Vec::new();
+        for i in block.clone() {
+            let Some(l) = m.q.nodes[i].op.layer() else {
+                continue;
+            };
+            let max = ((1u32 << l.bits) - 1) as f64;
+            let (mut fl, mut v) = (
+                Vec::with_capacity(l.weight.len()),
+                Vec::with_capacity(l.weight.len()),
+            );
+            for (c, row) in l.weight.chunks_exact(l.k).enumerate() {
+                for &w in row {
+                    let r = w / l.scales[c];
+                    let f = r.floor();
+                    fl.push(f);
+                    // h(v) equals the fractional part: rounding starts at the float weight.
+                    let rest = ((r - f) as f64).clamp(1e-4, 1.0 - 1e-4);
+                    v.push((-((ZETA - GAMMA) / (rest - GAMMA) - 1.0).ln()) as f32);
+                }
+            }
+            let shape = m
+                .float_weight(i)
+                .map(|w| w.dims().to_vec())
+                .ok_or_else(|| Error::Internal("layer without weights".into()))?;
+            rounding.push(Rounding {
+                node: i,
+                v: Var::from_tensor(&Tensor::from_vec(v, (l.c_out, l.k), &dev)?)?,
+                floor: Tensor::from_vec(fl, (l.c_out, l.k), &dev)?,
+                scale: Tensor::from_vec(l.scales.clone(), (l.c_out, 1), &dev)?,
+                zero: Tensor::from_vec(
+                    l.zeros.iter().map(|&z| z as f32).collect::<Vec<_>>(),
+                    (l.c_out, 1),
+                    &dev,
+                )?,
+                max,
+                shape,
+            });
+        }
+        let steps: Vec<(TensorId, Var)> = quantized
+            .iter()
+            .map(|&t| {
+                Ok((
+                    t,
+                    Var::from_tensor(&Tensor::new(&[m.q.tensors[t].quant.scale], &dev)?)?,
+                ))
+            })
+            .collect::<Result<_, Error>>()?;
+        let mut opt_round = AdamW::new(
+            rounding.iter().map(|r| r.v.clone()).collect(),
+            ParamsAdamW {
+                lr: opts.lr_round,
+                weight_decay: 0.0,
+                ..Default::default()
+            },
+        )?;
+        let mut opt_act = AdamW::new(
+            steps.iter().map(|(_, v)| v.clone()).collect(),
+            ParamsAdamW {
+                lr: opts.lr_act,
+                weight_decay: 0.0,
+                ..Default::default()
+            },
+        )?;
+        let warm = opts.iters / 5;
+        let mut last = f32::NAN;
+        let idx_dev = |idx: &[usize]| {
+            Tensor::from_vec(
+                idx.iter().map(|&i| i as u32).collect::<Vec<_>>(),
+                idx.len(),
+                &dev,
+            )
+        };
+        for it in 0..opts.iters {
+            let idx: Vec<usize> = (0..opts.batch.min(n_samples))
+                .map(|_| rng.below(n_samples))
+                .collect();
+            let idx = idx_dev(&idx)?;
+            let mut vals = vec![None; m.q.tensors.len()];
+            for ((&t, f), qv) in ins.iter().zip(fp_in).zip(&qin) {
+                let (f, qv) = (f.index_select(&idx, 0)?, qv.index_select(&idx, 0)?);
+                let keep = Tensor::from_vec(rng.mask(f.elem_count(), 0.5), f.dims(), &dev)?;
+                vals[t] = Some((&qv + (f - &qv)?.mul(&keep)?)?);
+            }
+            let mut ov = Overrides {
+                weights: rounding
+                    .iter()
+                    .map(|r| Ok((r.node, r.soft_weight()?)))
+                    .collect::<Result<_, Error>>()?,
+                act_scale: steps
+                    .iter()
+                    .map(|(t, v)| (*t, v.as_tensor().clone()))
+                    .collect(),
+                qdrop: Some(&mut rng),
+            };
+            m.run(block.clone(), &mut vals, Mode::Quant, &mut ov, None)?;
+            let mut rec = Tensor::zeros((), candle_core::DType::F32, &dev)?;
+            for (&t, target) in outs.iter().zip(fp_out) {
+                let y = vals[t]
+                    .as_ref()
+                    .ok_or_else(|| Error::Internal("block output not computed".into()))?;
+                let d = (y - target.index_select(&idx, 0)?)?.sqr()?;
+                let d = if d.rank() > 1 { d.sum(1)? } else { d };
+                rec = (rec + d.mean_all()?)?;
+            }
+            let mut loss = rec.clone();
+            if it >= warm && opts.round_weight > 0.0 {
+                let frac = (it - warm) as f64 / (opts.iters - warm).max(1) as f64;
+                let beta = 20.0 + (2.0 - 20.0) * frac;
+                for r in &rounding {
+                    let reg = (1.0 - r.h()?.affine(2.0, -1.0)?.abs()?.powf(beta)?)?.sum_all()?;
+                    loss = (loss + (reg * opts.round_weight)?)?;
+                }
+            }
+            let grads = loss.backward()?;
+            opt_round.step(&grads)?;
+            opt_act.step(&grads)?;
+            last = rec.to_scalar::<f32>()?;
+            bar.set((bi * opts.iters + it + 1) as u64, || {
+                format!(
+                    "block {}/{} level {level} loss {last:.5}",
+                    bi + 1,
+                    blocks.len()
+                )
+            });
+        }
+        // Hard decisions: round up where h(v) ≥ 0.5, i.e. v ≥ 0.
+        for r in &rounding {
+            let l = m.q.nodes[r.node]
+                .op
+                .layer()
+                .ok_or_else(|| Error::Internal("layer".into()))?;
+            let up =
+                r.v.as_tensor()
+                    .ge(0f32)?
+                    .to_dtype(candle_core::DType::F32)?;
+            let codes = (&r.floor + up)?
+                .broadcast_add(&r.zero)?
+                .clamp(0.0, r.max)?
+                .flatten_all()?
+                .to_vec1::<f32>()?
+                .iter()
+                .map(|&c| c as u8)
+                .collect();
+            let (scales, zeros) = (l.scales.clone(), l.zeros.clone());
+            if let Some(l) = m.q.nodes[r.node].op.layer_mut() {
+                l.set_codes(scales, zeros, codes)?;
+            }
+            m.refresh_weights(r.node)?;
+        }
+        for (t, v) in &steps {
+            let s = v.as_tensor().flatten_all()?.to_vec1::<f32>()?;
+            let s = s.first().copied().unwrap_or(f32::NAN);
+            if !(s.is_finite() && s > 0.0) {
+                return Err(Error::Internal(format!(
+                    "activation step of '{}' diverged to {s}",
+                    m.q.tensors[*t].name
+                )));
+            }
+            m.q.tensors[*t].quant.scale = s;
+        }
+        report.losses.push(last);
+    }
+    bar.finish(format!("levels {:?}", report.levels));
+    // Ops that pass codes through share their input's quantization.
+    for i in 0..m.q.nodes.len() {
+        if matches!(m.q.nodes[i].op, QOp::MaxPool { .. } | QOp::Reshape) {
+            let src = m.q.tensors[m.q.nodes[i].inputs[0]].quant;
+            let out = m.q.nodes[i].output;
+            m.q.tensors[out].quant = src;
+        }
+    }
+    Ok(report)
+}
