@@ -53,10 +53,10 @@ pub struct ReconOptions {
 impl Default for ReconOptions {
     fn default() -> Self {
         ReconOptions {
-            iters: 500,
+            iters: 200,
             batch: 32,
             round_weight: 1.0,
-            lr_round: 1e-3,
+            lr_round: 1e-2,
             lr_act: 4e-5,
             seed: 0,
             diffusion: true,

@@ -39,9 +39,9 @@ pub struct SynthOptions {
 impl Default for SynthOptions {
     fn default() -> Self {
         SynthOptions {
-            samples: 1024,
+            samples: 256,
             batch: 128,
-            iters: 200,
+            iters: 50,
             lr: 0.25,
             seed: 0,
             student_weight: 0.001,
