@@ -136,14 +136,17 @@ impl FloatModel {
             )));
         }
         let mut vals: Vec<Option<Tensor>> = vec![None; g.values.len()];
-        // A graph imported with batch 1 runs any batch: every shape's leading 1 stands for it.
+        // A graph imported with batch 1 runs any batch: then every shape's leading 1 stands
+        // for it (only then: a leading 1 can be a real axis, e.g. Flatten(axis = 0)).
         let batch = inputs
             .first()
             .and_then(|x| x.dims().first().copied())
             .unwrap_or(1);
+        let graph_batch = g.inputs.first().and_then(|&i| g.shape(i).first().copied());
+        let rebatch = graph_batch == Some(1) && batch != 1;
         let batched = |shape: &[usize]| -> Vec<usize> {
             let mut s = shape.to_vec();
-            if s.first() == Some(&1) {
+            if rebatch && s.first() == Some(&1) {
                 s[0] = batch;
             }
             s
