@@ -72,16 +72,27 @@ pub fn fashion_test(n: usize) -> (Vec<f32>, Vec<u8>) {
     (x, lab[8..8 + n].to_vec())
 }
 
+/// Runs the integer runtime on every sample of `x`, on all cores (one arena per thread).
 pub fn run_runtime(blob: &[u8], x: &[f32], per_out: usize) -> Vec<f32> {
     let m = Model::from_bytes(blob).unwrap();
-    let mut buf = vec![0u8; m.arena_size() + 16];
-    let at = buf.as_ptr().align_offset(16);
-    let arena = &mut buf[at..at + m.arena_size()];
     let per_in = m.input().numel as usize;
-    let mut out = vec![0f32; x.len() / per_in * per_out];
-    for (xi, yi) in x.chunks_exact(per_in).zip(out.chunks_exact_mut(per_out)) {
-        diffdfq_runtime::run(&m, xi, yi, arena).unwrap();
-    }
+    let n = x.len() / per_in;
+    let mut out = vec![0f32; n * per_out];
+    let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
+    let rows = n.div_ceil(threads).max(1);
+    std::thread::scope(|s| {
+        for (xs, ys) in x.chunks(rows * per_in).zip(out.chunks_mut(rows * per_out)) {
+            let m = &m;
+            s.spawn(move || {
+                let mut buf = vec![0u8; m.arena_size() + 16];
+                let at = buf.as_ptr().align_offset(16);
+                let arena = &mut buf[at..at + m.arena_size()];
+                for (xi, yi) in xs.chunks_exact(per_in).zip(ys.chunks_exact_mut(per_out)) {
+                    diffdfq_runtime::run(m, xi, yi, arena).unwrap();
+                }
+            });
+        }
+    });
     out
 }
 
