@@ -82,6 +82,9 @@ fn main() {
                             if let Some(v) = opt("--round-weight-x1000") {
                                 co.recon.round_weight = v as f64 / 1e3;
                             }
+                            if let Some(v) = opt("--data-act-init") {
+                                co.recon.data_act_init = v != 0;
+                            }
                             if let Some(v) = opt("--recon-iters") {
                                 co.recon.iters = v;
                             }

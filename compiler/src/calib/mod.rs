@@ -81,6 +81,7 @@ impl CalibOptions {
             recon: recon::ReconOptions {
                 seed,
                 diffusion,
+                data_act_init: bits.act >= 8,
                 ..Default::default()
             },
         }

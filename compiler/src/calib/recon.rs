@@ -48,6 +48,11 @@ pub struct ReconOptions {
     pub diffusion: bool,
     /// Samples the adaptability `d(L)` is measured on.
     pub eval_samples: usize,
+    /// Start activation steps from the Lp search on the block's float activations (else keep
+    /// the BN-statistics ranges rtn set). [`super::CalibOptions::new`] takes the data at 8-bit
+    /// activations and the statistics at 4 bits, where rtn's ACIQ clipping measured better
+    /// (ResNet fixture, W4A4, reduced settings, 2000 test images: 90.3 % vs 87.5 %).
+    pub data_act_init: bool,
 }
 
 impl Default for ReconOptions {
@@ -61,6 +66,7 @@ impl Default for ReconOptions {
             seed: 0,
             diffusion: true,
             eval_samples: 256,
+            data_act_init: true,
         }
     }
 }
@@ -345,7 +351,7 @@ pub fn reconstruct(
             Mode::Float,
             &quantized,
         )?;
-        for (&t, v) in quantized.iter().zip(&init) {
+        for (&t, v) in quantized.iter().zip(&init).filter(|_| opts.data_act_init) {
             let v = v.flatten_all()?.to_vec1::<f32>()?;
             let stride = (v.len() / 65536).max(1);
             let sub: Vec<f32> = v.iter().step_by(stride).copied().collect();
