@@ -344,19 +344,21 @@ pub fn reconstruct(
         let mut want_f: Vec<TensorId> = ins.clone();
         want_f.extend(&outs);
         let fp = gather(m, &x, 0..block.end, Mode::Float, &want_f)?;
-        let init = gather(
-            m,
-            &x[..per * n_samples.min(64)],
-            0..block.end,
-            Mode::Float,
-            &quantized,
-        )?;
-        for (&t, v) in quantized.iter().zip(&init).filter(|_| opts.data_act_init) {
-            let v = v.flatten_all()?.to_vec1::<f32>()?;
-            let stride = (v.len() / 65536).max(1);
-            let sub: Vec<f32> = v.iter().step_by(stride).copied().collect();
-            let bits = m.q.tensors[t].quant.bits;
-            m.q.tensors[t].quant = lp_act_quant(&sub, bits);
+        if opts.data_act_init {
+            let init = gather(
+                m,
+                &x[..per * n_samples.min(64)],
+                0..block.end,
+                Mode::Float,
+                &quantized,
+            )?;
+            for (&t, v) in quantized.iter().zip(&init) {
+                let v = v.flatten_all()?.to_vec1::<f32>()?;
+                let stride = (v.len() / 65536).max(1);
+                let sub: Vec<f32> = v.iter().step_by(stride).copied().collect();
+                let bits = m.q.tensors[t].quant.bits;
+                m.q.tensors[t].quant = lp_act_quant(&sub, bits);
+            }
         }
         let qin = gather(m, &x, 0..block.start, Mode::Quant, &ins)?;
         let (fp_in, fp_out) = fp.split_at(ins.len());

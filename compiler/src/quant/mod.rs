@@ -168,47 +168,46 @@ impl QLayer {
     /// clipping ratios 1.00, 0.99, …, 0.01 of the channel's min–max range (Genie's search),
     /// then round-to-nearest codes.
     pub fn quantize_lp(&mut self) {
+        self.quantize_clipped(100);
+    }
+
+    /// Per-channel min–max round-to-nearest (asymmetric, the range widened to contain 0 so the
+    /// zero point is a code).
+    pub fn quantize_rtn(&mut self) {
+        self.quantize_clipped(1);
+    }
+
+    /// Round-to-nearest with, per channel, the best of the clipping ratios 1.00, 0.99, … (`steps`
+    /// of them) of the min–max range by the Lp (p = 2.4) error.
+    fn quantize_clipped(&mut self, steps: usize) {
         let max = ((1u32 << self.bits) - 1) as f32;
         let (mut scales, mut zeros) = (Vec::new(), Vec::new());
         for row in self.weight.chunks_exact(self.k) {
             let lo = row.iter().fold(0f32, |a, &w| a.min(w));
             let hi = row.iter().fold(0f32, |a, &w| a.max(w));
             let mut best = (f64::INFINITY, 1e-8f32, 0u8);
-            for step in 0..100 {
+            for step in 0..steps {
                 let r = 1.0 - step as f32 * 0.01;
+                // An all-zero (or vanishing) row still needs a scale whose requantization
+                // multiplier `s·s_x/s_y` stays inside the runtime's shift range.
                 let s = ((hi - lo) * r / max).max(1e-8);
                 let z = (-lo * r / s).round().clamp(0.0, max);
-                let err: f64 = row
-                    .iter()
-                    .map(|&w| {
-                        let q = ((w / s).round() + z).clamp(0.0, max);
-                        ((w - s * (q - z)).abs() as f64).powf(2.4)
-                    })
-                    .sum();
+                let err: f64 = if steps == 1 {
+                    0.0
+                } else {
+                    row.iter()
+                        .map(|&w| {
+                            let q = ((w / s).round() + z).clamp(0.0, max);
+                            ((w - s * (q - z)).abs() as f64).powf(2.4)
+                        })
+                        .sum()
+                };
                 if err < best.0 {
                     best = (err, s, z as u8);
                 }
             }
             scales.push(best.1);
             zeros.push(best.2);
-        }
-        // Sizes match by construction.
-        let _ = self.set_weights(scales, zeros);
-    }
-
-    /// Per-channel min–max round-to-nearest (asymmetric, the range widened to contain 0 so the
-    /// zero point is a code).
-    pub fn quantize_rtn(&mut self) {
-        let max = ((1u32 << self.bits) - 1) as f32;
-        let (mut scales, mut zeros) = (Vec::new(), Vec::new());
-        for row in self.weight.chunks_exact(self.k) {
-            let lo = row.iter().fold(0f32, |a, &w| a.min(w));
-            let hi = row.iter().fold(0f32, |a, &w| a.max(w));
-            // An all-zero (or vanishing) row still needs a scale whose requantization
-            // multiplier `s·s_x/s_y` stays inside the runtime's shift range.
-            let s = ((hi - lo) / max).max(1e-8);
-            scales.push(s);
-            zeros.push((-lo / s).round().clamp(0.0, max) as u8);
         }
         // Sizes match by construction.
         let _ = self.set_weights(scales, zeros);
