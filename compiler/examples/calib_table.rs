@@ -5,14 +5,20 @@
 //!   cargo run --release -p diffdfq-compiler --example calib_table -- \
 //!       [--models resnet_fmnist,mobilenet_fmnist] [--methods rtn,genie,diffdfq] \
 //!       [--configs 2/8,3/8,4/8,4/4] [--seeds 0,1,2] [--n 10000] \
-//!       [--samples N] [--synth-iters N] [--recon-iters N]
+//!       [--samples N] [--synth-iters N] [--recon-iters N] [--lr-round-x1e4 N]
+//!       [--round-weight-x1000 N] [--lr-scale-x1e6 N] [--lr-bias-x1e6 N] [--data-act-init 0|1]
+//!       [--student-weight-x1e6 N]
+//!
+//! DIFFDFQ_SYNTH_CACHE=DIR keeps the synthesized samples of each (model, bits, seed, synthesis
+//! settings) in DIR, so reconstruction experiments and the Genie ablation (which synthesizes
+//! the same samples) skip stage 1; their `compile s` then counts reconstruction only.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
 use common::*;
 
 use candle_core::Device;
-use diffdfq_compiler::calib::{calibrate, CalibOptions, Progress};
+use diffdfq_compiler::calib::{calibrate_on, CalibOptions, Progress};
 use diffdfq_compiler::lower::lower;
 use diffdfq_compiler::quant::{rtn, Bits};
 
@@ -73,7 +79,7 @@ fn main() {
                             if let Some(v) = opt("--synth-iters") {
                                 co.synth.iters = v;
                             }
-                            if let Some(v) = opt("--student-weight-x1000") {
+                            if let Some(v) = opt("--student-weight-x1e6") {
                                 co.synth.student_weight = v as f64 / 1e6;
                             }
                             if let Some(v) = opt("--lr-round-x1e4") {
@@ -82,14 +88,39 @@ fn main() {
                             if let Some(v) = opt("--round-weight-x1000") {
                                 co.recon.round_weight = v as f64 / 1e3;
                             }
+                            if let Some(v) = opt("--lr-scale-x1e6") {
+                                co.recon.lr_weight_scale = v as f64 / 1e6;
+                            }
+                            if let Some(v) = opt("--lr-bias-x1e6") {
+                                co.recon.lr_bias = v as f64 / 1e6;
+                            }
                             if let Some(v) = opt("--data-act-init") {
                                 co.recon.data_act_init = v != 0;
                             }
                             if let Some(v) = opt("--recon-iters") {
                                 co.recon.iters = v;
                             }
-                            let (q, rep) =
-                                calibrate(&g, &co, &Device::Cpu, Progress::silent()).unwrap();
+                            // DIFFDFQ_SYNTH_CACHE=DIR keeps synthesized samples between runs.
+                            let cache = std::env::var_os("DIFFDFQ_SYNTH_CACHE").map(|d| {
+                                std::path::PathBuf::from(d).join(format!(
+                                    "{name}_w{w}a{a}_s{seed}_{}x{}_{}.f32",
+                                    co.synth.samples, co.synth.iters, co.synth.student_weight
+                                ))
+                            });
+                            let cached =
+                                cache.as_ref().and_then(|p| std::fs::read(p).ok()).map(|b| {
+                                    b.chunks_exact(4)
+                                        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                                        .collect::<Vec<f32>>()
+                                });
+                            let (q, rep, samples) =
+                                calibrate_on(&g, &co, &Device::Cpu, Progress::silent(), cached)
+                                    .unwrap();
+                            if let Some(p) = cache {
+                                let b: Vec<u8> =
+                                    samples.iter().flat_map(|v| v.to_le_bytes()).collect();
+                                std::fs::write(p, b).unwrap();
+                            }
                             eprintln!("{name} {m} W{w}A{a} seed {seed}: levels {:?} losses {:?} synth {:.0}s recon {:.0}s", rep.recon.levels, rep.recon.losses, rep.synthesis_s, rep.reconstruction_s);
                             q
                         }

@@ -25,6 +25,16 @@ fn top1(q: &QuantGraph, x: &[f32], labels: &[u8]) -> (f64, Vec<usize>) {
     (ok as f64 / labels.len() as f64, pred)
 }
 
+/// Images on which the fake-quantized candle model and the runtime pick the same class.
+fn agreement(q: &QuantGraph, x: &[f32]) -> usize {
+    let (_, pred) = top1(q, x, &vec![0; x.len() / 784]);
+    fake_quant_classes(q, x)
+        .iter()
+        .zip(&pred)
+        .filter(|(a, b)| a == b)
+        .count()
+}
+
 fn bits(w: u8, a: u8) -> Bits {
     Bits {
         weight: w,
@@ -66,16 +76,40 @@ fn fake_quant_model_agrees_with_the_runtime() {
         let g = graph(name);
         for (w, a) in [(4, 8), (2, 8), (4, 4)] {
             let q = quantize(&g, w, a).0;
-            let (_, pred) = top1(&q, &x, &vec![0; 1000]);
-            let agree = fake_quant_classes(&q, &x)
-                .iter()
-                .zip(&pred)
-                .filter(|(a, b)| a == b)
-                .count();
+            let agree = agreement(&q, &x);
             eprintln!("{name} W{w}A{a}: fake quant agrees with the runtime on {agree}/1000");
             assert!(agree >= 995, "{name} W{w}A{a}: {agree}/1000");
         }
     }
+}
+
+#[test]
+fn learned_weight_steps_and_biases_reach_the_runtime() {
+    let g = graph("resnet_fmnist");
+    let (x, _) = fashion_test(1000);
+    let mut co = CalibOptions::new(bits(3, 8), 0, false);
+    co.synth.samples = 32;
+    co.synth.batch = 32;
+    co.synth.iters = 5;
+    co.recon.iters = 20;
+    let (start, _) = calib::calibrate(&g, &co, &Device::Cpu, Progress::silent()).unwrap();
+    co.recon.lr_weight_scale = 1e-2;
+    co.recon.lr_bias = 1e-2;
+    let (q, _) = calib::calibrate(&g, &co, &Device::Cpu, Progress::silent()).unwrap();
+    let layers = |q: &QuantGraph| -> Vec<(Vec<f32>, Vec<f32>)> {
+        q.nodes
+            .iter()
+            .filter_map(|n| n.op.layer())
+            .filter(|l| l.bits == 3)
+            .map(|l| (l.scales.clone(), l.bias.clone()))
+            .collect()
+    };
+    for ((s0, b0), (s1, b1)) in layers(&start).iter().zip(&layers(&q)) {
+        assert_ne!(s0, s1, "weight steps were not learned");
+        assert_ne!(b0, b1, "biases were not learned");
+    }
+    let agree = agreement(&q, &x);
+    assert!(agree >= 995, "learned steps/biases: {agree}/1000 agree");
 }
 
 #[test]

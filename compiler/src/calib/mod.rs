@@ -105,6 +105,18 @@ pub fn calibrate(
     dev: &Device,
     progress: Progress,
 ) -> Result<(QuantGraph, CalibReport), Error> {
+    calibrate_on(g, opts, dev, progress, None).map(|(q, r, _)| (q, r))
+}
+
+/// [`calibrate`] that reuses already synthesized `samples` (flattened inputs) when given, and
+/// returns the samples it used: experiments over reconstruction settings skip stage 1.
+pub fn calibrate_on(
+    g: &Graph,
+    opts: &CalibOptions,
+    dev: &Device,
+    progress: Progress,
+    samples: Option<Vec<f32>>,
+) -> Result<(QuantGraph, CalibReport, Vec<f32>), Error> {
     // rtn gives every tensor a data-free starting quantization; weights restart from the Lp
     // clipping search.
     let mut q = rtn::quantize(
@@ -122,7 +134,10 @@ pub fn calibrate(
     }
     let mut model = qmodel::QModel::new(q, dev)?;
     let t0 = Instant::now();
-    let samples = synth::synthesize(g, Some(&model), &opts.synth, progress)?;
+    let samples = match samples {
+        Some(s) => s,
+        None => synth::synthesize(g, Some(&model), &opts.synth, progress)?,
+    };
     let synthesis_s = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
     let recon = recon::reconstruct(&mut model, &samples, &opts.recon, progress)?;
@@ -134,5 +149,6 @@ pub fn calibrate(
             reconstruction_s: t1.elapsed().as_secs_f64(),
             recon,
         },
+        samples,
     ))
 }

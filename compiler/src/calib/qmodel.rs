@@ -33,6 +33,8 @@ pub enum Mode {
 pub struct Overrides<'a> {
     /// Node → weight tensor (shaped as the layer's), e.g. AdaRound's soft-rounded weights.
     pub weights: HashMap<usize, Tensor>,
+    /// Node → bias (shaped as the layer's), used as is (unrounded) in quantized mode.
+    pub bias: HashMap<usize, Tensor>,
     /// Tensor → its activation step as a scalar tensor (LSQ's learned scale).
     pub act_scale: HashMap<TensorId, Tensor>,
     /// QDrop: each quantized activation element falls back to float with probability 0.5.
@@ -155,6 +157,11 @@ impl QModel {
         Ok(())
     }
 
+    /// The float bias of node `i` (shaped for its op).
+    pub fn float_bias(&self, i: usize) -> Option<&Tensor> {
+        self.float[i].as_ref().map(|l| &l.bias)
+    }
+
     /// The float weights of node `i` (shaped for its op).
     pub fn float_weight(&self, i: usize) -> Option<&Tensor> {
         self.float[i].as_ref().map(|l| &l.weight)
@@ -225,6 +232,9 @@ impl QModel {
                 })
             };
             let bias = || -> Result<Tensor, Error> {
+                if let (Mode::Quant, Some(b)) = (mode, ov.bias.get(&i)) {
+                    return Ok(b.clone());
+                }
                 let fl = self.float[i]
                     .as_ref()
                     .ok_or_else(|| Error::Internal("bias".into()))?;
