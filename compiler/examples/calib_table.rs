@@ -7,7 +7,7 @@
 //!       [--configs 2/8,3/8,4/8,4/4] [--seeds 0,1,2] [--n 10000] \
 //!       [--samples N] [--synth-iters N] [--recon-iters N] [--lr-round-x1e4 N]
 //!       [--round-weight-x1000 N] [--lr-scale-x1e6 N] [--lr-bias-x1e6 N] [--data-act-init 0|1]
-//!       [--student-weight-x1e6 N]
+//!       [--student-weight-x1e6 N] [--real-train N]
 //!
 //! DIFFDFQ_SYNTH_CACHE=DIR keeps the synthesized samples of each (model, bits, seed, synthesis
 //! settings) in DIR, so reconstruction experiments and the Genie ablation (which synthesizes
@@ -113,6 +113,17 @@ fn main() {
                                         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
                                         .collect::<Vec<f32>>()
                                 });
+                            // --real-train N: the first N real training images instead of
+                            // synthesized ones, to tell data quality from quantizer limits.
+                            let real = opt("--real-train").map(|n| {
+                                let img = gunzip(&format!("{DATA}/train-images-idx3-ubyte.gz"));
+                                img[16..16 + n * 784]
+                                    .iter()
+                                    .map(|&p| (p as f32 / 255.0 - 0.2860) / 0.3530)
+                                    .collect::<Vec<f32>>()
+                            });
+                            let cache = if real.is_some() { None } else { cache };
+                            let cached = real.or(cached);
                             let (q, rep, samples) =
                                 calibrate_on(&g, &co, &Device::Cpu, Progress::silent(), cached)
                                     .unwrap();

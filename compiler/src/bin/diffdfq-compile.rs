@@ -72,7 +72,7 @@ struct Args {
     /// Seed of everything random
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Synthetic calibration samples (default 256; rtn: N(0,1) samples that set ranges of
+    /// Synthetic calibration samples (default 64; rtn: N(0,1) samples that set ranges of
     /// layers without a BatchNorm, default 32)
     #[arg(long)]
     samples: Option<usize>,

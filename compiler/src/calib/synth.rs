@@ -23,6 +23,10 @@ use super::FloatModel;
 use crate::graph::{Graph, Op};
 use crate::Error;
 
+/// Defaults: 64 samples × 400 iterations, for the 10-minute budget on 2 cores. Sample quality
+/// matters more than count here: MobileNet fixture, W2A8, seed 0, 2000 test images: 256 × 50
+/// gave 72.4 %, 128 × 100 77.0 %, 64 × 200 78.8 %, 64 × 400 81.3 %; 64 *real* training images
+/// gave 85.1 %.
 #[derive(Debug, Clone)]
 pub struct SynthOptions {
     pub samples: usize,
@@ -39,9 +43,9 @@ pub struct SynthOptions {
 impl Default for SynthOptions {
     fn default() -> Self {
         SynthOptions {
-            samples: 256,
-            batch: 128,
-            iters: 50,
+            samples: 64,
+            batch: 64,
+            iters: 400,
             lr: 0.25,
             seed: 0,
             student_weight: 0.001,
