@@ -107,23 +107,18 @@ fn main() {
                                     co.synth.samples, co.synth.iters, co.synth.student_weight
                                 ))
                             });
-                            let cached =
-                                cache.as_ref().and_then(|p| std::fs::read(p).ok()).map(|b| {
-                                    b.chunks_exact(4)
-                                        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                                        .collect::<Vec<f32>>()
-                                });
                             // --real-train N: the first N real training images instead of
                             // synthesized ones, to tell data quality from quantizer limits.
-                            let real = opt("--real-train").map(|n| {
-                                let img = gunzip(&format!("{DATA}/train-images-idx3-ubyte.gz"));
-                                img[16..16 + n * 784]
-                                    .iter()
-                                    .map(|&p| (p as f32 / 255.0 - 0.2860) / 0.3530)
-                                    .collect::<Vec<f32>>()
-                            });
+                            let real = opt("--real-train").map(|n| fashion_images("train", n));
                             let cache = if real.is_some() { None } else { cache };
-                            let cached = real.or(cached);
+                            let cached = real.or_else(|| {
+                                let b = std::fs::read(cache.as_ref()?).ok()?;
+                                Some(
+                                    b.chunks_exact(4)
+                                        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                                        .collect::<Vec<f32>>(),
+                                )
+                            });
                             let (q, rep, samples) =
                                 calibrate_on(&g, &co, &Device::Cpu, Progress::silent(), cached)
                                     .unwrap();

@@ -550,18 +550,17 @@ pub fn reconstruct(
                 .iter()
                 .map(|&c| c as u8)
                 .collect();
+            // set_codes rejects non-finite or non-positive steps.
             let scales = r.step()?.flatten_all()?.to_vec1::<f32>()?;
-            if let Some(c) = scales.iter().position(|s| !(s.is_finite() && *s > 0.0)) {
-                return Err(Error::Internal(format!(
-                    "weight step {c} of '{}' diverged to {}",
-                    m.q.nodes[r.node].name, scales[c]
-                )));
-            }
             let zeros = l.zeros.clone();
-            let bias = r.bias.as_tensor().flatten_all()?.to_vec1::<f32>()?;
+            let bias = if opts.lr_bias > 0.0 {
+                Some(r.bias.as_tensor().flatten_all()?.to_vec1::<f32>()?)
+            } else {
+                None
+            };
             if let Some(l) = m.q.nodes[r.node].op.layer_mut() {
                 l.set_codes(scales, zeros, codes)?;
-                if opts.lr_bias > 0.0 {
+                if let Some(bias) = bias {
                     if bias.iter().any(|b| !b.is_finite()) || bias.len() != l.bias.len() {
                         return Err(Error::Internal(format!(
                             "bias of '{}' diverged",

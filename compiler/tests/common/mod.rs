@@ -61,15 +61,19 @@ pub fn gunzip(path: &str) -> Vec<u8> {
 
 /// The first `n` test images, normalized as the fixtures were trained, and their labels.
 pub fn fashion_test(n: usize) -> (Vec<f32>, Vec<u8>) {
-    let img = gunzip(&format!("{DATA}/t10k-images-idx3-ubyte.gz"));
     let lab = gunzip(&format!("{DATA}/t10k-labels-idx1-ubyte.gz"));
-    assert_eq!(&img[..4], &[0, 0, 8, 3]);
     assert_eq!(&lab[..4], &[0, 0, 8, 1]);
-    let x = img[16..16 + n * 784]
+    (fashion_images("t10k", n), lab[8..8 + n].to_vec())
+}
+
+/// The first `n` images of split `t10k` or `train`, normalized as the fixtures were trained.
+pub fn fashion_images(split: &str, n: usize) -> Vec<f32> {
+    let img = gunzip(&format!("{DATA}/{split}-images-idx3-ubyte.gz"));
+    assert_eq!(&img[..4], &[0, 0, 8, 3]);
+    img[16..16 + n * 784]
         .iter()
         .map(|&p| (p as f32 / 255.0 - 0.2860) / 0.3530)
-        .collect();
-    (x, lab[8..8 + n].to_vec())
+        .collect()
 }
 
 /// Runs the integer runtime on every sample of `x`, on all cores (one arena per thread).
