@@ -81,7 +81,6 @@ impl CalibOptions {
             recon: recon::ReconOptions {
                 seed,
                 diffusion,
-                data_act_init: bits.act >= 8,
                 ..Default::default()
             },
         }
