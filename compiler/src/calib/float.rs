@@ -6,6 +6,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
+use super::pointwise::{clamp, relu, ChannelAffine, Clamp};
 use crate::graph::{self, BinKind, Graph, Op};
 use crate::Error;
 
@@ -31,11 +32,15 @@ enum Params {
     Conv {
         w: Tensor,
         b: Option<Tensor>,
+        /// The bias again, for [`pointwise::ChannelAffine`] on the CPU.
+        b_host: Option<Vec<f32>>,
     },
-    /// y = x·mul + add, both shaped (1, C, 1, …) to the input's rank.
+    /// y = x·mul + add, both shaped (1, C, 1, …) to the input's rank (and kept on the host
+    /// for [`pointwise::ChannelAffine`]).
     Affine {
         mul: Tensor,
         add: Tensor,
+        host: (Vec<f32>, Vec<f32>),
     },
     Const(Tensor),
     MatMul {
@@ -69,7 +74,11 @@ impl FloatModel {
                         .as_ref()
                         .map(|b| Tensor::from_vec(b.clone(), (1, b.len(), 1, 1), device))
                         .transpose()?;
-                    Params::Conv { w, b }
+                    Params::Conv {
+                        w,
+                        b,
+                        b_host: c.bias.clone(),
+                    }
                 }
                 Op::BatchNorm(bn) => {
                     let rank = graph.shape(n.inputs[0]).len();
@@ -89,8 +98,9 @@ impl FloatModel {
                         .map(|((b, m), k)| b - m * k)
                         .collect();
                     Params::Affine {
-                        mul: Tensor::from_vec(mul, shape.as_slice(), device)?,
-                        add: Tensor::from_vec(add, shape.as_slice(), device)?,
+                        mul: Tensor::from_vec(mul.clone(), shape.as_slice(), device)?,
+                        add: Tensor::from_vec(add.clone(), shape.as_slice(), device)?,
+                        host: (mul, add),
                     }
                 }
                 Op::ConstBinary { value, .. } => Params::Const(t(value, device)?),
@@ -163,6 +173,7 @@ impl FloatModel {
             vals[id] = Some(x.to_dtype(DType::F32)?);
         }
         let mut bn = Vec::new();
+        let cpu = self.device.is_cpu();
         for (i, n) in g.nodes.iter().enumerate() {
             let get = |k: usize| -> Result<&Tensor, Error> {
                 vals[n.inputs[k]].as_ref().ok_or_else(|| {
@@ -171,33 +182,46 @@ impl FloatModel {
             };
             let x = get(0)?;
             let y = match (&n.op, &self.params[i]) {
-                (Op::Conv(c), Params::Conv { w, b }) => {
+                (Op::Conv(c), Params::Conv { w, b, b_host }) => {
                     // A non-square dilation is already spread into the kernel.
                     let dil = if c.dilations[0] == c.dilations[1] {
                         c.dilations[0]
                     } else {
                         1
                     };
-                    conv(
-                        x,
-                        w,
-                        b,
-                        &ConvArgs {
-                            pads: c.pads,
-                            strides: c.strides,
-                            dil,
-                            groups: c.groups,
-                        },
-                    )?
+                    let args = ConvArgs {
+                        pads: c.pads,
+                        strides: c.strides,
+                        dil,
+                        groups: c.groups,
+                    };
+                    match b_host {
+                        Some(add) if cpu => conv(x, w, &None, &args)?.apply_op1(ChannelAffine {
+                            mul: None,
+                            add: add.clone(),
+                        })?,
+                        _ => conv(x, w, b, &args)?,
+                    }
                 }
-                (Op::BatchNorm(_), Params::Affine { mul, add }) => {
+                (Op::BatchNorm(_), Params::Affine { mul, add, host }) => {
                     if taps {
                         let (mean, var) = channel_stats(x)?;
                         bn.push(BnStats { node: i, mean, var });
                     }
-                    x.broadcast_mul(mul)?.broadcast_add(add)?
+                    if cpu {
+                        x.contiguous()?.apply_op1(ChannelAffine {
+                            mul: Some(host.0.clone()),
+                            add: host.1.clone(),
+                        })?
+                    } else {
+                        x.broadcast_mul(mul)?.broadcast_add(add)?
+                    }
                 }
-                (Op::Relu, _) => x.relu()?,
+                (Op::Relu, _) => relu(x)?,
+                (Op::Clip { min, max }, _) if cpu => x.contiguous()?.apply_op1(Clamp {
+                    lo: Some(*min).filter(|v| v.is_finite()),
+                    hi: Some(*max).filter(|v| v.is_finite()),
+                })?,
                 (Op::LeakyRelu { alpha }, _) => (x.relu()? - (x.neg()?.relu()? * *alpha as f64)?)?,
                 (Op::Clip { min, max }, _) => {
                     let mut y = x.clone();
@@ -210,9 +234,9 @@ impl FloatModel {
                     y
                 }
                 (Op::HardSigmoid { alpha, beta }, _) => {
-                    x.affine(*alpha as f64, *beta as f64)?.clamp(0f32, 1f32)?
+                    clamp(&x.affine(*alpha as f64, *beta as f64)?, 0.0, 1.0)?
                 }
-                (Op::HardSwish, _) => (x * x.affine(1.0 / 6.0, 0.5)?.clamp(0f32, 1f32)?)?,
+                (Op::HardSwish, _) => (x * clamp(&x.affine(1.0 / 6.0, 0.5)?, 0.0, 1.0)?)?,
                 (Op::Sigmoid, _) => (x.neg()?.exp()? + 1.0)?.recip()?,
                 (Op::Add, _) => x.broadcast_add(get(1)?)?,
                 (Op::Mul, _) => x.broadcast_mul(get(1)?)?,

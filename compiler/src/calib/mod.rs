@@ -6,6 +6,7 @@
 
 pub mod float;
 mod im2col;
+mod pointwise;
 mod pool;
 pub mod progress;
 pub mod qmodel;

@@ -7,6 +7,7 @@ use std::ops::Range;
 
 use candle_core::{Device, Tensor, D};
 
+use super::pointwise::{clamp, relu, FakeQuant};
 use super::rng::Rng;
 use crate::graph::{Pool, PoolKind};
 use crate::quant::{ActQuant, Activation, Fused, QOp, QuantGraph, TensorId};
@@ -68,14 +69,19 @@ pub fn fake_quant(x: &Tensor, aq: &ActQuant, step: Option<&Tensor>) -> candle_co
     let max = ((1u32 << aq.bits) - 1) as f64;
     let z = aq.zero as f64;
     match step {
+        None if x.device().is_cpu() => x.detach().contiguous()?.apply_op1(FakeQuant {
+            step: aq.scale,
+            zero: aq.zero as f32,
+            max: max as f32,
+        }),
         None => {
             let s = aq.scale as f64;
-            ((x.affine(1.0 / s, 0.0)?.round()? + z)?.clamp(0.0, max)? - z)?.affine(s, 0.0)
+            (clamp(&(x.affine(1.0 / s, 0.0)?.round()? + z)?, 0.0, max as f32)? - z)?.affine(s, 0.0)
         }
         Some(s) => {
             let v = x.broadcast_div(s)?;
             let r = (&v + (v.round()? - &v)?.detach())?;
-            ((r + z)?.clamp(0.0, max)? - z)?.broadcast_mul(s)
+            (clamp(&(r + z)?, 0.0, max as f32)? - z)?.broadcast_mul(s)
         }
     }
 }
@@ -83,19 +89,19 @@ pub fn fake_quant(x: &Tensor, aq: &ActQuant, step: Option<&Tensor>) -> candle_co
 fn apply_fused(x: Tensor, f: Fused) -> candle_core::Result<Tensor> {
     match f {
         Fused::None => Ok(x),
-        Fused::Relu => x.relu(),
-        Fused::Relu6 => x.clamp(0f32, 6f32),
+        Fused::Relu => relu(&x),
+        Fused::Relu6 => clamp(&x, 0.0, 6.0),
     }
 }
 
 fn activation(x: &Tensor, a: Activation) -> candle_core::Result<Tensor> {
     match a {
-        Activation::Relu => x.relu(),
-        Activation::Relu6 => x.clamp(0f32, 6f32),
+        Activation::Relu => relu(x),
+        Activation::Relu6 => clamp(x, 0.0, 6.0),
         Activation::HardSigmoid { alpha, beta } => {
-            x.affine(alpha as f64, beta as f64)?.clamp(0f32, 1f32)
+            clamp(&x.affine(alpha as f64, beta as f64)?, 0.0, 1.0)
         }
-        Activation::HardSwish => x * x.affine(1.0 / 6.0, 0.5)?.clamp(0f32, 1f32)?,
+        Activation::HardSwish => x * clamp(&x.affine(1.0 / 6.0, 0.5)?, 0.0, 1.0)?,
         Activation::Sigmoid => candle_nn::ops::sigmoid(x),
     }
 }
