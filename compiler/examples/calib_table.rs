@@ -6,7 +6,7 @@
 //!       [--models resnet_fmnist,mobilenet_fmnist] [--methods rtn,genie,diffdfq] \
 //!       [--configs 2/8,3/8,4/8,4/4] [--seeds 0,1,2] [--n 10000] \
 //!       [--samples N] [--synth-iters N] [--recon-iters N] [--lr-round-x1e4 N]
-//!       [--round-weight-x1000 N] [--lr-scale-x1e6 N] [--lr-bias-x1e6 N] [--data-act-init 0|1]
+//!       [--round-weight-x1000 N] [--lr-scale-x1e6 N] [--lr-bias-x1e6 N] [--act-init 0|1|2 (stats|data|best)]
 //!       [--student-weight-x1e6 N] [--real-train N]
 //!
 //! DIFFDFQ_SYNTH_CACHE=DIR keeps the synthesized samples of each (model, bits, seed, synthesis
@@ -94,8 +94,10 @@ fn main() {
                             if let Some(v) = opt("--lr-bias-x1e6") {
                                 co.recon.lr_bias = v as f64 / 1e6;
                             }
-                            if let Some(v) = opt("--data-act-init") {
-                                co.recon.data_act_init = v != 0;
+                            if let Some(v) = opt("--act-init") {
+                                use diffdfq_compiler::calib::recon::ActInit;
+                                co.recon.act_init =
+                                    [ActInit::Stats, ActInit::Data, ActInit::Best][v.min(2)];
                             }
                             if let Some(v) = opt("--recon-iters") {
                                 co.recon.iters = v;
@@ -127,7 +129,7 @@ fn main() {
                                     samples.iter().flat_map(|v| v.to_le_bytes()).collect();
                                 std::fs::write(p, b).unwrap();
                             }
-                            eprintln!("{name} {m} W{w}A{a} seed {seed}: levels {:?} losses {:?} synth {:.0}s recon {:.0}s", rep.recon.levels, rep.recon.losses, rep.synthesis_s, rep.reconstruction_s);
+                            eprintln!("{name} {m} W{w}A{a} seed {seed}: levels {:?} losses {:?} data-init {:?} synth {:.0}s recon {:.0}s", rep.recon.levels, rep.recon.losses, rep.recon.act_init_data, rep.synthesis_s, rep.reconstruction_s);
                             q
                         }
                     };
