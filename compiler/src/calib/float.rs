@@ -6,7 +6,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use super::pointwise::{clamp, relu, ChannelAffine, Clamp};
+use super::pointwise::{clamp, clip, relu, ChannelAffine};
 use crate::graph::{self, BinKind, Graph, Op};
 use crate::Error;
 
@@ -218,21 +218,12 @@ impl FloatModel {
                     }
                 }
                 (Op::Relu, _) => relu(x)?,
-                (Op::Clip { min, max }, _) if cpu => x.contiguous()?.apply_op1(Clamp {
-                    lo: Some(*min).filter(|v| v.is_finite()),
-                    hi: Some(*max).filter(|v| v.is_finite()),
-                })?,
                 (Op::LeakyRelu { alpha }, _) => (x.relu()? - (x.neg()?.relu()? * *alpha as f64)?)?,
-                (Op::Clip { min, max }, _) => {
-                    let mut y = x.clone();
-                    if min.is_finite() {
-                        y = y.maximum(*min)?;
-                    }
-                    if max.is_finite() {
-                        y = y.minimum(*max)?;
-                    }
-                    y
-                }
+                (Op::Clip { min, max }, _) => clip(
+                    x,
+                    Some(*min).filter(|v| v.is_finite()),
+                    Some(*max).filter(|v| v.is_finite()),
+                )?,
                 (Op::HardSigmoid { alpha, beta }, _) => {
                     clamp(&x.affine(*alpha as f64, *beta as f64)?, 0.0, 1.0)?
                 }

@@ -195,14 +195,22 @@ impl CustomOp1 for FakeQuant {
 
 /// `x.clamp(lo, hi)`, through [`Clamp`] on the CPU.
 pub fn clamp(x: &Tensor, lo: f32, hi: f32) -> candle_core::Result<Tensor> {
+    clip(x, Some(lo), Some(hi))
+}
+
+/// `x` clamped to whichever bounds are given, through [`Clamp`] on the CPU.
+pub fn clip(x: &Tensor, lo: Option<f32>, hi: Option<f32>) -> candle_core::Result<Tensor> {
     if x.device().is_cpu() {
-        x.contiguous()?.apply_op1(Clamp {
-            lo: Some(lo),
-            hi: Some(hi),
-        })
-    } else {
-        x.clamp(lo, hi)
+        return x.contiguous()?.apply_op1(Clamp { lo, hi });
     }
+    let mut y = x.clone();
+    if let Some(lo) = lo {
+        y = y.maximum(lo)?;
+    }
+    if let Some(hi) = hi {
+        y = y.minimum(hi)?;
+    }
+    Ok(y)
 }
 
 /// `x.relu()`, through [`Relu`] on the CPU.

@@ -108,7 +108,8 @@ pub struct ReconReport {
     pub adaptability: Vec<f32>,
     /// Final reconstruction loss per block.
     pub losses: Vec<f32>,
-    /// Per block, whether its activation steps started from the Lp search on data.
+    /// Per block, whether its activation steps started from the Lp search on data (rather
+    /// than the BN-statistics ranges).
     pub act_init_data: Vec<bool>,
 }
 
@@ -380,9 +381,17 @@ pub fn reconstruct(
         let mut want_f: Vec<TensorId> = ins.clone();
         want_f.extend(&outs);
         let fp = gather(m, &x, 0..block.end, Mode::Float, &want_f)?;
+        let scales = |m: &QModel| -> Vec<ActQuant> {
+            quantized.iter().map(|&t| m.q.tensors[t].quant).collect()
+        };
+        let set = |m: &mut QModel, qs: &[ActQuant]| {
+            for (&t, &a) in quantized.iter().zip(qs) {
+                m.q.tensors[t].quant = a;
+            }
+        };
+        let k = n_samples.min(64);
+        let stats = scales(m);
         if opts.act_init != ActInit::Stats {
-            let k = n_samples.min(64);
-            let stats: Vec<ActQuant> = quantized.iter().map(|&t| m.q.tensors[t].quant).collect();
             let init = gather(m, &x[..per * k], 0..block.end, Mode::Float, &quantized)?;
             for (&t, v) in quantized.iter().zip(&init) {
                 let v = v.flatten_all()?.to_vec1::<f32>()?;
@@ -391,36 +400,25 @@ pub fn reconstruct(
                 let bits = m.q.tensors[t].quant.bits;
                 m.q.tensors[t].quant = lp_act_quant(&sub, bits);
             }
-            if opts.act_init == ActInit::Best {
-                // Block output error of the quantized prefix, against the float outputs.
-                let err = |m: &QModel| -> Result<f64, Error> {
-                    let ys = gather(m, &x[..per * k], 0..block.end, Mode::Quant, &outs)?;
-                    let mut e = 0f64;
-                    for (y, f) in ys.iter().zip(&fp[ins.len()..]) {
-                        let d = (y - f.narrow(0, 0, k)?)?.sqr()?.mean_all()?;
-                        e += d.to_scalar::<f32>()? as f64;
-                    }
-                    Ok(e)
-                };
-                let with_data = err(m)?;
-                let data: Vec<ActQuant> = quantized.iter().map(|&t| m.q.tensors[t].quant).collect();
-                for (&t, a) in quantized.iter().zip(&stats) {
-                    m.q.tensors[t].quant = *a;
-                }
-                if with_data < err(m)? {
-                    for (&t, a) in quantized.iter().zip(data) {
-                        m.q.tensors[t].quant = a;
-                    }
-                    report.act_init_data.push(true);
-                } else {
-                    report.act_init_data.push(false);
-                }
-            } else {
-                report.act_init_data.push(true);
-            }
-        } else {
-            report.act_init_data.push(false);
         }
+        if opts.act_init == ActInit::Best {
+            // Block output error of the quantized prefix, against the float outputs.
+            let err = |m: &QModel| -> Result<f64, Error> {
+                let ys = gather(m, &x[..per * k], 0..block.end, Mode::Quant, &outs)?;
+                let mut e = 0f64;
+                for (y, f) in ys.iter().zip(&fp[ins.len()..]) {
+                    let d = (y - f.narrow(0, 0, k)?)?.sqr()?.mean_all()?;
+                    e += d.to_scalar::<f32>()? as f64;
+                }
+                Ok(e)
+            };
+            let (data, with_data) = (scales(m), err(m)?);
+            set(m, &stats);
+            if with_data < err(m)? {
+                set(m, &data);
+            }
+        }
+        report.act_init_data.push(scales(m) != stats);
         let qin = gather(m, &x, 0..block.start, Mode::Quant, &ins)?;
         let (fp_in, fp_out) = fp.split_at(ins.len());
         // Trainable state.
