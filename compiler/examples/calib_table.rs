@@ -7,7 +7,7 @@
 //!       [--configs 2/8,3/8,4/8,4/4] [--seeds 0,1,2] [--n 10000] \
 //!       [--samples N] [--synth-iters N] [--recon-iters N] [--lr-round-x1e4 N]
 //!       [--round-weight-x1000 N] [--lr-scale-x1e6 N] [--lr-bias-x1e6 N] [--act-init 0|1|2 (stats|data|best)]
-//!       [--student-weight-x1e6 N] [--real-train N]
+//!       [--student-weight-x1e6 N] [--real-train N] [--input-range LO,HI]
 //!
 //! DIFFDFQ_SYNTH_CACHE=DIR keeps the synthesized samples of each (model, bits, seed, synthesis
 //! settings) in DIR, so reconstruction experiments and the Genie ablation (which synthesizes
@@ -99,14 +99,25 @@ fn main() {
                                 co.recon.act_init =
                                     [ActInit::Stats, ActInit::Data, ActInit::Best][v.min(2)];
                             }
+                            let ir = list(&args, "--input-range", "");
+                            if let [lo, hi] = ir.as_slice() {
+                                co.synth.input_range =
+                                    Some((lo.parse().unwrap(), hi.parse().unwrap()));
+                            }
                             if let Some(v) = opt("--recon-iters") {
                                 co.recon.iters = v;
                             }
                             // DIFFDFQ_SYNTH_CACHE=DIR keeps synthesized samples between runs.
                             let cache = std::env::var_os("DIFFDFQ_SYNTH_CACHE").map(|d| {
                                 std::path::PathBuf::from(d).join(format!(
-                                    "{name}_w{w}a{a}_s{seed}_{}x{}_{}.f32",
-                                    co.synth.samples, co.synth.iters, co.synth.student_weight
+                                    "{name}_w{w}a{a}_s{seed}_{}x{}_{}{}.f32",
+                                    co.synth.samples,
+                                    co.synth.iters,
+                                    co.synth.student_weight,
+                                    co.synth
+                                        .input_range
+                                        .map(|(lo, hi)| format!("_r{lo}_{hi}"))
+                                        .unwrap_or_default()
                                 ))
                             });
                             // --real-train N: the first N real training images instead of

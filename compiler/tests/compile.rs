@@ -216,6 +216,8 @@ fn a_failed_compile_leaves_no_file_behind() {
         vec!["--target", "riscv64"],
         vec!["--name", "9lives"],
         vec!["--act-bits", "6"],
+        vec!["--input-range", "2,-1"],
+        vec!["--input-range", "1"],
     ] {
         let mut args = vec![m.to_str().unwrap(), "-o", dir.to_str().unwrap()];
         args.extend(bad.iter().copied());

@@ -82,6 +82,11 @@ struct Args {
     /// Reconstruction iterations per block (fewer: faster, coarser rounding)
     #[arg(long, default_value_t = calib::recon::ReconOptions::default().iters)]
     recon_iters: usize,
+    /// The interval real inputs lie in, in the model's input units, e.g. -0.810,2.023 for
+    /// pixels in [0, 1] normalized by mean 0.286 and std 0.353: synthesized calibration images
+    /// stay inside it, and the input quantization covers it (default: ±3, unit-variance inputs)
+    #[arg(long, value_delimiter = ',', num_args = 1, allow_hyphen_values = true)]
+    input_range: Option<Vec<f32>>,
     /// Input shape overriding the model's, e.g. 1,3,224,224
     #[arg(long, value_delimiter = ',')]
     input_shape: Option<Vec<usize>>,
@@ -136,11 +141,21 @@ fn run(a: &Args) -> Result<(), Error> {
         first_last: a.first_last_bits,
     };
     bits.check()?;
+    let input_range = match a.input_range.as_deref() {
+        None => None,
+        Some(&[lo, hi]) if lo.is_finite() && hi.is_finite() && lo < hi => Some((lo, hi)),
+        Some(v) => {
+            return Err(Error::Input(format!(
+                "--input-range takes LO,HI with LO < HI (finite), got {v:?}"
+            )))
+        }
+    };
     let (q, method, calibration) = match a.method {
         Method::Rtn => {
             let mut ro = rtn::RtnOptions {
                 bits,
                 seed: a.seed,
+                input_range,
                 ..Default::default()
             };
             if let Some(n) = a.samples {
@@ -159,6 +174,7 @@ fn run(a: &Args) -> Result<(), Error> {
                 co.synth.samples = n;
             }
             co.synth.iters = a.synth_iters;
+            co.synth.input_range = input_range;
             co.recon.iters = a.recon_iters;
             if co.synth.samples == 0 || co.synth.iters == 0 || co.recon.iters == 0 {
                 return Err(Error::Input(
@@ -188,8 +204,14 @@ fn run(a: &Args) -> Result<(), Error> {
         None
     };
     let summary = format!(
-        "Method {method}, weights {}-bit (first/last {}-bit), activations {}-bit, seed {}.",
-        bits.weight, bits.first_last, bits.act, a.seed
+        "Method {method}, weights {}-bit (first/last {}-bit), activations {}-bit, seed {}{}.",
+        bits.weight,
+        bits.first_last,
+        bits.act,
+        a.seed,
+        input_range
+            .map(|(lo, hi)| format!(", input range [{lo}, {hi}]"))
+            .unwrap_or_default()
     );
     let e = emit::Emission {
         name: &name,

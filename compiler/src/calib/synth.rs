@@ -38,6 +38,9 @@ pub struct SynthOptions {
     pub student_weight: f64,
     /// Lower end of the soft target probability.
     pub target_pro: f64,
+    /// The interval real inputs lie in (e.g. the normalized pixel range), when known: pixels
+    /// start clamped to it and are projected back onto it after every step.
+    pub input_range: Option<(f32, f32)>,
 }
 
 impl Default for SynthOptions {
@@ -50,6 +53,7 @@ impl Default for SynthOptions {
             seed: 0,
             student_weight: 0.001,
             target_pro: 0.9,
+            input_range: None,
         }
     }
 }
@@ -168,11 +172,11 @@ pub fn synthesize(
         let n = opts.batch.min(opts.samples - b * opts.batch);
         let mut shape = in_shape.clone();
         shape[0] = n;
-        let x = Var::from_tensor(&Tensor::from_vec(
-            rng.normals(n * per),
-            shape.as_slice(),
-            &dev,
-        )?)?;
+        let mut x0 = rng.normals(n * per);
+        if let Some((lo, hi)) = opts.input_range {
+            x0.iter_mut().for_each(|v| *v = v.clamp(lo, hi));
+        }
+        let x = Var::from_tensor(&Tensor::from_vec(x0, shape.as_slice(), &dev)?)?;
         let mut onehot = vec![0f32; n * classes];
         let mut target = vec![0f32; n * classes];
         for i in 0..n {
@@ -257,6 +261,9 @@ pub fn synthesize(
             }
             let grads = loss.backward()?;
             opt.step(&grads)?;
+            if let Some((lo, hi)) = opts.input_range {
+                x.set(&x.as_tensor().clamp(lo, hi)?)?;
+            }
             last_loss = loss.to_scalar::<f32>()?;
             if last_loss < best {
                 (best, since) = (last_loss, 0);
