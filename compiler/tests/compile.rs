@@ -243,3 +243,28 @@ fn a_failed_compile_leaves_no_file_behind() {
         "{err}"
     );
 }
+
+#[test]
+fn input_range_reaches_the_header_the_report_and_the_input_quantizer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = fixture("resnet_fmnist.onnx");
+    let mut dfq = Vec::new();
+    for (run, range) in [("plain", None), ("ranged", Some("-0.8102,2.0227"))] {
+        let dir = tmp.path().join(run);
+        let mut args = vec![m.to_str().unwrap(), "--no-lib", "--quiet", "-o"];
+        args.push(dir.to_str().unwrap());
+        if let Some(r) = range {
+            args.extend(["--input-range", r]);
+        }
+        ok(&mut Command::new(env!("CARGO_BIN_EXE_diffdfq-compile"))
+            .args(&args)
+            .args(["--method", "rtn"]));
+        let h = std::fs::read_to_string(dir.join("resnet_fmnist.h")).unwrap();
+        let rep = std::fs::read_to_string(dir.join("resnet_fmnist.report.json")).unwrap();
+        let named = h.contains("input range [-0.8102, 2.0227]");
+        assert_eq!(named, range.is_some(), "{h}");
+        assert_eq!(rep.contains("\"input_range\""), range.is_some(), "{rep}");
+        dfq.push(std::fs::read(dir.join("resnet_fmnist.dfq")).unwrap());
+    }
+    assert_ne!(dfq[0], dfq[1], "the input quantizer ignored --input-range");
+}

@@ -235,6 +235,7 @@ fn run(a: &Args) -> Result<(), Error> {
                 method,
                 seed: a.seed,
                 bits,
+                input_range,
                 calibration,
             },
             &low,

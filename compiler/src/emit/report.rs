@@ -45,6 +45,8 @@ struct Report<'a> {
     method: &'a str,
     seed: u64,
     bits: BitsOut,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    input_range: Option<[f32; 2]>,
     input_shape: &'a [usize],
     output_shape: &'a [usize],
     layers: Vec<Layer<'a>>,
@@ -61,6 +63,8 @@ pub struct ReportInfo<'a> {
     pub method: &'a str,
     pub seed: u64,
     pub bits: Bits,
+    /// `--input-range`, when given.
+    pub input_range: Option<(f32, f32)>,
     /// Blocks, diffusion levels and losses of a calibrated method (no timings: the report is
     /// reproducible).
     pub calibration: Option<serde_json::Value>,
@@ -80,6 +84,7 @@ pub fn render(info: &ReportInfo, l: &Lowered) -> String {
             act: info.bits.act,
             first_last: info.bits.first_last,
         },
+        input_range: info.input_range.map(|(lo, hi)| [lo, hi]),
         input_shape: &l.input_shape,
         output_shape: &l.output_shape,
         layers: l
