@@ -256,9 +256,8 @@ fn input_range_reaches_the_header_the_report_and_the_input_quantizer() {
         if let Some(r) = range {
             args.extend(["--input-range", r]);
         }
-        ok(&mut Command::new(env!("CARGO_BIN_EXE_diffdfq-compile"))
-            .args(&args)
-            .args(["--method", "rtn"]));
+        args.extend(["--method", "rtn"]);
+        ok(Command::new(env!("CARGO_BIN_EXE_diffdfq-compile")).args(&args));
         let h = std::fs::read_to_string(dir.join("resnet_fmnist.h")).unwrap();
         let rep = std::fs::read_to_string(dir.join("resnet_fmnist.report.json")).unwrap();
         let named = h.contains("input range [-0.8102, 2.0227]");
