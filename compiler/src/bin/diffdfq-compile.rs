@@ -82,9 +82,9 @@ struct Args {
     /// Reconstruction iterations per block (fewer: faster, coarser rounding)
     #[arg(long, default_value_t = calib::recon::ReconOptions::default().iters)]
     recon_iters: usize,
-    /// The interval real inputs lie in, in the model's input units, e.g. -0.810,2.023 for
+    /// The interval real inputs lie in, in the model's input units, e.g. -0.8102,2.0227 for
     /// pixels in [0, 1] normalized by mean 0.286 and std 0.353: synthesized calibration images
-    /// stay inside it, and the input quantization covers it (default: ±3, unit-variance inputs)
+    /// stay inside it (diffdfq, genie)
     #[arg(long, value_delimiter = ',', num_args = 1, allow_hyphen_values = true)]
     input_range: Option<Vec<f32>>,
     /// Input shape overriding the model's, e.g. 1,3,224,224
@@ -151,11 +151,17 @@ fn run(a: &Args) -> Result<(), Error> {
         }
     };
     let (q, method, calibration) = match a.method {
+        Method::Rtn if input_range.is_some() => {
+            return Err(Error::Input(
+                "--input-range shapes the synthesized images of --method diffdfq and genie; \
+                 rtn synthesizes none"
+                    .into(),
+            ))
+        }
         Method::Rtn => {
             let mut ro = rtn::RtnOptions {
                 bits,
                 seed: a.seed,
-                input_range,
                 ..Default::default()
             };
             if let Some(n) = a.samples {

@@ -124,7 +124,6 @@ pub fn calibrate_on(
         &rtn::RtnOptions {
             bits: opts.bits,
             seed: opts.seed,
-            input_range: opts.synth.input_range,
             ..Default::default()
         },
     )?;

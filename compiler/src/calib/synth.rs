@@ -39,7 +39,11 @@ pub struct SynthOptions {
     /// Lower end of the soft target probability.
     pub target_pro: f64,
     /// The interval real inputs lie in (e.g. the normalized pixel range), when known: pixels
-    /// start clamped to it and are projected back onto it after every step.
+    /// start clamped to it and are projected back onto it after every step. MobileNet fixture,
+    /// W2A8, seeds 0/1/2, 10k test images: 79.55 / 80.10 / 81.24 % against 78.62 / 74.15 /
+    /// 82.00 % unbounded. The input quantizer keeps its ±3: narrowing it to the same interval
+    /// measured 71.23 / 60.70 / 77.55 % (not explained yet; the diffusion-noised samples leave
+    /// the interval, and only the quantized student clips them).
     pub input_range: Option<(f32, f32)>,
 }
 

@@ -4,9 +4,8 @@
 //! - the output of a layer with a folded BN: the BN says its output has per-channel mean `β_c`
 //!   and standard deviation `|γ_c|` (on the training distribution). The range is
 //!   `[min_c(β_c − kσ_c), max_c(β_c + kσ_c)]`, then through the fused ReLU/ReLU6.
-//! - the model input: `--input-range` when given; else the input normalization makes it
-//!   roughly N(0, 1): `±3` (covers the normalized pixel range of typical datasets, e.g.
-//!   [−0.81, 2.02] for Fashion-MNIST).
+//! - the model input: the input normalization makes it roughly N(0, 1): `±3` (covers the
+//!   normalized pixel range of typical datasets, e.g. [−0.81, 2.02] for Fashion-MNIST).
 //! - Add: the sum of its inputs' intervals, narrowed to mean ± kσ of the summed moments
 //!   (independent inputs); Mul: the product's hull; pools and GAP: the
 //!   input's interval (an average stays inside it); MaxPool/Reshape: the input's quantization
@@ -51,8 +50,6 @@ pub struct RtnOptions {
     pub seed: u64,
     /// How many such samples.
     pub samples: usize,
-    /// The model input's range when known; else ±[`INPUT_RANGE`].
-    pub input_range: Option<(f32, f32)>,
 }
 
 impl Default for RtnOptions {
@@ -61,7 +58,6 @@ impl Default for RtnOptions {
             bits: Bits::default(),
             seed: 0,
             samples: 32,
-            input_range: None,
         }
     }
 }
@@ -74,7 +70,7 @@ pub fn quantize(g: &Graph, opts: &RtnOptions) -> Result<QuantGraph, Error> {
             l.quantize_rtn();
         }
     }
-    set_activation_ranges(&mut q, g, opts)?;
+    set_activation_ranges(&mut q, g, opts.seed, opts.samples)?;
     Ok(q)
 }
 
@@ -243,22 +239,19 @@ fn layer_moments(op: &QOp, input: &Moments, in_shape: &[usize]) -> Option<Moment
 pub fn set_activation_ranges(
     q: &mut QuantGraph,
     g: &Graph,
-    opts: &RtnOptions,
+    seed: u64,
+    samples: usize,
 ) -> Result<(), Error> {
-    let input = opts.input_range.unwrap_or((-INPUT_RANGE, INPUT_RANGE));
     let mut preset: Vec<Option<(f32, f32)>> = vec![None; q.tensors.len()];
     // Each round calibrates at least one more layer on noise, so this ends.
     loop {
-        let blind = propagate(q, &preset, input)?;
+        let blind = propagate(q, &preset)?;
         if blind.is_empty() {
             return Ok(());
         }
         let outs: Vec<usize> = blind.iter().map(|&i| q.nodes[i].output).collect();
         let sources: Vec<usize> = outs.iter().map(|&t| q.tensors[t].source).collect();
-        for (&t, r) in outs
-            .iter()
-            .zip(noise_ranges(g, &sources, opts.seed, opts.samples)?)
-        {
+        for (&t, r) in outs.iter().zip(noise_ranges(g, &sources, seed, samples)?) {
             preset[t] = Some(r);
         }
     }
@@ -266,11 +259,7 @@ pub fn set_activation_ranges(
 
 /// One pass of range and moment propagation; returns the conv/linear nodes that neither
 /// statistics nor `preset` (post-activation ranges) cover.
-fn propagate(
-    q: &mut QuantGraph,
-    preset: &[Option<(f32, f32)>],
-    (lo, hi): (f32, f32),
-) -> Result<Vec<usize>, Error> {
+fn propagate(q: &mut QuantGraph, preset: &[Option<(f32, f32)>]) -> Result<Vec<usize>, Error> {
     let mut range: Vec<Option<(f32, f32)>> = vec![None; q.tensors.len()];
     let mut mom: Vec<Option<Moments>> = vec![None; q.tensors.len()];
     let inp = q.input;
@@ -279,8 +268,9 @@ fn propagate(
         mean: vec![0.0; c_in],
         std: vec![1.0; c_in],
     });
-    range[inp] = Some((lo, hi));
-    q.tensors[inp].quant = ActQuant::from_range(lo, hi, q.tensors[inp].quant.bits);
+    range[inp] = Some((-INPUT_RANGE, INPUT_RANGE));
+    q.tensors[inp].quant =
+        ActQuant::from_range(-INPUT_RANGE, INPUT_RANGE, q.tensors[inp].quant.bits);
     // Layers whose moments cannot be followed: calibrated on noise after this pass.
     let mut blind = Vec::new();
     // The logits: the model output, or the input of a final Softmax.
