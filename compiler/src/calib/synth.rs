@@ -176,11 +176,17 @@ pub fn synthesize(
         let n = opts.batch.min(opts.samples - b * opts.batch);
         let mut shape = in_shape.clone();
         shape[0] = n;
-        let mut x0 = rng.normals(n * per);
-        if let Some((lo, hi)) = opts.input_range {
-            x0.iter_mut().for_each(|v| *v = v.clamp(lo, hi));
-        }
-        let x = Var::from_tensor(&Tensor::from_vec(x0, shape.as_slice(), &dev)?)?;
+        let x = Var::from_tensor(&Tensor::from_vec(
+            rng.normals(n * per),
+            shape.as_slice(),
+            &dev,
+        )?)?;
+        // Projection onto the input range: at the start and after every step.
+        let project = || match opts.input_range {
+            Some((lo, hi)) => x.set(&x.as_tensor().clamp(lo, hi)?),
+            None => Ok(()),
+        };
+        project()?;
         let mut onehot = vec![0f32; n * classes];
         let mut target = vec![0f32; n * classes];
         for i in 0..n {
@@ -265,9 +271,7 @@ pub fn synthesize(
             }
             let grads = loss.backward()?;
             opt.step(&grads)?;
-            if let Some((lo, hi)) = opts.input_range {
-                x.set(&x.as_tensor().clamp(lo, hi)?)?;
-            }
+            project()?;
             last_loss = loss.to_scalar::<f32>()?;
             if last_loss < best {
                 (best, since) = (last_loss, 0);
