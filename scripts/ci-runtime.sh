@@ -22,7 +22,7 @@ if ! dpkg --print-foreign-architectures | grep -qx arm64; then
   dpkg --add-architecture arm64
 fi
 missing=()
-for p in gcc-aarch64-linux-gnu qemu-user libc6:arm64 rustc-web cargo-web libstd-rust-web-dev:arm64; do
+for p in gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user libc6:arm64 rustc-web cargo-web libstd-rust-web-dev:arm64; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
 if ((${#missing[@]})); then
