@@ -142,17 +142,28 @@ fn exec_op(
         };
         Ok((q, t.scale))
     };
-    eval_op(&op, rec.inputs.len(), input, &y, out, scratch, output)
+    eval_op(
+        &op,
+        rec.inputs.len(),
+        !x.dtype.is_code(),
+        input,
+        &y,
+        out,
+        scratch,
+        output,
+    )
 }
 
 /// Runs one decoded op on code buffers, wherever they live: `input(i)` gives input `i` (codes
 /// with dims and zero point, and its scale), `y` describes the output whose codes go to `out`
-/// (a final Softmax writes `f32` to `output` instead), and `scratch` holds at least
+/// (an op with an `f32` output writes to `output` instead; `x_is_f32`: input 0 is such an
+/// output, already in `output`), and `scratch` holds at least
 /// [`kernels::conv_scratch_len`] bytes for a Conv. The executor calls it on arena pieces; the
 /// compiler's tract ops call it on tensors, so both run the same kernels on the same integers.
 pub fn eval_op<'i>(
     op: &Op<'_>,
     n_inputs: usize,
+    x_is_f32: bool,
     input: impl Fn(usize) -> Result<(QIn<'i>, f32), Error>,
     y: &TensorInfo,
     out: &mut [u8],
@@ -173,6 +184,10 @@ pub fn eval_op<'i>(
             &mut qout(out, y, lo, hi),
             scratch,
         ),
+        Op::FullyConnected { ref weights, .. } if !y.dtype.is_code() => {
+            let (x, s_x) = input(0)?;
+            kernels::fully_connected_f32(weights, &x, s_x, output)
+        }
         Op::FullyConnected {
             ref weights,
             lo,
@@ -227,6 +242,8 @@ pub fn eval_op<'i>(
             Ok(())
         }
         Op::Lut { table, .. } => kernels::lut(table, &input(0)?.0, &mut qout(out, y, 0, full)),
+        // The f32 logits of the FullyConnected before are already in `output`.
+        Op::Softmax if x_is_f32 => kernels::softmax_f32_in_place(y.dims4()[3], output),
         Op::Softmax => {
             let (x, scale) = input(0)?;
             kernels::softmax(&x, scale, output)

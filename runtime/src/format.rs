@@ -31,7 +31,7 @@
 //! | 28 | 2 | `n_tensors` | ≥ 1 |
 //! | 30 | 2 | `n_ops` | number of op records |
 //! | 32 | 2 | `input` | model input tensor id (codes) |
-//! | 34 | 2 | `output` | model output tensor id (codes, or `f32` from a last Softmax) |
+//! | 34 | 2 | `output` | model output tensor id (codes, or `f32`) |
 //! | 36 | 4 | `tensors_offset` | 64 |
 //! | 40 | 4 | `ops_offset` | |
 //! | 44 | 4 | `ops_size` | bytes of op records |
@@ -44,7 +44,7 @@
 //! | off | size | field | meaning |
 //! |----:|----:|---|---|
 //! | 0 | 1 | `rank` | 1..=4 |
-//! | 1 | 1 | `dtype` | 8 = u8 codes, 4 = 4-bit codes held one per byte, 32 = `f32` (only the model output of a final Softmax; no arena bytes) |
+//! | 1 | 1 | `dtype` | 8 = u8 codes, 4 = 4-bit codes held one per byte, 32 = `f32` (no arena bytes: it lives in the caller's output buffer; see *f32 tensors* below) |
 //! | 2 | 1 | `zero_point` | `z ≤ 2^A − 1` (0 for `f32`) |
 //! | 3 | 1 | reserved | 0 |
 //! | 4 | 16 | `dims` | 4 × u32, the first `rank` used (NCHW, batch 1), each in `1..=2^24`; the rest 1 |
@@ -72,6 +72,13 @@
 //! | 9 | Reshape / Flatten | 1 | none (same codes; the output may share the input's arena offset) |
 //! | 10 | Lut | 1 | [`LutRecord`] (8): pool offset of a 256-byte table `y = table[x]` |
 //! | 11 | Softmax | 1 | 4 reserved zero bytes; last op, output `f32` = model output |
+//!
+//! **f32 tensors.** At most two, both in the caller's output buffer: the model output, written
+//! by the last op, which is either a Softmax or a FullyConnected whose `i32` accumulators are
+//! dequantized straight to `f32` (`y_n = f32(acc_n) · (s_n · s_x)`, `s_n` the channel's weight
+//! scale, no clamp: the logits keep their full range); or, when the last op is a Softmax, its
+//! input may be such a FullyConnected output (the op before it), and the Softmax then runs in
+//! place on the output buffer. The FullyConnected's `lo`/`hi` are 0 then.
 //!
 //! Rules checked at load: an op reads only the model input or tensors written by earlier ops,
 //! every tensor is written at most once, an op's output never overlaps its inputs (a Reshape
@@ -1554,9 +1561,9 @@ impl<'a> Model<'a> {
             });
         }
         if !self.output.dtype.is_code() {
-            // Only a final Softmax writes an f32 output (checked in check_op).
+            // Only the last op writes an f32 model output (its kind is checked in check_op).
             let last = self.producer(out_id, self.header.n_ops)?;
-            if !matches!(last, Some(r) if r.kind == OpKind::Softmax) {
+            if !matches!(last, Some(r) if r.index + 1 == self.header.n_ops) {
                 return Err(Error::BadTensor { tensor: out_id });
             }
         }
@@ -1567,6 +1574,33 @@ impl<'a> Model<'a> {
         Ok(())
     }
 
+    /// Whether `rec` is the op right before a final Softmax that reads its output alone.
+    fn feeds_final_softmax(&self, rec: &OpRecord<'a>) -> Result<bool, Error> {
+        self.feeds_final_softmax_id(rec.output, rec.index + 1)
+    }
+
+    /// Whether tensor `id` is written by op `at − 1` and read by op `at`, the last op, a
+    /// Softmax producing the model output from it alone.
+    fn feeds_final_softmax_id(&self, id: u16, at: u16) -> Result<bool, Error> {
+        if at == 0 || at + 1 != self.header.n_ops {
+            return Ok(false);
+        }
+        let writer = self.producer(id, self.header.n_ops)?;
+        if !matches!(writer, Some(w) if w.index + 1 == at) {
+            return Ok(false);
+        }
+        let Some(last) = self.ops().nth(at as usize) else {
+            return Ok(false);
+        };
+        let last = last?;
+        let x = self.tensor(id)?;
+        Ok(last.kind == OpKind::Softmax
+            && last.inputs.len() == 1
+            && last.inputs.get(0) == Some(id)
+            && last.output == self.header.output
+            && x.numel == self.output.numel)
+    }
+
     fn check_op(&self, rec: &OpRecord<'a>) -> Result<(), Error> {
         let op = rec.index;
         let tref = Error::BadTensorRef { op };
@@ -1575,12 +1609,25 @@ impl<'a> Model<'a> {
         let quant = Error::BadQuant { op };
         // References and types.
         let y = self.tensor(rec.output).map_err(|_| tref)?;
-        if !y.dtype.is_code() && rec.kind != OpKind::Softmax {
-            return Err(tref);
+        let n_ops = self.header.n_ops;
+        let is_last = op + 1 == n_ops;
+        if !y.dtype.is_code() {
+            // See "f32 tensors" in the module doc.
+            let ok = match rec.kind {
+                OpKind::Softmax => is_last,
+                OpKind::FullyConnected => {
+                    (is_last && rec.output == self.header.output)
+                        || self.feeds_final_softmax(rec)?
+                }
+                _ => false,
+            };
+            if !ok {
+                return Err(tref);
+            }
         }
         for id in rec.inputs.iter() {
             let t = self.tensor(id).map_err(|_| tref)?;
-            if !t.dtype.is_code() {
+            if !t.dtype.is_code() && !(rec.kind == OpKind::Softmax && is_last) {
                 return Err(tref);
             }
         }
@@ -1628,7 +1675,9 @@ impl<'a> Model<'a> {
                 }
             }
             Op::FullyConnected { weights, lo, hi } => {
-                if !clamp_ok(lo, hi, &y) {
+                let f32_ok =
+                    !y.dtype.is_code() && lo == 0 && hi == 0 && y.numel == weights.c_out as u32;
+                if !(clamp_ok(lo, hi, &y) || f32_ok) {
                     return Err(quant);
                 }
                 self.check_weights(op, &weights, &x)?;
@@ -1725,6 +1774,12 @@ impl<'a> Model<'a> {
             Op::Softmax => {
                 if y.dtype != DType::F32 || x.dims != y.dims || x.rank != y.rank {
                     return Err(shape);
+                }
+                // An f32 input was written by the op right before, into the same buffer.
+                if !x.dtype.is_code()
+                    && !self.feeds_final_softmax_id(rec.inputs.get(0).unwrap_or(u16::MAX), op)?
+                {
+                    return Err(order);
                 }
                 if rec.output != self.header.output || op + 1 != self.header.n_ops {
                     return Err(order);
@@ -2189,7 +2244,8 @@ mod writer {
             self.push_op(OpKind::Conv, &[input], output, &r.to_bytes())
         }
 
-        /// Adds a FullyConnected over the flattened input.
+        /// Adds a FullyConnected over the flattened input; with an `f32` output tensor it
+        /// dequantizes its accumulators (see *f32 tensors* in the module doc).
         pub fn fully_connected(
             &mut self,
             input: u16,
@@ -2198,7 +2254,14 @@ mod writer {
             fused: Fused,
         ) -> Result<(), Error> {
             let (x, y) = (self.info(input)?, self.info(output)?);
-            let (lo, hi) = clamp_bounds(fused, y.scale, y.zero_point, y.dtype.bits());
+            // An f32 output is the raw dequantized accumulator: no clamp, so no activation.
+            let (lo, hi) = if y.dtype.is_code() {
+                clamp_bounds(fused, y.scale, y.zero_point, y.dtype.bits())
+            } else if fused == Fused::None {
+                (0, 0)
+            } else {
+                return Err(Error::BadArgument);
+            };
             let (w_off, w_len, c_off) = self.push_weights(
                 layer.bits,
                 x.numel as usize,

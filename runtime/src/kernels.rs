@@ -332,6 +332,58 @@ pub fn fully_connected(weights: &Weights<'_>, x: &QIn<'_>, y: &mut QOut<'_>) -> 
     Ok(())
 }
 
+/// Fully connected with `f32` output: `y[n] = f32(acc_n) · (s_n · s_x)` with `acc_n = Σ_k
+/// (q_nk − z_n)(a_k − z) + bias_n`, no requantization and no clamp (the model's logits keep
+/// their full range). Both products are single IEEE `f32` operations, so every target gives the
+/// same bits.
+pub fn fully_connected_f32(
+    weights: &Weights<'_>,
+    x: &QIn<'_>,
+    s_x: f32,
+    out: &mut [f32],
+) -> Result<(), Error> {
+    let input = input_slice(x)?;
+    if weights.k != input.len() || weights.c_out > out.len() {
+        return Err(Error::BadArgument);
+    }
+    let sum_a = sum_codes(input);
+    let k = input.len() as i32;
+    for (c, o) in out.iter_mut().take(weights.c_out).enumerate() {
+        let ch = weights.channel(c).ok_or(Error::BadArgument)?;
+        let row = weights.row(c).ok_or(Error::BadArgument)?;
+        let dot = dot_packed(weights.bits, row, input);
+        let acc = expand_acc(
+            dot,
+            ch.sum_q,
+            sum_a,
+            k,
+            ch.w_zero as i32,
+            x.zero as i32,
+            ch.bias,
+        );
+        *o = acc as f32 * (ch.w_scale * s_x);
+    }
+    Ok(())
+}
+
+/// Softmax over rows of `last` values of `f32` logits, in place (f64 sums, as [`softmax`]).
+pub fn softmax_f32_in_place(last: usize, data: &mut [f32]) -> Result<(), Error> {
+    if last == 0 || data.len() % last != 0 {
+        return Err(Error::BadArgument);
+    }
+    for row in data.chunks_exact_mut(last) {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let mut sum = 0.0f64;
+        for v in row.iter() {
+            sum += numerics::exp(*v as f64 - max);
+        }
+        for v in row.iter_mut() {
+            *v = (numerics::exp(*v as f64 - max) / sum) as f32;
+        }
+    }
+    Ok(())
+}
+
 /// Whether `input` broadcasts to `out` (each right-aligned dim equal or 1).
 pub fn broadcasts_to(input: [usize; 4], out: [usize; 4]) -> bool {
     input

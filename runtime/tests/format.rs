@@ -486,6 +486,131 @@ fn rejects_accumulators_that_could_overflow() {
     assert!(b.finish().is_ok());
 }
 
+/// A FullyConnected (K = 3, N = 4) over codes `x` whose output is `out_dtype`, optionally
+/// followed by a final Softmax; returns the blob.
+fn logits_model(f32_logits: bool, softmax: bool, fused: Fused) -> Result<Vec<u8>, Error> {
+    let codes = [0u8, 255, 128, 10, 20, 30, 255, 255, 255, 0, 0, 0];
+    let mut b = ModelBuilder::new();
+    let x = b.tensor(&[1, 3], DType::U8, 0.05, 128);
+    let dt = if f32_logits { DType::F32 } else { DType::U8 };
+    let l = b.tensor(&[1, 4], dt, if f32_logits { 1.0 } else { 0.5 }, 0);
+    b.set_input(x);
+    let layer = Layer {
+        bits: 8,
+        codes: &codes,
+        scales: &[0.01, 0.02, 0.03, 0.04],
+        zero_points: &[128, 0, 100, 3],
+        bias: &[0.5, -1.0, 2.0, 0.0],
+    };
+    b.fully_connected(x, l, &layer, fused)?;
+    if softmax {
+        let y = b.tensor(&[1, 4], DType::F32, 1.0, 0);
+        b.softmax(l, y)?;
+        b.set_output(y);
+    } else {
+        b.set_output(l);
+    }
+    b.finish()
+}
+
+#[test]
+fn fully_connected_logits_are_dequantized_accumulators() {
+    let input = [1.5f32, -2.0, 0.25];
+    let blob = logits_model(true, false, Fused::None).unwrap();
+    let m = Model::from_bytes(&blob).unwrap();
+    let mut arena = Arena::new(m.arena_size());
+    let mut y = [0f32; 4];
+    run(&m, &input, &mut y, arena.bytes()).unwrap();
+    // Reference: the input codes, then Σ (q − z_c)(a − z) + round(b / (s_c·s_x)), times s_c·s_x.
+    let a: Vec<i64> = input
+        .iter()
+        .map(|&v| ((v / 0.05f32).round() as i64 + 128).clamp(0, 255))
+        .collect();
+    let codes = [0i64, 255, 128, 10, 20, 30, 255, 255, 255, 0, 0, 0];
+    let (s, z, bias) = (
+        [0.01f32, 0.02, 0.03, 0.04],
+        [128i64, 0, 100, 3],
+        [0.5f64, -1.0, 2.0, 0.0],
+    );
+    for n in 0..4 {
+        let acc_scale = s[n] * 0.05;
+        let b = (bias[n] / (s[n] as f64 * 0.05f32 as f64)).round() as i64;
+        let acc: i64 = (0..3)
+            .map(|k| (codes[n * 3 + k] - z[n]) * (a[k] - 128))
+            .sum::<i64>()
+            + b;
+        assert_eq!(
+            y[n].to_bits(),
+            (acc as f32 * acc_scale).to_bits(),
+            "logit {n}"
+        );
+    }
+    // Beyond what an 8-bit output over [−64, 63.5] could hold, and negative ones kept.
+    assert!(y.iter().any(|&v| v < 0.0));
+    // The Softmax reads the logits in place: the same probabilities as softmax(y).
+    let blob = logits_model(true, true, Fused::None).unwrap();
+    let m = Model::from_bytes(&blob).unwrap();
+    let mut p = [0f32; 4];
+    run(&m, &input, &mut p, Arena::new(m.arena_size()).bytes()).unwrap();
+    let max = y.iter().copied().fold(f32::MIN, f32::max) as f64;
+    let sum: f64 = y.iter().map(|&v| (v as f64 - max).exp()).sum();
+    for n in 0..4 {
+        let want = ((y[n] as f64 - max).exp() / sum) as f32;
+        assert!((p[n] - want).abs() <= 1e-6, "p[{n}] = {} vs {want}", p[n]);
+    }
+    // An activation cannot be fused into f32 logits.
+    assert_eq!(
+        logits_model(true, false, Fused::Relu).err(),
+        Some(Error::BadArgument)
+    );
+}
+
+#[test]
+fn f32_tensors_only_where_the_format_allows_them() {
+    // FullyConnected → f32 → Softmax is valid; a code FullyConnected is too.
+    assert!(logits_model(true, true, Fused::None).is_ok());
+    assert!(logits_model(false, true, Fused::None).is_ok());
+    // f32 logits read by anything but the final Softmax are refused.
+    let codes = [7u8; 12];
+    let layer = Layer {
+        bits: 8,
+        codes: &codes,
+        scales: &[0.01; 4],
+        zero_points: &[0; 4],
+        bias: &[],
+    };
+    let mut b = ModelBuilder::new();
+    let x = b.tensor(&[1, 3], DType::U8, 0.05, 0);
+    let l = b.tensor(&[1, 4], DType::F32, 1.0, 0);
+    let y = b.tensor(&[1, 4], DType::U8, 0.1, 0);
+    b.set_input(x);
+    b.set_output(y);
+    b.fully_connected(x, l, &layer, Fused::None).unwrap();
+    b.activation(l, y, format::Activation::Sigmoid).ok();
+    assert!(b.finish().is_err());
+    // f32 logits that are neither the output nor the Softmax's input are refused.
+    let mut b = ModelBuilder::new();
+    let x = b.tensor(&[1, 3], DType::U8, 0.05, 0);
+    let l = b.tensor(&[1, 4], DType::F32, 1.0, 0);
+    let y = b.tensor(&[1, 3], DType::U8, 0.1, 0);
+    b.set_input(x);
+    b.set_output(y);
+    b.fully_connected(x, l, &layer, Fused::None).unwrap();
+    b.fully_connected(
+        x,
+        y,
+        &Layer {
+            codes: &codes[..9],
+            scales: &[0.01; 3],
+            zero_points: &[0; 3],
+            ..layer
+        },
+        Fused::None,
+    )
+    .unwrap();
+    assert_eq!(b.finish().err(), Some(Error::BadTensorRef { op: 0 }));
+}
+
 // ------------------------------------------------------------------------------------ fuzzing
 
 /// Loads, and if it loads, runs: nothing may panic, whatever the bytes.
