@@ -393,3 +393,161 @@ fn decomposed_hardsigmoid_and_hardswish_become_one_op() {
         "{table}"
     );
 }
+
+fn tensor_constant(out: &str, dims: &[i64], v: &[f32]) -> pb::NodeProto {
+    let mut n = node(out, "Constant", &[], out);
+    n.attribute.push(pb::AttributeProto {
+        name: "value".into(),
+        t: Some(tensor(out, dims, v)),
+        r#type: 4,
+        ..Default::default()
+    });
+    n
+}
+
+/// Runs `diffdfq-run` on `model` with the input `x` (1, 2, 4, 4) and returns the output.
+fn run_one(dir: &Path, model: &str, x: &[f32]) -> Vec<f32> {
+    let xin = dir.join("x.npy");
+    let bytes = diffdfq_compiler::npy::to_bytes(&[1, 2, 4, 4], x).unwrap();
+    diffdfq_compiler::npy::write_atomic(&xin, &bytes).unwrap();
+    let yout = dir.join("y.npy");
+    let out = run(&[
+        model,
+        "--input",
+        xin.to_str().unwrap(),
+        "--output",
+        yout.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    diffdfq_compiler::npy::read_f32(&yout).unwrap().1
+}
+
+#[test]
+fn a_per_channel_constant_after_conv_and_bn_folds_and_a_dead_channel_compiles() {
+    // Conv → BN → Add([1, 2, 1, 1]) as paddle2onnx writes biases; channel 1's weights are all
+    // zero, so after folding it is a dead channel with bias 3 (its tiny weight scale once made
+    // the bias in accumulator units overflow the runtime's i32 bound).
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = vec![
+        tensor_constant("c", &[1, 2, 1, 1], &[0.5, 3.0]),
+        node("bias", "Add", &["h", "c"], "y"),
+    ];
+    let p = write(
+        dir.path(),
+        "paddle_bias.onnx",
+        &model(&[1.0, -0.5, 0.0, 0.0], &[1.0, 1.0], nodes, "y"),
+    );
+    let out = compile(&["--inspect", &p]);
+    let table = String::from_utf8(out.stdout).unwrap();
+    assert!(!table.contains("AddConst"), "{table}");
+    let x: Vec<f32> = (0..32).map(|i| ((i * 7 % 11) as f32 - 5.0) / 4.0).collect();
+    let float = run_one(dir.path(), &p, &x);
+    for bits in ["8", "4"] {
+        let o = dir.path().join(format!("w{bits}"));
+        let out = compile(&[
+            &p,
+            "--method",
+            "rtn",
+            "--bits",
+            bits,
+            "--first-last-bits",
+            bits,
+            "--no-lib",
+            "--quiet",
+            "-o",
+            o.to_str().unwrap(),
+        ]);
+        assert!(
+            out.status.success(),
+            "W{bits}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let q = run_one(dir.path(), o.join("paddle_bias.dfq").to_str().unwrap(), &x);
+        // Channel 1 is the bias alone; channel 0 within a few output steps.
+        for i in 0..16 {
+            assert!((float[16 + i] - 3.0).abs() < 1e-6, "{}", float[16 + i]);
+            assert!(
+                (q[16 + i] - 3.0).abs() < 0.05,
+                "W{bits}: {} vs 3",
+                q[16 + i]
+            );
+            assert!(
+                (q[i] - float[i]).abs() < 0.25,
+                "W{bits}: {} vs {}",
+                q[i],
+                float[i]
+            );
+        }
+    }
+}
+
+/// A one-conv model whose input is declared with `dims` (symbolic names as strings).
+fn model_with_input(dims: &[&str]) -> Vec<u8> {
+    use pb::tensor_shape_proto::{dimension::Value as D, Dimension};
+    let mut m = pb::ModelProto::decode(&*model(&[1.0; 4], &[1.0, 1.0], vec![], "h")).unwrap();
+    let g = m.graph.as_mut().unwrap();
+    let vi = &mut g.input[0];
+    let Some(pb::type_proto::Value::TensorType(t)) = vi.r#type.as_mut().unwrap().value.as_mut()
+    else {
+        unreachable!()
+    };
+    t.shape.as_mut().unwrap().dim = dims
+        .iter()
+        .map(|d| Dimension {
+            value: Some(match d.parse::<i64>() {
+                Ok(v) => D::DimValue(v),
+                Err(_) => D::DimParam(d.to_string()),
+            }),
+            ..Default::default()
+        })
+        .collect();
+    m.encode_to_vec()
+}
+
+#[test]
+fn dynamic_batch_becomes_one_and_unknown_spatial_dims_name_the_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    for (i, batch) in ["-1", "0", "batch", "DynamicDimension.0"]
+        .iter()
+        .enumerate()
+    {
+        let p = write(
+            dir.path(),
+            &format!("b{i}.onnx"),
+            &model_with_input(&[batch, "2", "4", "4"]),
+        );
+        let out = compile(&["--inspect", &p]);
+        assert!(
+            out.status.success(),
+            "batch {batch}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let table = String::from_utf8(out.stdout).unwrap();
+        assert!(table.contains("[1, 2, 4, 4]"), "batch {batch}: {table}");
+    }
+    let p = write(
+        dir.path(),
+        "hw.onnx",
+        &model_with_input(&["-1", "2", "?h", "-1"]),
+    );
+    let out = compile(&["--inspect", &p]);
+    assert_bad_input(
+        &out,
+        &[
+            "hw.onnx",
+            "input 'x' is declared [-1, 2, ?h, -1]",
+            "axis 2",
+            "--input-shape 1,2,N,N",
+        ],
+    );
+    let out = compile(&["--inspect", &p, "--input-shape", "1,2,4,4"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -141,6 +141,8 @@ pub fn calibrate_on(
     let synthesis_s = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
     let recon = recon::reconstruct(&mut model, &samples, &opts.recon, progress)?;
+    // Learned activation steps change `s_x`: refit the bound on the final scales.
+    model.q.fit_accumulators();
     Ok((
         model.q,
         CalibReport {

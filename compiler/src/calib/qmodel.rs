@@ -182,12 +182,11 @@ impl QModel {
     }
 
     /// Whether the runtime re-quantizes the output of node `i` (MaxPool and Reshape pass codes
-    /// through; a final Softmax writes f32).
+    /// through; a final Softmax and the f32 logits before it write f32).
     pub fn quantizes_output(&self, i: usize) -> bool {
-        !matches!(
-            self.q.nodes[i].op,
-            QOp::MaxPool { .. } | QOp::Reshape | QOp::Softmax
-        )
+        let n = &self.q.nodes[i];
+        !matches!(n.op, QOp::MaxPool { .. } | QOp::Reshape | QOp::Softmax)
+            && !self.q.tensors[n.output].is_f32
     }
 
     /// Runs the whole graph on a batch.

@@ -4,6 +4,7 @@
 //! values are the dynamic tensors (activations). Identity-like ONNX ops (Identity, Dropout in
 //! inference) leave no node; Flatten/Reshape/Squeeze/Unsqueeze all become [`Op::Reshape`].
 
+pub mod fold;
 pub mod fuse;
 mod tensor;
 

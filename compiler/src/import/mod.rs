@@ -228,6 +228,8 @@ pub fn import_model(model: &pb::ModelProto, opts: &ImportOptions) -> Result<Grap
     }
     fuse::activations(&mut b.graph);
     b.graph.prune();
+    crate::graph::fold::constants(&mut b.graph);
+    b.graph.prune();
     Ok(b.graph)
 }
 
@@ -272,16 +274,13 @@ fn input_shape(
             vi.name
         )));
     }
+    // Exporters mark a dynamic batch as -1 (paddle2onnx), 0, a name or nothing: all mean "any",
+    // and the compiled artifact runs one sample at a time. Elsewhere the size must be known.
+    let declared = declared_shape(dims);
     let mut shape = Vec::new();
     for (axis, d) in dims.iter().enumerate() {
         shape.push(match &d.value {
-            Some(D::DimValue(v)) if *v <= 0 => {
-                return Err(Error::Input(format!(
-                "input '{}' has dimension {v} at axis {axis}; zero-size tensors are not supported",
-                vi.name
-            )))
-            }
-            Some(D::DimValue(v)) => {
+            Some(D::DimValue(v)) if *v > 0 => {
                 if axis == 0 {
                     batch.unwrap_or(*v as usize)
                 } else {
@@ -289,21 +288,40 @@ fn input_shape(
                 }
             }
             _ if axis == 0 => batch.unwrap_or(1),
-            Some(D::DimParam(p)) => {
-                return Err(Error::Input(format!(
-                    "input '{}' has symbolic dimension '{p}' at axis {axis}; pass --input-shape",
-                    vi.name
-                )))
-            }
             _ => {
+                let example: Vec<String> = dims
+                    .iter()
+                    .enumerate()
+                    .map(|(a, d)| match &d.value {
+                        Some(D::DimValue(v)) if *v > 0 => v.to_string(),
+                        _ if a == 0 => "1".into(),
+                        _ => "N".into(),
+                    })
+                    .collect();
                 return Err(Error::Input(format!(
-                    "input '{}' has an unknown dimension at axis {axis}; pass --input-shape",
-                    vi.name
-                )))
+                    "input '{}' is declared {declared}: axis {axis} has no fixed size; \
+                     pass --input-shape {} with the size the model is deployed at",
+                    vi.name,
+                    example.join(",")
+                )));
             }
         });
     }
     checked_numel(&vi.name, shape)
+}
+
+/// A declared input shape as the user sees it: `[-1, 3, ?, ?]`, named dims by name.
+fn declared_shape(dims: &[pb::tensor_shape_proto::Dimension]) -> String {
+    use pb::tensor_shape_proto::dimension::Value as D;
+    let parts: Vec<String> = dims
+        .iter()
+        .map(|d| match &d.value {
+            Some(D::DimValue(v)) => v.to_string(),
+            Some(D::DimParam(p)) if !p.is_empty() => p.clone(),
+            _ => "?".into(),
+        })
+        .collect();
+    format!("[{}]", parts.join(", "))
 }
 
 /// Inputs beyond 2^31 elements are refused up front: every later size computation can then

@@ -15,6 +15,7 @@ use crate::Error;
 
 pub use diffdfq_runtime::format::Activation;
 pub use diffdfq_runtime::kernels::{ConvGeom, PoolGeom};
+use diffdfq_runtime::numerics::code_max;
 pub use diffdfq_runtime::numerics::Fused;
 
 /// Index into [`QuantGraph::tensors`].
@@ -400,6 +401,48 @@ pub struct QuantGraph {
 }
 
 impl QuantGraph {
+    /// Keeps every layer's worst-case accumulator inside the runtime's `i32` bound
+    /// (`K·max|q − z_c|·max|a − z| + |bias| ≤ 2^31 − 1`, checked at load). A channel whose
+    /// folded weights are (nearly) all zero while its bias is not — dead ReLU channels after BN
+    /// folding — gets a tiny weight scale, and its bias in accumulator units `b/(s_c·s_x)`
+    /// overflows. Its scale is raised until the bias takes at most half the headroom and its
+    /// codes re-rounded from the weights they stood for; those weights move by at most half the
+    /// new step, a contribution of under `K·a_span/2^30` of the bias. Returns how many channels
+    /// moved.
+    pub fn fit_accumulators(&mut self) -> usize {
+        let mut moved = 0;
+        for i in 0..self.nodes.len() {
+            let x = self.tensors[self.nodes[i].inputs[0]].quant;
+            let Some(l) = self.nodes[i].op.layer_mut() else {
+                continue;
+            };
+            if !l.is_quantized() {
+                continue;
+            }
+            let (amax, qmax) = (code_max(x.bits) as f64, code_max(l.bits) as f64);
+            let z = x.zero as f64;
+            let a_span = z.max(amax - z);
+            for c in 0..l.c_out {
+                let zc = l.zeros[c] as f64;
+                let worst = l.k as f64 * zc.max(qmax - zc) * a_span;
+                let budget = (i32::MAX as f64 - worst) / 2.0;
+                let s = l.scales[c] as f64;
+                let b = l.bias[c].abs() as f64;
+                if budget <= 0.0 || b / (s * x.scale as f64) <= budget {
+                    continue;
+                }
+                let s_new = (b / (x.scale as f64 * budget) * 1.001) as f32;
+                for q in &mut l.codes[c * l.k..(c + 1) * l.k] {
+                    let w = s * (*q as f64 - zc);
+                    *q = ((w / s_new as f64).round() + zc).clamp(0.0, qmax) as u8;
+                }
+                l.scales[c] = s_new;
+                moved += 1;
+            }
+        }
+        moved
+    }
+
     /// Indices of the conv/linear nodes, in order.
     pub fn layers(&self) -> impl Iterator<Item = usize> + '_ {
         self.nodes
@@ -684,6 +727,7 @@ pub fn fold(g: &Graph, bits: Bits) -> Result<QuantGraph, Error> {
     }
     let output = tmap[g.outputs[0]]
         .ok_or_else(|| Error::Input("the model output is produced by no node".into()))?;
+    mark_f32_logits(&mut tensors, &nodes, output);
     // First and last weight layers at `first_last` bits.
     let layer_nodes: Vec<usize> = nodes
         .iter()
@@ -703,6 +747,36 @@ pub fn fold(g: &Graph, bits: Bits) -> Result<QuantGraph, Error> {
         output,
         bits,
     })
+}
+
+/// The logits stay `f32`: when the last op is a FullyConnected without a fused activation, or
+/// a final Softmax reading one, that layer's accumulators are dequantized straight to `f32`
+/// (the format's *f32 tensors*) instead of being requantized to 8-bit codes whose range would
+/// have to be guessed without data; a clipped top logit ties with the next and flips top-1.
+fn mark_f32_logits(tensors: &mut [QTensor], nodes: &[QNode], output: TensorId) {
+    let Some(last) = nodes.last() else { return };
+    let logits = match last.op {
+        QOp::Softmax if last.output == output => last.inputs[0],
+        QOp::Linear { .. } if last.output == output => output,
+        _ => return,
+    };
+    let Some(p) = nodes.iter().position(|n| n.output == logits) else {
+        return;
+    };
+    let only_reader = nodes.iter().filter(|n| n.inputs.contains(&logits)).count()
+        == usize::from(logits != output);
+    let before_last = p + 1 == nodes.len() || (p + 2 == nodes.len() && logits != output);
+    if matches!(
+        nodes[p].op,
+        QOp::Linear {
+            fused: Fused::None,
+            ..
+        }
+    ) && only_reader
+        && before_last
+    {
+        tensors[logits].is_f32 = true;
+    }
 }
 
 #[cfg(test)]

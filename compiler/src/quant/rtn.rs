@@ -71,6 +71,7 @@ pub fn quantize(g: &Graph, opts: &RtnOptions) -> Result<QuantGraph, Error> {
         }
     }
     set_activation_ranges(&mut q, g, opts.seed, opts.samples)?;
+    q.fit_accumulators();
     Ok(q)
 }
 

