@@ -551,3 +551,97 @@ fn dynamic_batch_becomes_one_and_unknown_spatial_dims_name_the_flag() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn a_zero_pad_before_a_conv_becomes_its_padding() {
+    // EfficientNet's TF-"same" padding: x → Pad(0, 0, 1, 2, 0, 0, 2, 1) → Conv(pads 0), the pads
+    // computed through Shape/Slice/Transpose as exporters write them; the same as a Conv with
+    // pads (1, 2, 2, 1).
+    let dir = tempfile::tempdir().unwrap();
+    let pads = |raw: &[f32]| {
+        vec![
+            tensor_constant("praw", &[4, 2], raw),
+            {
+                let mut c = node("flat_c", "Constant", &[], "flat");
+                c.attribute.push(pb::AttributeProto {
+                    name: "value".into(),
+                    t: Some(pb::TensorProto {
+                        name: "flat".into(),
+                        dims: vec![1],
+                        data_type: 7,
+                        int64_data: vec![8],
+                        ..Default::default()
+                    }),
+                    r#type: 4,
+                    ..Default::default()
+                });
+                c
+            },
+            node("t", "Transpose", &["praw"], "pt"),
+            node("r", "Reshape", &["pt", "flat"], "pf"),
+            {
+                let mut c = node("cast", "Cast", &["pf"], "pads");
+                c.attribute.push(pb::AttributeProto {
+                    name: "to".into(),
+                    i: 7,
+                    r#type: 2,
+                    ..Default::default()
+                });
+                c
+            },
+        ]
+    };
+    // Transposed (4, 2) → (2, 4) → flat: begins (0, 0, 1, 2), ends (0, 0, 2, 1).
+    let raw = [0.0, 0.0, 0.0, 0.0, 1.0, 2.0, 2.0, 1.0];
+    let with_pad = |tail: Vec<pb::NodeProto>| {
+        let mut m =
+            pb::ModelProto::decode(&*model(&[1.0, 0.5, -0.25, 2.0], &[1.0, 1.0], vec![], "h"))
+                .unwrap();
+        let g = m.graph.as_mut().unwrap();
+        g.node.retain(|n| n.name != "conv");
+        let mut nodes = pads(&raw);
+        nodes.push(node("pad", "Pad", &["x", "pads"], "xp"));
+        nodes.push(node("conv", "Conv", &["xp", "w"], "c"));
+        nodes.append(&mut g.node);
+        nodes.extend(tail);
+        g.node = nodes;
+        m.encode_to_vec()
+    };
+    let p = write(dir.path(), "pad.onnx", &with_pad(vec![]));
+    let out = compile(&["--inspect", &p]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let table = String::from_utf8(out.stdout).unwrap();
+    assert!(table.contains("[1, 2, 7, 7]"), "{table}");
+    // The reference: the same conv with the pads as its own.
+    let mut m =
+        pb::ModelProto::decode(&*model(&[1.0, 0.5, -0.25, 2.0], &[1.0, 1.0], vec![], "h")).unwrap();
+    let conv = &mut m.graph.as_mut().unwrap().node[0];
+    conv.attribute.push(pb::AttributeProto {
+        name: "pads".into(),
+        ints: vec![1, 2, 2, 1],
+        r#type: 7,
+        ..Default::default()
+    });
+    let r = write(dir.path(), "ref.onnx", &m.encode_to_vec());
+    let x: Vec<f32> = (0..32).map(|i| ((i * 5 % 13) as f32 - 6.0) / 3.0).collect();
+    let y = run_one(dir.path(), &p, &x);
+    assert_eq!(y, run_one(dir.path(), &r, &x));
+    assert_eq!(y.len(), 2 * 7 * 7);
+    // A Pad that feeds anything but a conv is refused by name.
+    let bad = write(dir.path(), "pad_relu.onnx", &{
+        let mut m = pb::ModelProto::decode(&*with_pad(vec![])).unwrap();
+        let g = m.graph.as_mut().unwrap();
+        g.node.push(node("relu", "Relu", &["xp"], "y2"));
+        g.output[0].name = "y2".into();
+        g.node.retain(|n| n.name != "conv" && n.name != "bn");
+        m.encode_to_vec()
+    });
+    assert_bad_input(
+        &compile(&["--inspect", &bad]),
+        &["pad_relu.onnx", "'relu'", "comes from a Pad"],
+    );
+}

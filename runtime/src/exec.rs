@@ -160,6 +160,8 @@ fn exec_op(
 /// output, already in `output`), and `scratch` holds at least
 /// [`kernels::conv_scratch_len`] bytes for a Conv. The executor calls it on arena pieces; the
 /// compiler's tract ops call it on tensors, so both run the same kernels on the same integers.
+// The buffers come apart on purpose: the executor passes arena pieces, the tract ops tensors.
+#[allow(clippy::too_many_arguments)]
 pub fn eval_op<'i>(
     op: &Op<'_>,
     n_inputs: usize,

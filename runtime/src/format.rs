@@ -1627,7 +1627,7 @@ impl<'a> Model<'a> {
         }
         for id in rec.inputs.iter() {
             let t = self.tensor(id).map_err(|_| tref)?;
-            if !t.dtype.is_code() && !(rec.kind == OpKind::Softmax && is_last) {
+            if !(t.dtype.is_code() || rec.kind == OpKind::Softmax && is_last) {
                 return Err(tref);
             }
         }

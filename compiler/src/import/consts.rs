@@ -276,6 +276,29 @@ pub fn eval(op: &str, a: &Attrs, inputs: &[Option<Tensor>], opset: i64) -> Resul
                 Tensor::i64(shape, iv)
             })
         }
+        "Transpose" => {
+            let x = x?;
+            let rank = x.shape.len();
+            let perm: Vec<usize> = match a.ints("perm") {
+                Some(p) => p.iter().map(|&v| axis(v, rank)).collect::<Result<_, _>>()?,
+                None => (0..rank).rev().collect(),
+            };
+            let mut seen = vec![false; rank];
+            if perm.len() != rank || perm.iter().any(|&p| std::mem::replace(&mut seen[p], true)) {
+                return bad(format!("perm {perm:?} is no permutation of {rank} axes"));
+            }
+            let shape: Vec<usize> = perm.iter().map(|&p| x.shape[p]).collect();
+            let src = crate::graph::strides(&x.shape);
+            let dst = crate::graph::strides(&shape);
+            let flat: Vec<usize> = (0..x.len())
+                .map(|i| {
+                    (0..rank)
+                        .map(|d| (i / dst[d]) % shape[d] * src[perm[d]])
+                        .sum()
+                })
+                .collect();
+            Ok(x.pick(shape, &flat))
+        }
         "Gather" => {
             let (x, idx) = (x?, get(inputs, 1)?);
             let ax = axis(a.int("axis", 0), x.shape.len())?;

@@ -66,6 +66,7 @@ pub const NETWORK_OPS: &[&str] = &[
     "Identity",
     "Dropout",
     "Constant",
+    "Pad",
 ];
 
 /// Ops accepted only where they fold to constants (shape computations).
@@ -83,6 +84,7 @@ pub const CONST_OPS: &[&str] = &[
     "Sqrt",
     "Equal",
     "Where",
+    "Transpose",
 ];
 
 /// Decodes one ONNX TensorProto (weights, test data) into a constant tensor.
@@ -174,6 +176,7 @@ pub fn import_model(model: &pb::ModelProto, opts: &ImportOptions) -> Result<Grap
             opset,
         },
         env: HashMap::new(),
+        padded: HashMap::new(),
     };
 
     for init in &g.initializer {
@@ -344,6 +347,9 @@ enum Val {
 struct Builder {
     graph: Graph,
     env: HashMap<String, Val>,
+    /// Outputs of zero Pads (exporters' "same" padding): the unpadded value and the pads
+    /// (top, left, bottom, right); only a Conv may read them, as its own padding.
+    padded: HashMap<String, (ValueId, [usize; 4])>,
 }
 
 fn bad<T>(msg: impl Into<String>) -> Result<T, Error> {
@@ -374,6 +380,16 @@ impl Builder {
         match n.input.get(i) {
             None => Ok(None),
             Some(s) if s.is_empty() => Ok(None),
+            Some(s) if self.padded.contains_key(s) => {
+                if n.op_type == "Conv" && i == 0 {
+                    Ok(Some(Val::Dyn(self.padded[s].0)))
+                } else {
+                    bad(format!(
+                        "input '{s}' comes from a Pad: a zero Pad is supported right before a \
+                         Conv only (it becomes the conv's padding)"
+                    ))
+                }
+            }
             Some(s) => match self.env.get(s) {
                 Some(v) => Ok(Some(v.clone())),
                 None => bad(format!("input '{s}' is not produced before this node")),
@@ -579,6 +595,7 @@ impl Builder {
                 self.emit(n, name, Op::Concat { axis: ax }, ids, out)
             }
             "Conv" => self.conv(n, name, x, &xs, &a),
+            "Pad" => self.pad(n, x, &xs, &a),
             "BatchNormalization" => self.batchnorm(n, name, x, &xs, &a),
             "MaxPool" | "AveragePool" => self.pool(n, name, x, &xs, &a),
             "GlobalAveragePool" => {
@@ -710,7 +727,17 @@ impl Builder {
             }
         }
         let kernel = [w.shape[2], w.shape[3]];
-        let (strides, dilations, pads, out_hw) = spatial(a, &xs[2..], kernel, false)?;
+        // A zero Pad before the conv: the window runs over the padded input.
+        let extra = n
+            .input
+            .first()
+            .and_then(|s| self.padded.get(s))
+            .map_or([0; 4], |p| p.1);
+        let hw = [xs[2] + extra[0] + extra[2], xs[3] + extra[1] + extra[3]];
+        let (strides, dilations, mut pads, out_hw) = spatial(a, &hw, kernel, false)?;
+        for (p, e) in pads.iter_mut().zip(extra) {
+            *p += e;
+        }
         let conv = Conv {
             weight: Tensor::f32(w.shape.clone(), w.to_f32()),
             bias: bias.map(|b| b.to_f32()),
@@ -726,6 +753,57 @@ impl Builder {
             vec![x],
             vec![xs[0], o, out_hw[0], out_hw[1]],
         )
+    }
+
+    /// A constant-mode Pad with value 0 over the spatial axes of a 4-D activation: recorded
+    /// for the Conv that reads it (see [`Builder::padded`]).
+    fn pad(&mut self, n: &pb::NodeProto, x: ValueId, xs: &[usize], a: &Attrs) -> Result<(), Error> {
+        let mode = a.string("mode").unwrap_or_else(|| "constant".into());
+        if mode != "constant" {
+            return bad(format!(
+                "Pad mode '{mode}' is not supported (only constant zeros)"
+            ));
+        }
+        let (pads, value) = if self.graph.opset < 11 {
+            (a.ints("pads").unwrap_or_default(), a.float("value", 0.0))
+        } else {
+            if self.input(n, 3)?.is_some() {
+                return bad("Pad with an axes input is not supported");
+            }
+            let pads = self
+                .constant(n, 1, "pads")?
+                .ok_or_else(|| Error::Input("missing pads".into()))?
+                .to_i64();
+            let value = match self.constant(n, 2, "constant_value")? {
+                Some(t) if t.len() == 1 => t.to_f32()[0],
+                Some(t) => return bad(format!("constant_value of shape {:?}", t.shape)),
+                None => 0.0,
+            };
+            (pads, value)
+        };
+        if xs.len() != 4 || pads.len() != 8 {
+            return bad(format!(
+                "only a Pad of a 4-D NCHW activation is supported (input {xs:?}, pads {pads:?})"
+            ));
+        }
+        if value != 0.0 || pads.iter().any(|&p| p < 0) || [0, 1, 4, 5].iter().any(|&i| pads[i] != 0)
+        {
+            return bad(format!(
+                "only zero padding of the spatial axes is supported (pads {pads:?}, value {value})"
+            ));
+        }
+        if pads.iter().any(|&p| p > 1 << 15) {
+            return bad(format!("pads {pads:?} are too large"));
+        }
+        self.single_output(n)?;
+        let out = n
+            .output
+            .first()
+            .ok_or_else(|| Error::Input("node has no output".into()))?;
+        let p = |i: usize| pads[i] as usize;
+        self.padded
+            .insert(out.clone(), (x, [p(2), p(3), p(6), p(7)]));
+        Ok(())
     }
 
     fn batchnorm(

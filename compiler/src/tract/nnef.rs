@@ -202,8 +202,20 @@ pub fn to_tgz(model: &TypedModel) -> Result<Vec<u8>, Error> {
 
 /// Loads an NNEF archive (tar or tgz) written by [`to_tgz`]; anything else is bad input.
 pub fn from_bytes(bytes: &[u8]) -> Result<TypedModel, Error> {
+    use std::io::Read;
     use tract_nnef::prelude::Framework;
-    framework().model_for_read(&mut &*bytes).map_err(|e| {
+    // Inflate the whole stream first: gzip's CRC-32 and length trailer are checked only at
+    // its end, which the tar reader may never reach.
+    let mut inflated = Vec::new();
+    let tar = if bytes.starts_with(&[0x1f, 0x8b]) {
+        flate2::read::GzDecoder::new(bytes)
+            .read_to_end(&mut inflated)
+            .map_err(|e| Error::Input(format!("not a diffdfq NNEF archive: {e}")))?;
+        &inflated[..]
+    } else {
+        bytes
+    };
+    framework().model_for_read(&mut &*tar).map_err(|e| {
         let why = format!("{e:#}").replace('\n', " ");
         Error::Input(format!("not a diffdfq NNEF archive: {why}"))
     })
