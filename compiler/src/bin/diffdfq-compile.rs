@@ -150,6 +150,8 @@ fn run(a: &Args) -> Result<(), Error> {
             )))
         }
     };
+    // Quantizer errors name the node; the file goes in front, as for import errors.
+    let model_name = a.model.display().to_string();
     let (q, method, calibration) = match a.method {
         Method::Rtn if input_range.is_some() => {
             return Err(Error::Input(
@@ -167,7 +169,8 @@ fn run(a: &Args) -> Result<(), Error> {
             if let Some(n) = a.samples {
                 ro.samples = n;
             }
-            (rtn::quantize(&graph, &ro)?, "rtn", None)
+            let q = rtn::quantize(&graph, &ro).map_err(|e| e.context(&model_name))?;
+            (q, "rtn", None)
         }
         Method::Diffdfq | Method::Genie => {
             let dev = calib::device(match a.device {
@@ -187,7 +190,8 @@ fn run(a: &Args) -> Result<(), Error> {
                     "--samples, --synth-iters and --recon-iters must be at least 1".into(),
                 ));
             }
-            let (q, rep) = calib::calibrate(&graph, &co, &dev, Progress::new(a.quiet))?;
+            let (q, rep) = calib::calibrate(&graph, &co, &dev, Progress::new(a.quiet))
+                .map_err(|e| e.context(&model_name))?;
             if !a.quiet {
                 eprintln!(
                     "calibrated: synthesis {:.1} s, reconstruction {:.1} s, {} blocks on levels {:?}",

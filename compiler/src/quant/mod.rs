@@ -458,6 +458,19 @@ impl QuantGraph {
     }
 }
 
+/// Whether node `j` is a conv that can take the BatchNorm `bn` on its input into its weights:
+/// exact only without padding (padded zeros would have to become `−t_c/a_c`).
+fn absorbs_input_affine(g: &Graph, j: usize, bn: &crate::graph::BatchNorm) -> bool {
+    match &g.nodes[j].op {
+        Op::Conv(c) => {
+            c.pads == [0; 4]
+                && c.weight.shape.get(1).map(|ci| ci * c.groups) == Some(bn.mean.len())
+                && c.weight.as_f32().is_some()
+        }
+        _ => false,
+    }
+}
+
 fn unsupported(node: &str, what: &str) -> Error {
     Error::Input(format!(
         "node '{node}': {what} is not supported by the quantizer"
@@ -506,9 +519,26 @@ pub fn fold(g: &Graph, bits: Bits) -> Result<QuantGraph, Error> {
     tmap[g.inputs[0]] = Some(input);
     let mut done = vec![false; g.nodes.len()];
     let mut nodes: Vec<QNode> = Vec::new();
+    // BatchNorms that precede a conv (Keras writes Conv → ReLU → BN → Conv): the conv reads
+    // the BN's input and absorbs `x·a_c + t_c` into its weights and bias.
+    let mut input_affine: Vec<Option<(Vec<f32>, Vec<f32>)>> = vec![None; g.nodes.len()];
     for (i, n) in g.nodes.iter().enumerate() {
         if done[i] {
             continue;
+        }
+        if let Op::BatchNorm(bn) = &n.op {
+            if let Some(j) = sole(n.output).filter(|&j| absorbs_input_affine(g, j, bn)) {
+                let a: Vec<f32> = (0..bn.mean.len())
+                    .map(|c| bn.scale[c] / (bn.var[c] + bn.eps).sqrt())
+                    .collect();
+                let t = (0..a.len())
+                    .map(|c| bn.bias[c] - a[c] * bn.mean[c])
+                    .collect();
+                input_affine[j] = Some((a, t));
+                done[i] = true;
+                tmap[n.output] = tmap[n.inputs[0]];
+                continue;
+            }
         }
         done[i] = true;
         let mut out_v = n.output;
@@ -573,8 +603,23 @@ pub fn fold(g: &Graph, bits: Bits) -> Result<QuantGraph, Error> {
                     .ok_or_else(|| unsupported(&n.name, "an integer weight"))?;
                 let c_out = c.out_channels();
                 let k = w.len() / c_out.max(1);
-                let bias = c.bias.clone().unwrap_or_else(|| vec![0.0; c_out]);
-                let mut layer = QLayer::new(c_out, k, w.to_vec(), bias, bits.weight);
+                let mut bias = c.bias.clone().unwrap_or_else(|| vec![0.0; c_out]);
+                let mut w = w.to_vec();
+                if let Some((a, t)) = &input_affine[i] {
+                    // Row o reads input channels g·c_in_g + l of its group g, kh·kw taps each.
+                    let taps = c.kernel()[0] * c.kernel()[1];
+                    let (c_in_g, c_out_g) = (k / taps, c_out / c.groups);
+                    for (o, row) in w.chunks_exact_mut(k).enumerate() {
+                        for (l, tap) in row.chunks_exact_mut(taps).enumerate() {
+                            let ch = o / c_out_g * c_in_g + l;
+                            for v in tap {
+                                bias[o] += *v * t[ch];
+                                *v *= a[ch];
+                            }
+                        }
+                    }
+                }
+                let mut layer = QLayer::new(c_out, k, w, bias, bits.weight);
                 let bn = take_bn(&mut out_v, &mut layer, &mut done);
                 let fused = take_act(&mut out_v, &mut done);
                 let [kh, kw] = c.kernel();
@@ -622,7 +667,7 @@ pub fn fold(g: &Graph, bits: Bits) -> Result<QuantGraph, Error> {
             }
             Op::BatchNorm(_) => {
                 return Err(Error::Input(format!(
-                    "node '{}': a BatchNorm that follows no conv or linear layer cannot be folded",
+                    "node '{}': a BatchNorm that neither follows a conv or linear layer nor precedes an unpadded conv cannot be folded",
                     n.name
                 )))
             }
