@@ -8,7 +8,7 @@
 //! function (and the patch gather) without touching the rest.
 
 use crate::error::Error;
-use crate::format::{unpack_group, Weights};
+use crate::format::{unpack_group, ChannelRecord, Weights};
 use crate::numerics::{self, clamp_code, mul_round, ADD_LEFT_SHIFT};
 
 /// A quantized activation to read: codes, 4 right-aligned dims, zero point.
@@ -303,18 +303,22 @@ pub fn conv2d(
     Ok(())
 }
 
-/// Fully connected: `y[n] = requantize(Σ_k (q_nk − z_n)(a_k − z) + bias_n)` over the flattened
-/// input (`K = numel(x)`), `numel(y) = N` outputs.
-pub fn fully_connected(weights: &Weights<'_>, x: &QIn<'_>, y: &mut QOut<'_>) -> Result<(), Error> {
+/// The accumulators of a fully connected layer over the flattened input (`K = numel(x)`):
+/// `acc_n = Σ_k (q_nk − z_n)(a_k − z) + bias_n` for each of the first `n` outputs, handed to
+/// `emit(n, channel, acc)`.
+fn fc_accumulators(
+    weights: &Weights<'_>,
+    x: &QIn<'_>,
+    n: usize,
+    mut emit: impl FnMut(usize, &ChannelRecord, i32),
+) -> Result<(), Error> {
     let input = input_slice(x)?;
-    let n_out = numel(y.dims).ok_or(Error::BadArgument)?;
-    if weights.k != input.len() || weights.c_out != n_out {
+    if weights.k != input.len() || weights.c_out != n {
         return Err(Error::BadArgument);
     }
-    let out = y.data.get_mut(..n_out).ok_or(Error::BadArgument)?;
     let sum_a = sum_codes(input);
     let k = input.len() as i32;
-    for (c, o) in out.iter_mut().enumerate() {
+    for c in 0..n {
         let ch = weights.channel(c).ok_or(Error::BadArgument)?;
         let row = weights.row(c).ok_or(Error::BadArgument)?;
         let dot = dot_packed(weights.bits, row, input);
@@ -327,43 +331,38 @@ pub fn fully_connected(weights: &Weights<'_>, x: &QIn<'_>, y: &mut QOut<'_>) -> 
             x.zero as i32,
             ch.bias,
         );
-        *o = numerics::requantize(acc, ch.mult, ch.shift, y.zero as i32, y.lo, y.hi);
+        emit(c, &ch, acc);
     }
     Ok(())
 }
 
-/// Fully connected with `f32` output: `y[n] = f32(acc_n) · (s_n · s_x)` with `acc_n = Σ_k
-/// (q_nk − z_n)(a_k − z) + bias_n`, no requantization and no clamp (the model's logits keep
-/// their full range). Both products are single IEEE `f32` operations, so every target gives the
-/// same bits.
+/// Fully connected: `y[n] = requantize(acc_n)` ([`fc_accumulators`]), `numel(y) = N` outputs.
+pub fn fully_connected(weights: &Weights<'_>, x: &QIn<'_>, y: &mut QOut<'_>) -> Result<(), Error> {
+    let n_out = numel(y.dims).ok_or(Error::BadArgument)?;
+    let out = y.data.get_mut(..n_out).ok_or(Error::BadArgument)?;
+    let (zero, lo, hi) = (y.zero as i32, y.lo, y.hi);
+    fc_accumulators(weights, x, n_out, |c, ch, acc| {
+        if let Some(o) = out.get_mut(c) {
+            *o = numerics::requantize(acc, ch.mult, ch.shift, zero, lo, hi);
+        }
+    })
+}
+
+/// Fully connected with `f32` output: `y[n] = f32(acc_n) · (s_n · s_x)` ([`fc_accumulators`]),
+/// no requantization and no clamp (the model's logits keep their full range). Both products
+/// are single IEEE `f32` operations, so every target gives the same bits.
 pub fn fully_connected_f32(
     weights: &Weights<'_>,
     x: &QIn<'_>,
     s_x: f32,
     out: &mut [f32],
 ) -> Result<(), Error> {
-    let input = input_slice(x)?;
-    if weights.k != input.len() || weights.c_out > out.len() {
-        return Err(Error::BadArgument);
-    }
-    let sum_a = sum_codes(input);
-    let k = input.len() as i32;
-    for (c, o) in out.iter_mut().take(weights.c_out).enumerate() {
-        let ch = weights.channel(c).ok_or(Error::BadArgument)?;
-        let row = weights.row(c).ok_or(Error::BadArgument)?;
-        let dot = dot_packed(weights.bits, row, input);
-        let acc = expand_acc(
-            dot,
-            ch.sum_q,
-            sum_a,
-            k,
-            ch.w_zero as i32,
-            x.zero as i32,
-            ch.bias,
-        );
-        *o = acc as f32 * (ch.w_scale * s_x);
-    }
-    Ok(())
+    let out = out.get_mut(..weights.c_out).ok_or(Error::BadArgument)?;
+    fc_accumulators(weights, x, out.len(), |c, ch, acc| {
+        if let Some(o) = out.get_mut(c) {
+            *o = acc as f32 * (ch.w_scale * s_x);
+        }
+    })
 }
 
 /// Softmax over rows of `last` values of `f32` logits, in place (f64 sums, as [`softmax`]).

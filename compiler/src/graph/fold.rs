@@ -9,7 +9,7 @@
 //! Both rewrites are exact in real arithmetic (a conv's zero padding stays zero when its input
 //! is scaled), so the float model before and after differs only by float rounding.
 
-use super::{BinKind, Graph, Op, Tensor, ValueId};
+use super::{BinKind, Graph, Op, Tensor};
 
 /// Runs both folds to a fixed point; the bypassed nodes are removed.
 pub fn constants(g: &mut Graph) {
@@ -20,14 +20,6 @@ pub fn constants(g: &mut Graph) {
             break;
         }
     }
-}
-
-fn producer(g: &Graph, v: ValueId) -> Option<usize> {
-    g.nodes.iter().position(|n| n.output == v)
-}
-
-fn single_use(g: &Graph, v: ValueId) -> bool {
-    g.consumers(v).count() == 1 && !g.outputs.contains(&v)
 }
 
 /// The per-channel values of `c` broadcast against an output of shape `out` whose channels
@@ -116,13 +108,13 @@ fn fold_into_producer(g: &mut Graph, i: usize) -> bool {
     };
     let (kind, const_left) = (*kind, *const_left);
     let x = g.nodes[i].inputs[0];
-    let Some(p) = producer(g, x) else {
+    let Some(p) = g.producer(x) else {
         return false;
     };
     let Some((axis, n)) = channels(g, p) else {
         return false;
     };
-    if !single_use(g, x) || g.shape(x) != g.shape(g.nodes[i].output) {
+    if !g.single_use(x) || g.shape(x) != g.shape(g.nodes[i].output) {
         return false;
     }
     let Some(c) = per_channel(value, g.shape(x), axis) else {
@@ -169,7 +161,7 @@ fn fold_into_consumer(g: &mut Graph, i: usize) -> bool {
     // Follow single-use reshapes to a layer that reads the value as its only input.
     let mut v = g.nodes[i].output;
     let layer = loop {
-        if !single_use(g, v) {
+        if !g.single_use(v) {
             return false;
         }
         let Some(j) = g.consumers(v).next() else {
@@ -217,7 +209,7 @@ fn bypass(g: &mut Graph, p: usize, i: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::graph::{Conv, Node, Value};
+    use crate::graph::{Conv, Node, Value, ValueId};
 
     fn value(g: &mut Graph, shape: &[usize]) -> ValueId {
         g.values.push(Value {

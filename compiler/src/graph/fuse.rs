@@ -31,24 +31,16 @@ fn over_six(g: &Graph, node: usize) -> Option<ValueId> {
     (div || mul).then(|| n.inputs[0])
 }
 
-fn producer(g: &Graph, v: ValueId) -> Option<usize> {
-    g.nodes.iter().position(|n| n.output == v)
-}
-
-fn single_use(g: &Graph, v: ValueId) -> bool {
-    g.consumers(v).count() == 1 && !g.outputs.contains(&v)
-}
-
 /// `Clip(x + 3, 0, 6)` producing `v`: returns x.
 fn relu6_shift3(g: &Graph, v: ValueId) -> Option<ValueId> {
-    let clip = &g.nodes[producer(g, v)?];
+    let clip = &g.nodes[g.producer(v)?];
     let Op::Clip { min, max } = clip.op else {
         return None;
     };
-    if min != 0.0 || max != 6.0 || !single_use(g, clip.inputs[0]) {
+    if min != 0.0 || max != 6.0 || !g.single_use(clip.inputs[0]) {
         return None;
     }
-    let add = &g.nodes[producer(g, clip.inputs[0])?];
+    let add = &g.nodes[g.producer(clip.inputs[0])?];
     let three = scalar(&add.op, BinKind::Add)?;
     ((three - 3.0).abs() < TOL && g.shape(add.inputs[0]) == g.shape(add.output))
         .then(|| add.inputs[0])
@@ -59,7 +51,7 @@ pub fn activations(g: &mut Graph) {
     // HardSigmoid: (Clip(x + 3, 0, 6)) / 6
     for i in 0..g.nodes.len() {
         let Some(c) = over_six(g, i) else { continue };
-        if !single_use(g, c) {
+        if !g.single_use(c) {
             continue;
         }
         if let Some(x) = relu6_shift3(g, c) {
@@ -71,12 +63,12 @@ pub fn activations(g: &mut Graph) {
             continue;
         }
         // HardSwish written as (x · Clip(x + 3, 0, 6)) / 6
-        let Some(m) = producer(g, c) else { continue };
+        let Some(m) = g.producer(c) else { continue };
         if g.nodes[m].op == Op::Mul {
             let (a, b) = (g.nodes[m].inputs[0], g.nodes[m].inputs[1]);
-            let x = if relu6_shift3(g, b) == Some(a) && single_use(g, b) {
+            let x = if relu6_shift3(g, b) == Some(a) && g.single_use(b) {
                 Some(a)
-            } else if relu6_shift3(g, a) == Some(b) && single_use(g, a) {
+            } else if relu6_shift3(g, a) == Some(b) && g.single_use(a) {
                 Some(b)
             } else {
                 None
@@ -94,11 +86,11 @@ pub fn activations(g: &mut Graph) {
         }
         let (a, b) = (g.nodes[i].inputs[0], g.nodes[i].inputs[1]);
         let is_hs = |v: ValueId, x: ValueId| {
-            producer(g, v).is_some_and(|p| {
+            g.producer(v).is_some_and(|p| {
                 let n = &g.nodes[p];
                 matches!(n.op, Op::HardSigmoid { alpha, beta } if (alpha - 1.0 / 6.0).abs() < TOL && (beta - 0.5).abs() < TOL)
                     && n.inputs[0] == x
-                    && single_use(g, v)
+                    && g.single_use(v)
             })
         };
         let x = if is_hs(b, a) {

@@ -223,6 +223,16 @@ impl Graph {
             .map(|(i, _)| i)
     }
 
+    /// The node writing value `v`.
+    pub fn producer(&self, v: ValueId) -> Option<usize> {
+        self.nodes.iter().position(|n| n.output == v)
+    }
+
+    /// Whether exactly one node reads `v` and it is no graph output.
+    pub fn single_use(&self, v: ValueId) -> bool {
+        self.consumers(v).count() == 1 && !self.outputs.contains(&v)
+    }
+
     /// BatchNorm nodes in graph order.
     pub fn batchnorms(&self) -> impl Iterator<Item = (usize, &Node, &BatchNorm)> {
         self.nodes
