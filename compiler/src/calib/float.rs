@@ -386,8 +386,10 @@ fn conv_candle(
     }
 }
 
-/// 2-D convolution as im2col and one matrix product per group (batched over the groups:
-/// also the fastest depthwise form measured), see [`super::im2col`]; other devices use candle's `conv2d`.
+/// 2-D convolution on the CPU: depthwise as a direct op ([`super::depthwise`]); ungrouped as
+/// one product of the kernel with every sample's im2col block (none for an unpadded 1×1),
+/// landing in (N, C_out, Ho·Wo); other grouped convs as im2col and one product per group (see
+/// [`super::im2col`]). Other devices use candle's `conv2d`.
 pub fn conv(
     x: &Tensor,
     w: &Tensor,
@@ -403,31 +405,56 @@ pub fn conv(
         dil,
         groups,
     } = *a;
-    let (n, _, h, wd) = x.dims4()?;
+    let (n, c, h, wd) = x.dims4()?;
     let (o, cg, kh, kw) = w.dims4()?;
-    let op = super::im2col::Im2Col {
-        kernel: [kh, kw],
-        strides,
-        dil,
-        pads,
-        groups,
+    let y = if groups == c && o == c && cg == 1 && groups > 1 {
+        x.contiguous()?.apply_op2(
+            &w.contiguous()?,
+            super::depthwise::Depthwise { strides, dil, pads },
+        )?
+    } else {
+        let op = super::im2col::Im2Col {
+            kernel: [kh, kw],
+            strides,
+            dil,
+            pads,
+            groups,
+            batch_major: groups == 1,
+        };
+        let (ho, wo) = op.out_hw(h, wd);
+        if groups == 1 {
+            let cols = if kh == 1 && kw == 1 && strides == [1, 1] && pads == [0; 4] {
+                x.reshape((n, c, h * wd))?
+            } else {
+                // (N, C·kh·kw, Ho·Wo)
+                x.contiguous()?.apply_op1(op)?
+            };
+            w.reshape((o, cg * kh * kw))?
+                .broadcast_matmul(&cols)?
+                .reshape((n, o, ho, wo))?
+        } else {
+            // (G, Cg·kh·kw, N·Ho·Wo)
+            let cols = x.contiguous()?.apply_op1(op)?;
+            let og = o / groups;
+            let y = w.reshape((groups, og, cg * kh * kw))?.matmul(&cols)?;
+            y.reshape((o, n, ho, wo))?.transpose(0, 1)?.contiguous()?
+        }
     };
-    let (ho, wo) = op.out_hw(h, wd);
-    // (G, Cg·kh·kw, N·Ho·Wo)
-    let cols = x.contiguous()?.apply_op1(op)?;
-    let og = o / groups;
-    let y = w.reshape((groups, og, cg * kh * kw))?.matmul(&cols)?;
-    let y = y.reshape((o, n, ho, wo))?.transpose(0, 1)?.contiguous()?;
     match b {
         Some(b) => y.broadcast_add(b),
         None => Ok(y),
     }
 }
 
-/// Per-channel (axis 1) mean and biased variance over every other axis, each of shape (C).
-/// Reduced along the contiguous last axis first: candle's reductions over strided axes
-/// (0, 2, 3) are many times slower, forwards and backwards.
+/// Per-channel (axis 1) mean and biased variance over every other axis, each of shape (C):
+/// one fused op on the CPU ([`super::pointwise::ChannelStats`]). Elsewhere reduced along the
+/// contiguous last axis first: candle's reductions over strided axes (0, 2, 3) are many times
+/// slower, forwards and backwards.
 pub fn channel_stats(x: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+    if x.device().is_cpu() {
+        let s = x.contiguous()?.apply_op1(super::pointwise::ChannelStats)?;
+        return Ok((s.get(0)?, s.get(1)?));
+    }
     let (n, c) = (x.dim(0)?, x.dim(1)?);
     let inner = x.elem_count() / (n * c).max(1);
     let x3 = x.reshape((n, c, inner))?;

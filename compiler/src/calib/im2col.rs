@@ -12,6 +12,10 @@ pub struct Im2Col {
     /// top, left, bottom, right
     pub pads: [usize; 4],
     pub groups: usize,
+    /// Columns as (N, C·kh·kw, Ho·Wo), for an ungrouped conv whose kernel multiplies every
+    /// sample's block in one broadcast product and lands in (N, C_out, Ho·Wo) without a
+    /// transpose; otherwise (G, Cg·kh·kw, N·Ho·Wo).
+    pub batch_major: bool,
 }
 
 /// Geometry of one application.
@@ -37,7 +41,7 @@ impl Im2Col {
 
     /// Calls `f(col_start, input_start, len)` for every run of column entries that read input
     /// pixels `input_start, input_start + stride_w, …` (entries in the padding read nothing and
-    /// stay zero). Columns: (G, Cg·kh·kw, N·Ho·Wo).
+    /// stay zero), in the layout `batch_major` chooses.
     fn for_each_run(&self, d: &Dims, mut f: impl FnMut(usize, usize, usize)) {
         let [kh, kw] = self.kernel;
         let [sh, sw] = self.strides;
@@ -69,7 +73,11 @@ impl Im2Col {
                             if iy < 0 || iy >= d.h as isize {
                                 continue;
                             }
-                            let col = row * p + (n * d.ho + oy) * d.wo + first;
+                            let col = if self.batch_major {
+                                (n * d.c * kh * kw + row) * d.ho * d.wo + oy * d.wo + first
+                            } else {
+                                row * p + (n * d.ho + oy) * d.wo + first
+                            };
                             let inp = ((n * d.c + c) * d.h + iy as usize) * d.w + ix0;
                             f(col, inp, last - first);
                         }
@@ -113,7 +121,12 @@ impl CustomOp1 for Im2Col {
                 }
             }
         });
-        Ok((CpuStorage::F32(out), Shape::from((self.groups, rows, p))))
+        let shape = if self.batch_major {
+            Shape::from((d.n, d.c * self.kernel[0] * self.kernel[1], d.ho * d.wo))
+        } else {
+            Shape::from((self.groups, rows, p))
+        };
+        Ok((CpuStorage::F32(out), shape))
     }
 
     fn bwd(

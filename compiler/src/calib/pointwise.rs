@@ -85,6 +85,78 @@ impl CustomOp1 for ChannelAffine {
     }
 }
 
+/// Per-channel mean and biased variance over every axis but 1 of an (N, C, …) tensor, as a
+/// (2, C) tensor, in one op: candle's `sum`/`broadcast_sub`/`sqr` chain spends about ten
+/// full-size passes (forward and backward) per BatchNorm tap, and synthesis taps every one.
+/// Sums run in f64, one channel per thread in a fixed order.
+pub struct ChannelStats;
+
+impl ChannelStats {
+    fn dims(dims: &[usize]) -> candle_core::Result<(usize, usize, usize)> {
+        if dims.len() < 2 {
+            candle_core::bail!("channel-stats: shape {dims:?} has no channel axis")
+        }
+        Ok((dims[0], dims[1], dims[2..].iter().product::<usize>()))
+    }
+}
+
+impl CustomOp1 for ChannelStats {
+    fn name(&self) -> &'static str {
+        "channel-stats"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
+        let x = contiguous("channel-stats", s, l)?;
+        let (n, c, inner) = Self::dims(l.dims())?;
+        let count = (n * inner).max(1) as f64;
+        let stats: Vec<(f32, f32)> = (0..c)
+            .into_par_iter()
+            .map(|ch| {
+                let runs = || (0..n).map(|k| &x[(k * c + ch) * inner..(k * c + ch + 1) * inner]);
+                let mean = runs()
+                    .map(|r| r.iter().map(|&v| v as f64).sum::<f64>())
+                    .sum::<f64>()
+                    / count;
+                let var = runs()
+                    .map(|r| r.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>())
+                    .sum::<f64>()
+                    / count;
+                (mean as f32, var as f32)
+            })
+            .collect();
+        let (mean, var): (Vec<f32>, Vec<f32>) = stats.into_iter().unzip();
+        Ok((CpuStorage::F32([mean, var].concat()), Shape::from((2, c))))
+    }
+
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        use rayon::prelude::*;
+        let (n, c, inner) = Self::dims(arg.dims())?;
+        let count = (n * inner).max(1) as f32;
+        let x = arg.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let st = res.flatten_all()?.to_vec1::<f32>()?;
+        let g = grad.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let mut gx = vec![0f32; x.len()];
+        // d mean / dx = 1/count; d var / dx = 2 (x − mean) / count.
+        gx.par_chunks_mut(inner.max(1))
+            .zip(x.par_chunks(inner.max(1)))
+            .enumerate()
+            .for_each(|(plane, (out, xs))| {
+                let ch = plane % c;
+                let (mean, gm, gv) = (st[ch], g[ch] / count, 2.0 * g[c + ch] / count);
+                for (o, &v) in out.iter_mut().zip(xs) {
+                    *o = gm + gv * (v - mean);
+                }
+            });
+        Ok(Some(Tensor::from_vec(gx, arg.dims(), arg.device())?))
+    }
+}
+
 /// `clamp(x, lo, hi)` as candle's `x.maximum(lo).minimum(hi)`; either bound may be absent.
 pub struct Clamp {
     pub lo: Option<f32>,
@@ -259,6 +331,41 @@ mod tests {
                 _ => (i as f32 * 1.91).sin() * 9.0,
             })
             .collect()
+    }
+
+    #[test]
+    fn channel_stats_match_candles_reductions_and_their_gradient() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0.5f32, 2.0, (3, 4, 5, 6), &dev)?)?;
+        let (wm, wv) = (
+            Tensor::new(&[1f32, -2., 0.5, 3.], &dev)?,
+            Tensor::new(&[0.25f32, 1., -1., 2.], &dev)?,
+        );
+        let run = |fused: bool| -> candle_core::Result<(Vec<f32>, Vec<f32>)> {
+            let t = x.as_tensor();
+            let (m, v) = if fused {
+                let s = t.apply_op1(ChannelStats)?;
+                (s.get(0)?, s.get(1)?)
+            } else {
+                let x3 = t.reshape((3, 4, 30))?;
+                let m = (x3.sum(2)?.sum(0)? / 90.0)?;
+                let c = x3.broadcast_sub(&m.reshape((1, 4, 1))?)?;
+                (m, (c.sqr()?.sum(2)?.sum(0)? / 90.0)?)
+            };
+            let loss = ((&m * &wm)?.sum_all()? + (&v * &wv)?.sum_all()?)?;
+            let g = loss.backward()?;
+            let gx = g
+                .get(&x)
+                .expect("gradient")
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            Ok(([m.to_vec1::<f32>()?, v.to_vec1::<f32>()?].concat(), gx))
+        };
+        let (a, b) = (run(true)?, run(false)?);
+        for (u, v) in a.0.iter().zip(&b.0).chain(a.1.iter().zip(&b.1)) {
+            assert!((u - v).abs() <= 1e-5 * (1.0 + v.abs()), "{u} vs {v}");
+        }
+        Ok(())
     }
 
     #[test]

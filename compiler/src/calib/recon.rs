@@ -192,6 +192,9 @@ fn lp_act_quant(values: &[f32], bits: u8) -> ActQuant {
     best.1
 }
 
+/// Tensors computed over all samples, which later nodes can start from.
+type Carried = Vec<(TensorId, Tensor)>;
+
 /// Runs `nodes` of the model in `mode` on `x` in chunks and gathers the tensors `want`
 /// (concatenated over the batch).
 fn gather(
@@ -201,14 +204,31 @@ fn gather(
     mode: Mode,
     want: &[TensorId],
 ) -> Result<Vec<Tensor>, Error> {
+    gather_from(m, x, &[], nodes, mode, want)
+}
+
+/// [`gather`] with the tensors `start` already computed (over all samples): `nodes` may then
+/// begin after the nodes that produce them. `None` when a wanted tensor was not computed.
+fn gather_from(
+    m: &QModel,
+    x: &[f32],
+    start: &[(TensorId, Tensor)],
+    nodes: Range<usize>,
+    mode: Mode,
+    want: &[TensorId],
+) -> Result<Vec<Tensor>, Error> {
     let mut in_shape = m.q.tensors[m.q.input].shape.clone();
     let per: usize = in_shape[1..].iter().product();
     let mut parts: Vec<Vec<Tensor>> = vec![Vec::new(); want.len()];
-    for chunk in x.chunks(128 * per) {
-        in_shape[0] = chunk.len() / per;
-        let xt = Tensor::from_vec(chunk.to_vec(), in_shape.as_slice(), m.device())?;
+    let chunk = 128;
+    for (c, xs) in x.chunks(chunk * per).enumerate() {
+        in_shape[0] = xs.len() / per;
+        let xt = Tensor::from_vec(xs.to_vec(), in_shape.as_slice(), m.device())?;
         let mut vals = vec![None; m.q.tensors.len()];
         vals[m.q.input] = Some(m.input(&xt, mode)?);
+        for (t, v) in start {
+            vals[*t] = Some(v.narrow(0, c * chunk, in_shape[0])?);
+        }
         m.run(
             nodes.clone(),
             &mut vals,
@@ -230,13 +250,12 @@ fn gather(
         .collect()
 }
 
-/// `d(L)`: the summed Frobenius norm of the float–quantized logit difference over chunks.
-fn adaptability(m: &QModel, x: &[f32]) -> Result<f32, Error> {
+/// `d(L)`: the summed Frobenius norm of the float–quantized logit difference over chunks,
+/// given the float logits (the float model never changes, so callers keep them per level).
+fn adaptability(m: &QModel, x: &[f32], float_logits: &Tensor) -> Result<f32, Error> {
     let n = m.q.nodes.len();
-    let logits = logits_tensor(m);
-    let p = gather(m, x, 0..n, Mode::Float, &[logits])?;
-    let q = gather(m, x, 0..n, Mode::Quant, &[logits])?;
-    Ok((&p[0] - &q[0])?
+    let q = gather(m, x, 0..n, Mode::Quant, &[logits_tensor(m)])?;
+    Ok((float_logits - &q[0])?
         .sqr()?
         .sum_all()?
         .sqrt()?
@@ -317,9 +336,20 @@ pub fn reconstruct(
             .or_insert_with(|| noised(clean, l, opts.seed))
             .clone()
     };
-    let d_of = |m: &QModel, l: usize, at: &mut dyn FnMut(usize) -> Vec<f32>| {
+    let mut float_logits: BTreeMap<usize, Tensor> = BTreeMap::new();
+    let mut d_of = |m: &QModel, l: usize, at: &mut dyn FnMut(usize) -> Vec<f32>| {
         let x = at(l);
-        adaptability(m, &x[..eval_n * per])
+        let x = &x[..eval_n * per];
+        let f = match float_logits.get(&l) {
+            Some(f) => f.clone(),
+            None => {
+                let n = m.q.nodes.len();
+                let f = gather(m, x, 0..n, Mode::Float, &[logits_tensor(m)])?.remove(0);
+                float_logits.insert(l, f.clone());
+                f
+            }
+        };
+        adaptability(m, x, &f)
     };
     let (mut level, start_level) = if opts.diffusion {
         let mut ds = Vec::new();
@@ -338,6 +368,9 @@ pub fn reconstruct(
         (0, 0)
     };
     let mut rng = Rng::new(opts.seed, 2);
+    // (level, tensors) the next block can start from; see where `fp` and `qin` are gathered.
+    let mut float_carry: Option<(usize, Carried)> = None;
+    let mut quant_carry: Option<(usize, Range<usize>, Carried)> = None;
     let mut bar = progress.bar("reconstruct", (blocks.len() * opts.iters) as u64);
     for (bi, block) in blocks.iter().enumerate() {
         if opts.diffusion && bi > 0 && level > 0 {
@@ -380,7 +413,27 @@ pub fn reconstruct(
             .collect();
         let mut want_f: Vec<TensorId> = ins.clone();
         want_f.extend(&outs);
-        let fp = gather(m, &x, 0..block.end, Mode::Float, &want_f)?;
+        // The float values reaching this block, and the quantized ones, continue from the
+        // previous block's where it ran on the same level: each block then runs once per pass
+        // instead of the whole prefix again.
+        let fp = match &float_carry {
+            Some((l, vals))
+                if *l == level
+                    && ins
+                        .iter()
+                        .all(|t| *t == m.q.input || vals.iter().any(|v| v.0 == *t)) =>
+            {
+                gather_from(m, &x, vals, block.clone(), Mode::Float, &want_f)?
+            }
+            _ => gather(m, &x, 0..block.end, Mode::Float, &want_f)?,
+        };
+        float_carry = Some((
+            level,
+            outs.iter()
+                .copied()
+                .zip(fp[ins.len()..].iter().cloned())
+                .collect(),
+        ));
         let scales = |m: &QModel| -> Vec<ActQuant> {
             quantized.iter().map(|&t| m.q.tensors[t].quant).collect()
         };
@@ -419,7 +472,21 @@ pub fn reconstruct(
             }
         }
         report.act_init_data.push(scales(m) != stats);
-        let qin = gather(m, &x, 0..block.start, Mode::Quant, &ins)?;
+        let qin = match quant_carry.take() {
+            Some((l, prev, vals)) if l == level && prev.end == block.start => {
+                let from_prev = ins.iter().all(|t| {
+                    *t == m.q.input
+                        || vals.iter().any(|v| v.0 == *t)
+                        || prev.clone().any(|i| m.q.nodes[i].output == *t)
+                });
+                if from_prev {
+                    gather_from(m, &x, &vals, prev, Mode::Quant, &ins)?
+                } else {
+                    gather(m, &x, 0..block.start, Mode::Quant, &ins)?
+                }
+            }
+            _ => gather(m, &x, 0..block.start, Mode::Quant, &ins)?,
+        };
         let (fp_in, fp_out) = fp.split_at(ins.len());
         // Trainable state.
         let mut rounding = Vec::new();
@@ -622,6 +689,7 @@ pub fn reconstruct(
             }
             m.q.tensors[*t].quant.scale = s;
         }
+        quant_carry = Some((level, block.clone(), ins.iter().copied().zip(qin).collect()));
         report.losses.push(last);
     }
     bar.finish(format!("levels {:?}", report.levels));

@@ -181,35 +181,40 @@ impl QLayer {
     /// Round-to-nearest with, per channel, the best of the clipping ratios 1.00, 0.99, … (`steps`
     /// of them) of the min–max range by the Lp (p = 2.4) error.
     fn quantize_clipped(&mut self, steps: usize) {
+        use rayon::prelude::*;
         let max = ((1u32 << self.bits) - 1) as f32;
-        let (mut scales, mut zeros) = (Vec::new(), Vec::new());
-        for row in self.weight.chunks_exact(self.k) {
-            let lo = row.iter().fold(0f32, |a, &w| a.min(w));
-            let hi = row.iter().fold(0f32, |a, &w| a.max(w));
-            let mut best = (f64::INFINITY, 1e-8f32, 0u8);
-            for step in 0..steps {
-                let r = 1.0 - step as f32 * 0.01;
-                // An all-zero (or vanishing) row still needs a scale whose requantization
-                // multiplier `s·s_x/s_y` stays inside the runtime's shift range.
-                let s = ((hi - lo) * r / max).max(1e-8);
-                let z = (-lo * r / s).round().clamp(0.0, max);
-                let err: f64 = if steps == 1 {
-                    0.0
-                } else {
-                    row.iter()
-                        .map(|&w| {
-                            let q = ((w / s).round() + z).clamp(0.0, max);
-                            ((w - s * (q - z)).abs() as f64).powf(2.4)
-                        })
-                        .sum()
-                };
-                if err < best.0 {
-                    best = (err, s, z as u8);
+        // Rows are independent: one thread per row keeps the result thread-count-free.
+        let best: Vec<(f32, u8)> = self
+            .weight
+            .par_chunks_exact(self.k.max(1))
+            .map(|row| {
+                let lo = row.iter().fold(0f32, |a, &w| a.min(w));
+                let hi = row.iter().fold(0f32, |a, &w| a.max(w));
+                let mut best = (f64::INFINITY, 1e-8f32, 0u8);
+                for step in 0..steps {
+                    let r = 1.0 - step as f32 * 0.01;
+                    // An all-zero (or vanishing) row still needs a scale whose requantization
+                    // multiplier `s·s_x/s_y` stays inside the runtime's shift range.
+                    let s = ((hi - lo) * r / max).max(1e-8);
+                    let z = (-lo * r / s).round().clamp(0.0, max);
+                    let err: f64 = if steps == 1 {
+                        0.0
+                    } else {
+                        row.iter()
+                            .map(|&w| {
+                                let q = ((w / s).round() + z).clamp(0.0, max);
+                                ((w - s * (q - z)).abs() as f64).powf(2.4)
+                            })
+                            .sum()
+                    };
+                    if err < best.0 {
+                        best = (err, s, z as u8);
+                    }
                 }
-            }
-            scales.push(best.1);
-            zeros.push(best.2);
-        }
+                (best.1, best.2)
+            })
+            .collect();
+        let (scales, zeros) = best.into_iter().unzip();
         // Sizes match by construction.
         let _ = self.set_weights(scales, zeros);
     }
