@@ -7,7 +7,7 @@ use std::ops::Range;
 
 use candle_core::{Device, Tensor, D};
 
-use super::pointwise::{clamp, relu, FakeQuant};
+use super::pointwise::{clamp, relu, FakeQuant, LsqQuant};
 use super::rng::Rng;
 use crate::graph::{Pool, PoolKind};
 use crate::quant::{ActQuant, Activation, Fused, QOp, QuantGraph, TensorId};
@@ -328,14 +328,32 @@ impl QModel {
             };
             if mode == Mode::Quant && self.quantizes_output(i) {
                 let aq = &self.q.tensors[n.output].quant;
-                let yq = fake_quant(&y, aq, ov.act_scale.get(&n.output))?;
-                y = match ov.qdrop.as_deref_mut() {
-                    Some(rng) => {
-                        let keep =
-                            Tensor::from_vec(rng.mask(y.elem_count(), 0.5), y.dims(), &self.dev)?;
-                        (&y + (yq - &y)?.mul(&keep)?)?
+                let step = ov.act_scale.get(&n.output);
+                let keep = ov.qdrop.as_deref_mut().map(|rng| rng.coins(y.elem_count()));
+                y = match step {
+                    Some(s) if self.dev.is_cpu() => y.contiguous()?.apply_op2(
+                        s,
+                        LsqQuant {
+                            zero: aq.zero as f32,
+                            max: ((1u32 << aq.bits) - 1) as f32,
+                            keep,
+                        },
+                    )?,
+                    _ => {
+                        let yq = fake_quant(&y, aq, step)?;
+                        match keep {
+                            Some(coins) => {
+                                let n = y.elem_count();
+                                let keep = Tensor::from_vec(
+                                    Rng::coin_mask(&coins, n),
+                                    y.dims(),
+                                    &self.dev,
+                                )?;
+                                (&y + (yq - &y)?.mul(&keep)?)?
+                            }
+                            None => yq,
+                        }
                     }
-                    None => yq,
                 };
             }
             vals[n.output] = Some(y);

@@ -584,7 +584,8 @@ pub fn reconstruct(
             let mut vals = vec![None; m.q.tensors.len()];
             for ((&t, f), qv) in ins.iter().zip(fp_in).zip(&qin) {
                 let (f, qv) = (f.index_select(&idx, 0)?, qv.index_select(&idx, 0)?);
-                let keep = Tensor::from_vec(rng.mask(f.elem_count(), 0.5), f.dims(), &dev)?;
+                let n = f.elem_count();
+                let keep = Tensor::from_vec(Rng::coin_mask(&rng.coins(n), n), f.dims(), &dev)?;
                 vals[t] = Some((&qv + (f - &qv)?.mul(&keep)?)?);
             }
             let mut ov = Overrides {

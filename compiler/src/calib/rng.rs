@@ -52,9 +52,16 @@ impl Rng {
         (0..n).map(|_| self.normal()).collect()
     }
 
-    /// 0/1 mask of `n` elements, each 1 with probability `p`.
-    pub fn mask(&mut self, n: usize, p: f64) -> Vec<f32> {
-        (0..n).map(|_| self.bernoulli(p) as u8 as f32).collect()
+    /// `n` fair coins, 64 to a draw: bit `i % 64` of word `i / 64` is coin `i`.
+    pub fn coins(&mut self, n: usize) -> Vec<u64> {
+        (0..n.div_ceil(64)).map(|_| self.next_u64()).collect()
+    }
+
+    /// Coins as a 0/1 mask of `n` elements (1 where the coin is set).
+    pub fn coin_mask(coins: &[u64], n: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| (coins.get(i / 64).map_or(0, |w| w >> (i % 64) & 1)) as f32)
+            .collect()
     }
 
     /// A random permutation of `0..n` (Fisher–Yates).
