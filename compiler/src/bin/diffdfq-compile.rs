@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, ValueEnum};
-use diffdfq_compiler::calib::{self, CalibOptions, DeviceKind, Progress};
+use diffdfq_compiler::calib::{self, budget, CalibOptions, DeviceKind, Progress};
 use diffdfq_compiler::emit::{self, header, report};
 use diffdfq_compiler::import::{import_path, ImportOptions};
 use diffdfq_compiler::quant::{rtn, Bits};
@@ -76,12 +76,18 @@ struct Args {
     /// layers without a BatchNorm, default 32)
     #[arg(long)]
     samples: Option<usize>,
-    /// Synthesis iterations per batch (fewer: faster, less faithful samples)
-    #[arg(long, default_value_t = calib::synth::SynthOptions::default().iters)]
-    synth_iters: usize,
-    /// Reconstruction iterations per block (fewer: faster, coarser rounding)
-    #[arg(long, default_value_t = calib::recon::ReconOptions::default().iters)]
-    recon_iters: usize,
+    /// Synthesis iterations per batch (default: from --budget; 400 when the full recipe fits)
+    #[arg(long)]
+    synth_iters: Option<usize>,
+    /// Reconstruction iterations per block (default: from --budget; 200 when the full recipe
+    /// fits)
+    #[arg(long)]
+    recon_iters: Option<usize>,
+    /// Minutes calibration may take on 2 cores (diffdfq, genie): samples and iterations not
+    /// given by flags are chosen from the model's MACs to fit, the same for the same model
+    /// and flags on any machine; the report records them
+    #[arg(long, default_value_t = 10.0)]
+    budget: f64,
     /// The interval real inputs lie in, in the model's input units, e.g. -0.8102,2.0227 for
     /// pixels in [0, 1] normalized by mean 0.286 and std 0.353: synthesized calibration images
     /// stay inside it (diffdfq, genie)
@@ -178,18 +184,54 @@ fn run(a: &Args) -> Result<(), Error> {
                 DeviceArg::Cuda => DeviceKind::Cuda,
             })?;
             let diffusion = a.method == Method::Diffdfq;
-            let mut co = CalibOptions::new(bits, a.seed, diffusion);
-            if let Some(n) = a.samples {
-                co.synth.samples = n;
-            }
-            co.synth.iters = a.synth_iters;
-            co.synth.input_range = input_range;
-            co.recon.iters = a.recon_iters;
-            if co.synth.samples == 0 || co.synth.iters == 0 || co.recon.iters == 0 {
+            if [a.samples, a.synth_iters, a.recon_iters].contains(&Some(0)) {
                 return Err(Error::Input(
                     "--samples, --synth-iters and --recon-iters must be at least 1".into(),
                 ));
             }
+            if !(a.budget.is_finite() && a.budget > 0.0) {
+                return Err(Error::Input(format!(
+                    "--budget takes a positive number of minutes, got {}",
+                    a.budget
+                )));
+            }
+            let size = budget::ModelSize {
+                macs: graph.nodes.iter().map(|n| graph.macs(n)).sum(),
+                layers: graph.nodes.iter().filter(|n| graph.macs(n) > 0).count(),
+            };
+            let fixed = budget::Fixed {
+                samples: a.samples,
+                synth_iters: a.synth_iters,
+                recon_iters: a.recon_iters,
+            };
+            let plan = budget::plan(&size, a.budget, fixed, diffusion);
+            let s = plan.settings;
+            if !a.quiet {
+                eprintln!(
+                    "budget {} min: {} samples x {} synthesis iterations, {} reconstruction \
+                     iterations per block at batch {} (estimated {:.1} min on 2 cores)",
+                    a.budget,
+                    s.samples,
+                    s.synth_iters,
+                    s.recon_iters,
+                    s.recon_batch,
+                    plan.estimate_s / 60.0
+                );
+                if !plan.fits {
+                    eprintln!(
+                        "warning: the leanest settings exceed --budget {}; raise it, or fix \
+                         --samples/--synth-iters/--recon-iters yourself",
+                        a.budget
+                    );
+                }
+            }
+            let mut co = CalibOptions::new(bits, a.seed, diffusion);
+            co.synth.samples = s.samples;
+            co.synth.iters = s.synth_iters;
+            co.synth.input_range = input_range;
+            co.recon.iters = s.recon_iters;
+            co.recon.batch = s.recon_batch;
+            co.recon.eval_samples = s.eval_samples;
             let (q, rep) = calib::calibrate(&graph, &co, &dev, Progress::new(a.quiet))
                 .map_err(|e| e.context(&model_name))?;
             if !a.quiet {
@@ -201,8 +243,13 @@ fn run(a: &Args) -> Result<(), Error> {
                     rep.recon.levels
                 );
             }
-            let json = serde_json::to_value(&rep.recon)
+            let mut json = serde_json::to_value(&rep.recon)
                 .map_err(|e| Error::Internal(format!("report: {e}")))?;
+            if let Some(o) = json.as_object_mut() {
+                let b = serde_json::to_value(plan)
+                    .map_err(|e| Error::Internal(format!("report: {e}")))?;
+                o.insert("budget".into(), b);
+            }
             (q, if diffusion { "diffdfq" } else { "genie" }, Some(json))
         }
     };

@@ -4,6 +4,7 @@
 //! forward diffusion series ([`synth::noised`]) and block reconstruction with progressive
 //! selection ([`recon`]), producing the same [`QuantGraph`] that rtn produces.
 
+pub mod budget;
 mod depthwise;
 pub mod float;
 mod im2col;
