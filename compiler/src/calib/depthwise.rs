@@ -32,10 +32,11 @@ struct Dims {
     wo: usize,
 }
 
-/// One kernel tap's reach along a row: output columns `first..last` read input columns
-/// `ox·stride + off`.
+/// One kernel column's reach along a row: output columns `first..last` (never empty) read
+/// input columns `ox·stride + off`.
 #[derive(Clone, Copy)]
 struct Span {
+    kx: usize,
     first: usize,
     last: usize,
     off: isize,
@@ -71,26 +72,27 @@ impl Depthwise {
         })
     }
 
-    /// The column span of each kernel column `kx`.
+    /// The column span of each kernel column that reaches inside the image.
     fn spans(&self, d: &Dims) -> Vec<Span> {
         let sw = self.strides[1] as isize;
         (0..d.kw)
-            .map(|kx| {
+            .filter_map(|kx| {
                 let off = (kx * self.dil) as isize - self.pads[1] as isize;
                 let first = if off >= 0 {
                     0
                 } else {
-                    ((-off) as usize).div_ceil(sw as usize)
+                    ((-off) as usize).div_ceil(sw as usize).min(d.wo)
                 };
                 let mut last = d.wo;
                 while last > first && (last - 1) as isize * sw + off >= d.w as isize {
                     last -= 1;
                 }
-                Span {
+                (first < last).then_some(Span {
+                    kx,
                     first,
-                    last: last.max(first),
+                    last,
                     off,
-                }
+                })
             })
             .collect()
     }
@@ -142,8 +144,8 @@ impl CustomOp2 for Depthwise {
                 self.rows(&d, |oy, iy, ky| {
                     let row = &mut out[oy * d.wo..(oy + 1) * d.wo];
                     let inp = &src[iy * d.w..(iy + 1) * d.w];
-                    for (kx, s) in spans.iter().enumerate() {
-                        let wv = ker[ky * d.kw + kx];
+                    for s in &spans {
+                        let wv = ker[ky * d.kw + s.kx];
                         let i0 = (s.first as isize * sw as isize + s.off) as usize;
                         let dst = &mut row[s.first..s.last];
                         if sw == 1 {
@@ -186,8 +188,8 @@ impl CustomOp2 for Depthwise {
                 self.rows(&d, |oy, iy, ky| {
                     let grow = &gp[oy * d.wo..(oy + 1) * d.wo];
                     let drow = &mut dst[iy * d.w..(iy + 1) * d.w];
-                    for (kx, s) in spans.iter().enumerate() {
-                        let wv = ker[ky * d.kw + kx];
+                    for s in &spans {
+                        let wv = ker[ky * d.kw + s.kx];
                         let i0 = (s.first as isize * sw as isize + s.off) as usize;
                         let src = &grow[s.first..s.last];
                         if sw == 1 {
@@ -214,7 +216,7 @@ impl CustomOp2 for Depthwise {
                 self.rows(&d, |oy, iy, ky| {
                     let grow = &gp[oy * d.wo..(oy + 1) * d.wo];
                     let xrow = &xp[iy * d.w..(iy + 1) * d.w];
-                    for (kx, s) in spans.iter().enumerate() {
+                    for s in &spans {
                         let i0 = (s.first as isize * sw as isize + s.off) as usize;
                         let src = &grow[s.first..s.last];
                         let dot: f32 = if sw == 1 {
@@ -225,7 +227,7 @@ impl CustomOp2 for Depthwise {
                                 .map(|(j, a)| a * xrow[i0 + j * sw])
                                 .sum()
                         };
-                        acc[ky * d.kw + kx] += dot as f64;
+                        acc[ky * d.kw + s.kx] += dot as f64;
                     }
                 });
             }
@@ -273,6 +275,8 @@ mod tests {
             (2, 10, 5, 2, 1, [2, 2, 2, 2]),
             (3, 6, 3, 1, 2, [2, 2, 2, 2]),
             (2, 5, 3, 1, 1, [0, 0, 0, 0]),
+            // Pads wider than the image: some kernel columns never reach inside.
+            (2, 2, 3, 2, 1, [4, 4, 4, 4]),
         ];
         for (c, s, kk, st, dil, pads) in cases {
             let x = Var::from_tensor(&Tensor::randn(0f32, 1., (2, c, s, s), &dev)?)?;
