@@ -195,9 +195,10 @@ fn run(a: &Args) -> Result<(), Error> {
                     a.budget
                 )));
             }
+            let macs: Vec<u64> = graph.nodes.iter().map(|n| graph.macs(n)).collect();
             let size = budget::ModelSize {
-                macs: graph.nodes.iter().map(|n| graph.macs(n)).sum(),
-                layers: graph.nodes.iter().filter(|n| graph.macs(n) > 0).count(),
+                macs: macs.iter().sum(),
+                layers: macs.iter().filter(|&&m| m > 0).count(),
             };
             let fixed = budget::Fixed {
                 samples: a.samples,

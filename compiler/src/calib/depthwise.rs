@@ -42,6 +42,13 @@ struct Span {
     off: isize,
 }
 
+impl Span {
+    /// The input column output column `first` reads (inside the image by construction).
+    fn input_start(&self, stride: usize) -> usize {
+        (self.first as isize * stride as isize + self.off) as usize
+    }
+}
+
 impl Depthwise {
     fn dims(&self, x: &Shape, k: &Shape) -> candle_core::Result<Dims> {
         let (n, c, h, w) = x.dims4()?;
@@ -146,7 +153,7 @@ impl CustomOp2 for Depthwise {
                     let inp = &src[iy * d.w..(iy + 1) * d.w];
                     for s in &spans {
                         let wv = ker[ky * d.kw + s.kx];
-                        let i0 = (s.first as isize * sw as isize + s.off) as usize;
+                        let i0 = s.input_start(sw);
                         let dst = &mut row[s.first..s.last];
                         if sw == 1 {
                             for (o, &v) in dst.iter_mut().zip(&inp[i0..]) {
@@ -190,7 +197,7 @@ impl CustomOp2 for Depthwise {
                     let drow = &mut dst[iy * d.w..(iy + 1) * d.w];
                     for s in &spans {
                         let wv = ker[ky * d.kw + s.kx];
-                        let i0 = (s.first as isize * sw as isize + s.off) as usize;
+                        let i0 = s.input_start(sw);
                         let src = &grow[s.first..s.last];
                         if sw == 1 {
                             for (o, &v) in drow[i0..].iter_mut().zip(src) {
@@ -217,7 +224,7 @@ impl CustomOp2 for Depthwise {
                     let grow = &gp[oy * d.wo..(oy + 1) * d.wo];
                     let xrow = &xp[iy * d.w..(iy + 1) * d.w];
                     for s in &spans {
-                        let i0 = (s.first as isize * sw as isize + s.off) as usize;
+                        let i0 = s.input_start(sw);
                         let src = &grow[s.first..s.last];
                         let dot: f32 = if sw == 1 {
                             src.iter().zip(&xrow[i0..]).map(|(a, b)| a * b).sum()
