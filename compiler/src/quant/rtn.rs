@@ -22,7 +22,7 @@
 
 use candle_core::{Device, Tensor};
 
-use super::{fold, ActQuant, Activation, Bits, Fused, QOp, QuantGraph};
+use super::{fold, ActQuant, Activation, Bits, ConvGeom, Fused, QOp, QuantGraph};
 use crate::calib::FloatModel;
 use crate::graph::Graph;
 use crate::Error;
@@ -50,6 +50,10 @@ pub struct RtnOptions {
     pub seed: u64,
     /// How many such samples.
     pub samples: usize,
+    /// Moves each layer's bias against the mean shift its weight rounding causes (see
+    /// [`correct_biases`]). Calibration starts from rtn without it: its reconstruction target
+    /// is the float network, biases included.
+    pub bias_correction: bool,
 }
 
 impl Default for RtnOptions {
@@ -58,6 +62,7 @@ impl Default for RtnOptions {
             bits: Bits::default(),
             seed: 0,
             samples: 32,
+            bias_correction: true,
         }
     }
 }
@@ -71,6 +76,9 @@ pub fn quantize(g: &Graph, opts: &RtnOptions) -> Result<QuantGraph, Error> {
         }
     }
     set_activation_ranges(&mut q, g, opts.seed, opts.samples)?;
+    if opts.bias_correction {
+        correct_biases(&mut q)?;
+    }
     q.fit_accumulators();
     Ok(q)
 }
@@ -200,27 +208,37 @@ fn k_range(mean: &[f64], std: &[f64], k: f32) -> (f32, f32) {
     (lo as f32, hi as f32)
 }
 
-/// Pre-activation moments of a conv/linear layer from its input's, treating the `K` terms of
-/// a row as independent: `μ = b + Σ w·μ_in`, `σ² = Σ w²·σ_in²`.
-fn layer_moments(op: &QOp, input: &Moments, in_shape: &[usize]) -> Option<Moments> {
+/// The input channel that code `j` of row `c` reads, for a layer whose input has `channels`
+/// channels (a flattened input: features map to channels in equal runs).
+#[allow(clippy::type_complexity)]
+fn input_channel(
+    op: &QOp,
+    channels: usize,
+    in_shape: &[usize],
+) -> Option<Box<dyn Fn(usize, usize) -> usize>> {
     let l = op.layer()?;
-    // The input channel of code `j` of row `c`.
-    let chan: Box<dyn Fn(usize, usize) -> usize> = match op {
+    Some(match op {
         QOp::Conv { geom, .. } => {
-            let taps = geom.kernel_h * geom.kernel_w;
-            let cin_g = l.k / taps.max(1);
-            let cout_g = l.c_out / geom.groups.max(1);
-            Box::new(move |c, j| (c / cout_g.max(1)) * cin_g + j / taps.max(1))
+            let taps = (geom.kernel_h * geom.kernel_w).max(1);
+            let cin_g = l.k / taps;
+            let cout_g = (l.c_out / geom.groups.max(1)).max(1);
+            Box::new(move |c, j| (c / cout_g) * cin_g + j / taps)
         }
         _ => {
-            // Flattened input: features map to channels of equal runs.
-            let per = l.k / input.mean.len().max(1);
+            let per = l.k / channels.max(1);
             if in_shape.iter().product::<usize>() != l.k || per == 0 {
                 return None;
             }
             Box::new(move |_, j| j / per)
         }
-    };
+    })
+}
+
+/// Pre-activation moments of a conv/linear layer from its input's, treating the `K` terms of
+/// a row as independent: `μ = b + Σ w·μ_in`, `σ² = Σ w²·σ_in²`.
+fn layer_moments(op: &QOp, input: &Moments, in_shape: &[usize]) -> Option<Moments> {
+    let l = op.layer()?;
+    let chan = input_channel(op, input.mean.len(), in_shape)?;
     let (mut mean, mut std) = (Vec::new(), Vec::new());
     for (c, row) in l.weight.chunks_exact(l.k).enumerate() {
         let (mut m, mut v) = (l.bias[c] as f64, 0.0);
@@ -236,8 +254,108 @@ fn layer_moments(op: &QOp, input: &Moments, in_shape: &[usize]) -> Option<Moment
     Some(Moments { mean, std })
 }
 
+/// Fraction of a conv's output positions at which each kernel tap reads inside the image
+/// (the rest read zero padding), `kh·kw` entries.
+fn tap_coverage(geom: &ConvGeom, in_shape: &[usize], out_shape: &[usize]) -> Option<Vec<f64>> {
+    let axis = |n: usize, o: usize, k: usize, s: usize, d: usize, pad: usize| -> Vec<f64> {
+        (0..k)
+            .map(|t| {
+                let inside = (0..o)
+                    .filter(|&p| {
+                        let i = (p * s + t * d) as i64 - pad as i64;
+                        i >= 0 && i < n as i64
+                    })
+                    .count();
+                inside as f64 / o.max(1) as f64
+            })
+            .collect()
+    };
+    let (h, w) = (*in_shape.get(2)?, *in_shape.get(3)?);
+    let (oh, ow) = (*out_shape.get(2)?, *out_shape.get(3)?);
+    let fy = axis(
+        h,
+        oh,
+        geom.kernel_h,
+        geom.stride_h,
+        geom.dilation_h,
+        geom.pad_top,
+    );
+    let fx = axis(
+        w,
+        ow,
+        geom.kernel_w,
+        geom.stride_w,
+        geom.dilation_w,
+        geom.pad_left,
+    );
+    Some(
+        fy.iter()
+            .flat_map(|a| fx.iter().map(move |b| a * b))
+            .collect(),
+    )
+}
+
+/// Data-free bias correction (Nagel et al., "Data-Free Quantization", 2019): rounding moves
+/// each row's weights by `Δw`, which shifts the layer's mean output by `Σ Δw·E[x]`; with the
+/// input means that the BN statistics imply (the moments [`propagate`] follows) the bias
+/// takes that shift back. The taps that read zero padding are weighted by how often they read
+/// the image. Run on final codes, after rtn or after calibration (whose reconstruction leaves
+/// biases at their float values). Layers whose input means are unknown keep their bias.
+/// Returns how many layers moved.
+pub fn correct_biases(q: &mut QuantGraph) -> Result<usize, Error> {
+    // Moments only: a scratch copy takes the ranges this pass would set.
+    let (_, input_means) = propagate(&mut q.clone(), &vec![None; q.tensors.len()])?;
+    let mut moved = 0;
+    for i in 0..q.nodes.len() {
+        let x0 = q.nodes[i].inputs[0];
+        let Some(mi) = input_means[x0].as_ref() else {
+            continue;
+        };
+        let in_shape = q.tensors[x0].shape.clone();
+        let out_shape = q.tensors[q.nodes[i].output].shape.clone();
+        let op = &q.nodes[i].op;
+        let Some(chan) = input_channel(op, mi.mean.len(), &in_shape) else {
+            continue;
+        };
+        let cover = match op {
+            QOp::Conv { geom, .. } => match tap_coverage(geom, &in_shape, &out_shape) {
+                Some(c) => c,
+                None => continue,
+            },
+            _ => vec![1.0],
+        };
+        let Some(l) = q.nodes[i].op.layer_mut() else {
+            continue;
+        };
+        if !l.is_quantized() {
+            continue;
+        }
+        let deq = l.dequantized();
+        let mut shift = vec![0f64; l.c_out];
+        let mut ok = true;
+        for (c, s) in shift.iter_mut().enumerate() {
+            for j in 0..l.k {
+                let Some(&m) = mi.mean.get(chan(c, j)) else {
+                    ok = false;
+                    break;
+                };
+                let dw = deq[c * l.k + j] as f64 - l.weight[c * l.k + j] as f64;
+                *s += dw * m * cover[j % cover.len()];
+            }
+        }
+        if !ok {
+            continue;
+        }
+        for (b, s) in l.bias.iter_mut().zip(&shift) {
+            *b -= *s as f32;
+        }
+        moved += 1;
+    }
+    Ok(moved)
+}
+
 /// Sets every tensor's activation quantization for `q` (folded from `g`), see the module doc.
-pub fn set_activation_ranges(
+fn set_activation_ranges(
     q: &mut QuantGraph,
     g: &Graph,
     seed: u64,
@@ -246,7 +364,7 @@ pub fn set_activation_ranges(
     let mut preset: Vec<Option<(f32, f32)>> = vec![None; q.tensors.len()];
     // Each round calibrates at least one more layer on noise, so this ends.
     loop {
-        let blind = propagate(q, &preset)?;
+        let (blind, _) = propagate(q, &preset)?;
         if blind.is_empty() {
             return Ok(());
         }
@@ -259,8 +377,12 @@ pub fn set_activation_ranges(
 }
 
 /// One pass of range and moment propagation; returns the conv/linear nodes that neither
-/// statistics nor `preset` (post-activation ranges) cover.
-fn propagate(q: &mut QuantGraph, preset: &[Option<(f32, f32)>]) -> Result<Vec<usize>, Error> {
+/// statistics nor `preset` (post-activation ranges) cover, and every tensor's moments.
+#[allow(clippy::type_complexity)]
+fn propagate(
+    q: &mut QuantGraph,
+    preset: &[Option<(f32, f32)>],
+) -> Result<(Vec<usize>, Vec<Option<Moments>>), Error> {
     let mut range: Vec<Option<(f32, f32)>> = vec![None; q.tensors.len()];
     let mut mom: Vec<Option<Moments>> = vec![None; q.tensors.len()];
     let inp = q.input;
@@ -416,7 +538,7 @@ fn propagate(q: &mut QuantGraph, preset: &[Option<(f32, f32)>]) -> Result<Vec<us
             )));
         }
     }
-    Ok(blind)
+    Ok((blind, mom))
 }
 
 /// Moments through a reshape: unchanged per channel when the channel axis survives, or one
@@ -442,4 +564,169 @@ fn reshape_moments(m: &Moments, from: &[usize], to: &[usize]) -> Option<Moments>
         });
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::calib::qmodel::{Mode, QModel};
+    use crate::graph::{BatchNorm, Conv, Node, Op, Tensor as GTensor, Value};
+
+    #[test]
+    fn tap_coverage_counts_the_positions_that_read_the_image() {
+        let geom = ConvGeom {
+            kernel_h: 3,
+            kernel_w: 3,
+            stride_h: 1,
+            stride_w: 1,
+            dilation_h: 1,
+            dilation_w: 1,
+            pad_top: 1,
+            pad_left: 1,
+            pad_bottom: 1,
+            pad_right: 1,
+            groups: 1,
+        };
+        let c = tap_coverage(&geom, &[1, 1, 4, 4], &[1, 1, 4, 4]).unwrap();
+        // Corner taps miss one row and one column of four, the centre reads every position.
+        assert_eq!(c[0], 0.75 * 0.75);
+        assert_eq!(c[1], 0.75);
+        assert_eq!(c[4], 1.0);
+        let unpadded = ConvGeom {
+            pad_top: 0,
+            pad_left: 0,
+            pad_bottom: 0,
+            pad_right: 0,
+            ..geom
+        };
+        let c = tap_coverage(&unpadded, &[1, 1, 4, 4], &[1, 1, 2, 2]).unwrap();
+        assert!(c.iter().all(|&v| v == 1.0));
+    }
+
+    /// x → Conv 1×1 (3→8) → BN → ReLU → Conv 3×3 pad 1 (8→4) → BN, with the running
+    /// statistics those of N(0, 1) inputs (as training would leave them).
+    fn two_convs() -> Graph {
+        let mut vals = normal_samples(7, 3 * 8 + 8 * 4 * 9).into_iter();
+        let mut take =
+            |n: usize, s: f32| -> Vec<f32> { (0..n).map(|_| vals.next().unwrap() * s).collect() };
+        let value = |name: &str, c: usize| Value {
+            name: name.into(),
+            shape: vec![1, c, 6, 6],
+        };
+        let conv = |w: Vec<f32>, shape: Vec<usize>, pad: usize| {
+            Op::Conv(Conv {
+                weight: GTensor::f32(shape, w),
+                bias: None,
+                strides: [1, 1],
+                dilations: [1, 1],
+                pads: [pad; 4],
+                groups: 1,
+            })
+        };
+        let bn = |c: usize| {
+            Op::BatchNorm(BatchNorm {
+                mean: vec![0.0; c],
+                var: vec![1.0; c],
+                scale: vec![1.0; c],
+                bias: (0..c).map(|i| 0.2 * i as f32).collect(),
+                eps: 1e-5,
+            })
+        };
+        let node = |name: &str, op: Op, i: usize| Node {
+            name: name.into(),
+            op,
+            inputs: vec![i],
+            output: i + 1,
+        };
+        let mut g = Graph {
+            values: vec![
+                value("x", 3),
+                value("a", 8),
+                value("b", 8),
+                value("c", 8),
+                value("d", 4),
+                value("y", 4),
+            ],
+            nodes: vec![
+                node("conv1", conv(take(24, 0.5), vec![8, 3, 1, 1], 0), 0),
+                node("bn1", bn(8), 1),
+                node("relu", Op::Relu, 2),
+                node("conv2", conv(take(288, 0.2), vec![4, 8, 3, 3], 1), 3),
+                node("bn2", bn(4), 4),
+            ],
+            inputs: vec![0],
+            outputs: vec![5],
+            opset: 13,
+        };
+        // Running statistics: the batch statistics of N(0, 1) inputs.
+        let x = noise(1, 512);
+        let f = crate::calib::FloatModel::new(&g, &Device::Cpu)
+            .unwrap()
+            .forward_with_bn(&[x])
+            .unwrap();
+        for s in f.bn {
+            if let Op::BatchNorm(b) = &mut g.nodes[s.node].op {
+                b.mean = s.mean.to_vec1().unwrap();
+                b.var = s.var.to_vec1().unwrap();
+            }
+        }
+        g
+    }
+
+    fn noise(seed: u64, n: usize) -> candle_core::Tensor {
+        Tensor::from_vec(normal_samples(seed, n * 108), (n, 3, 6, 6), &Device::Cpu).unwrap()
+    }
+
+    /// Per-channel mean of the fake-quantized output's error against the float graph's.
+    fn mean_error(g: &Graph, q: &QuantGraph) -> f32 {
+        let x = noise(2, 512);
+        let yf = crate::calib::FloatModel::new(g, &Device::Cpu)
+            .unwrap()
+            .forward(std::slice::from_ref(&x))
+            .unwrap()
+            .remove(0);
+        let yq = QModel::new(q.clone(), &Device::Cpu)
+            .unwrap()
+            .forward(&x, Mode::Quant)
+            .unwrap();
+        let d = (yq - yf)
+            .unwrap()
+            .mean_keepdim(0)
+            .unwrap()
+            .mean_keepdim(2)
+            .unwrap();
+        let d = d.mean_keepdim(3).unwrap().flatten_all().unwrap();
+        d.abs().unwrap().mean_all().unwrap().to_scalar().unwrap()
+    }
+
+    #[test]
+    fn bias_correction_takes_back_the_mean_shift_of_rounding() {
+        let g = two_convs();
+        let bits = Bits {
+            weight: 2,
+            act: 8,
+            first_last: 2,
+        };
+        let q = |bias_correction| {
+            quantize(
+                &g,
+                &RtnOptions {
+                    bits,
+                    bias_correction,
+                    ..Default::default()
+                },
+            )
+            .unwrap()
+        };
+        let (plain, corrected) = (q(false), q(true));
+        let (e0, e1) = (mean_error(&g, &plain), mean_error(&g, &corrected));
+        // Same codes, only the biases moved.
+        for (a, b) in plain.nodes.iter().zip(&corrected.nodes) {
+            if let (Some(a), Some(b)) = (a.op.layer(), b.op.layer()) {
+                assert_eq!(a.codes, b.codes);
+            }
+        }
+        eprintln!("mean output error {e0} → {e1}");
+        assert!(e1 < 0.25 * e0, "mean output error {e0} → {e1}");
+    }
 }

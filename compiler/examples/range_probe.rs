@@ -1,0 +1,147 @@
+//! Where rtn's 8-bit error comes from on a real model: prints each tensor's rtn activation range
+//! next to the range real inputs reach, then the fake-quant top-1 agreement with FP32 on them.
+//!
+//!   cargo run --release -p diffdfq-compiler --example range_probe MODEL.onnx INPUTS.npy [MODE]
+//!
+//! MODE: `full` (default: rtn as the CLI compiles it), `act` (float weights, quantized
+//! activations), `weight` (quantized weights, float activations), `oracle` (activation ranges
+//! from INPUTS themselves, clipped at the quantile in the `PCT` environment variable, default
+//! 1.0). `W` sets the weight bits (default 8); `NO_BC=1` turns bias correction off (`act`
+//! runs without it).
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use diffdfq_compiler::calib::qmodel::{Mode, Overrides, QModel};
+use diffdfq_compiler::calib::FloatModel;
+use diffdfq_compiler::import::{import_path, ImportOptions};
+use diffdfq_compiler::quant::rtn::{self, RtnOptions};
+use diffdfq_compiler::quant::{ActQuant, Bits, QOp};
+
+fn argmax(v: &[f32]) -> usize {
+    (0..v.len()).fold(0, |b, i| if v[i] > v[b] { i } else { b })
+}
+
+fn env<T: std::str::FromStr>(k: &str, d: T) -> T {
+    std::env::var(k)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(d)
+}
+
+fn main() {
+    let a: Vec<String> = std::env::args().collect();
+    if a.len() < 3 {
+        eprintln!("usage: range_probe MODEL.onnx INPUTS.npy [full|act|weight|oracle]");
+        std::process::exit(2);
+    }
+    let g = import_path(Path::new(&a[1]), &ImportOptions::default()).unwrap();
+    let (shape, x) = diffdfq_compiler::npy::read_f32(Path::new(&a[2])).unwrap();
+    let mode = a.get(3).map_or("full", |s| s.as_str());
+    let opts = RtnOptions {
+        bits: Bits {
+            weight: env("W", 8),
+            act: 8,
+            first_last: 8,
+        },
+        // Corrected biases belong to quantized weights.
+        bias_correction: mode != "act" && std::env::var("NO_BC").is_err(),
+        ..Default::default()
+    };
+    let mut q = rtn::quantize(&g, &opts).unwrap();
+    let dev = Device::Cpu;
+    let n = shape[0];
+    let xt = Tensor::from_vec(x, shape.as_slice(), &dev).unwrap();
+    let chunk = 25;
+    let batches = || {
+        (0..n)
+            .step_by(chunk)
+            .map(|s| xt.narrow(0, s, chunk.min(n - s)).unwrap())
+    };
+
+    // Every stored tensor's float values on the inputs: min–max and a strided sample.
+    let mut tap = g.clone();
+    tap.outputs = q.tensors.iter().map(|t| t.source).collect();
+    let fm = FloatModel::new(&tap, &dev).unwrap();
+    let k = q.tensors.len();
+    let (mut lo, mut hi) = (vec![f32::INFINITY; k], vec![f32::NEG_INFINITY; k]);
+    let mut sample: Vec<Vec<f32>> = vec![Vec::new(); k];
+    for xs in batches() {
+        for (t, y) in fm.forward(&[xs]).unwrap().into_iter().enumerate() {
+            let v = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            for &e in &v {
+                lo[t] = lo[t].min(e);
+                hi[t] = hi[t].max(e);
+            }
+            sample[t].extend(v.iter().step_by(7));
+        }
+    }
+    let pct: f64 = env("PCT", 1.0);
+    for t in 0..k {
+        let (rl, rh) = q.tensors[t].quant.range();
+        let producer = q.producer(t).map_or("input", |i| q.nodes[i].op.name());
+        let v = &mut sample[t];
+        v.sort_by(f32::total_cmp);
+        let at = |f: f64| v[((v.len() - 1) as f64 * f) as usize];
+        let (pl, ph) = (at(1.0 - pct), at(pct));
+        println!(
+            "{t:3} {producer:14} {:40} rtn [{rl:8.2}, {rh:8.2}] inputs [{:8.2}, {:8.2}] quantile [{pl:8.2}, {ph:8.2}]",
+            q.tensors[t].name, lo[t], hi[t]
+        );
+        if mode == "oracle" && !q.tensors[t].is_f32 {
+            q.tensors[t].quant = match q.producer(t).map(|i| &q.nodes[i]) {
+                // Pass-through ops keep their input's codes.
+                Some(nd) if matches!(nd.op, QOp::MaxPool { .. } | QOp::Reshape) => {
+                    q.tensors[nd.inputs[0]].quant
+                }
+                _ => ActQuant::from_range(pl, ph, q.tensors[t].quant.bits),
+            };
+        }
+    }
+    q.fit_accumulators();
+
+    let fp = FloatModel::new(&g, &dev).unwrap();
+    let qm = QModel::new(q.clone(), &dev).unwrap();
+    // `act`: float weights in quantized mode; `weight`: dequantized weights in float mode.
+    let weights: HashMap<usize, Tensor> = (0..q.nodes.len())
+        .filter_map(|i| {
+            let l = q.nodes[i].op.layer()?;
+            let f = qm.float_weight(i)?.clone();
+            Some((
+                i,
+                match mode {
+                    "act" => f,
+                    _ => Tensor::from_vec(l.dequantized(), f.dims(), &dev).unwrap(),
+                },
+            ))
+        })
+        .collect();
+    let forward = |xs: &Tensor| -> Tensor {
+        let m = match mode {
+            "weight" => Mode::Float,
+            "act" => Mode::Quant,
+            _ => return qm.forward(xs, Mode::Quant).unwrap(),
+        };
+        let mut vals = vec![None; q.tensors.len()];
+        vals[q.input] = Some(qm.input(xs, m).unwrap());
+        let mut ov = Overrides {
+            weights: weights.clone(),
+            ..Default::default()
+        };
+        qm.run(0..q.nodes.len(), &mut vals, m, &mut ov, None)
+            .unwrap();
+        vals[q.output].take().unwrap()
+    };
+    let rows = |y: Tensor| y.flatten_from(1).unwrap().to_vec2::<f32>().unwrap();
+    let mut agree = 0;
+    for xs in batches() {
+        let yf = rows(fp.forward(std::slice::from_ref(&xs)).unwrap().remove(0));
+        let yq = rows(forward(&xs));
+        agree += yf
+            .iter()
+            .zip(&yq)
+            .filter(|(a, b)| argmax(a) == argmax(b))
+            .count();
+    }
+    println!("{mode}: fake-quant top-1 agreement with FP32 {agree}/{n}");
+}
