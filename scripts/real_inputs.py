@@ -7,6 +7,9 @@ labels file (one class index per line).
   real_inputs.py photo N OUT.npy OUT.labels DIR   photos in DIR (jpg/png), 224² crops at several
                                               scales and mirrored (ImageNet models); labels are
                                               the photo's index
+  real_inputs.py tiny N OUT.npy OUT.labels DIR    the same views scaled to 32² with raw pixels in
+                                              [0, 255], no normalization (the Keras CIFAR-10
+                                              model, which was trained on raw uint8 images)
 
 Text: the licence texts every Debian system carries (/usr/share/common-licenses), rendered with
 the DejaVu fonts (fonts-dejavu-core). Preprocessing as the models' own packages do it: ImageNet
@@ -83,12 +86,16 @@ def photo_views(d):
 
 def main():
     kind, n, out, labels = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
-    if kind == "photo":
+    if kind in ("photo", "tiny"):
         xs, ys = [], []
         for img, i in photo_views(sys.argv[5]):
             if len(xs) == n:
                 break
-            xs.append(norm(img))
+            if kind == "tiny":
+                img = img.resize((32, 32), Image.BILINEAR)
+                xs.append(np.asarray(img, np.float32).transpose(2, 0, 1).copy())
+            else:
+                xs.append(norm(img))
             ys.append(i)
         if not xs:
             sys.exit(f"real_inputs.py: no photos in {sys.argv[5]}")

@@ -7,7 +7,7 @@
 //! activations), `weight` (quantized weights, float activations), `oracle` (activation ranges
 //! from INPUTS themselves, clipped at the quantile in the `PCT` environment variable, default
 //! 1.0). `W` sets the weight bits (default 8); `NO_BC=1` turns bias correction off (`act`
-//! runs without it).
+//! runs without it); `RANGE=LO,HI` is `--input-range`.
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -46,6 +46,10 @@ fn main() {
         },
         // Corrected biases belong to quantized weights.
         bias_correction: mode != "act" && std::env::var("NO_BC").is_err(),
+        input_range: std::env::var("RANGE").ok().map(|v| {
+            let (lo, hi) = v.split_once(',').expect("RANGE=LO,HI");
+            (lo.parse().unwrap(), hi.parse().unwrap())
+        }),
         ..Default::default()
     };
     let mut q = rtn::quantize(&g, &opts).unwrap();

@@ -58,6 +58,8 @@ pub struct Plan {
     pub settings: Settings,
     /// Expected calibration time on 2 cores, in seconds.
     pub estimate_s: f64,
+    /// Of which synthesis (the rest is reconstruction), so a run can be compared per stage.
+    pub estimate_synthesis_s: f64,
     /// False when even the leanest settings exceed the budget (they are used anyway).
     pub fits: bool,
 }
@@ -83,6 +85,12 @@ pub const FULL: Settings = Settings {
 /// Expected seconds of calibration with `s` (synthesis, the diffusion scan, the per-block
 /// level checks and activation passes, and reconstruction training).
 pub fn estimate(m: &ModelSize, s: &Settings, diffusion: bool) -> f64 {
+    let (synth, recon) = estimate_stages(m, s, diffusion);
+    synth + recon
+}
+
+/// [`estimate`] split into synthesis and reconstruction seconds.
+pub fn estimate_stages(m: &ModelSize, s: &Settings, diffusion: bool) -> (f64, f64) {
     let (n, e) = (s.samples as f64, s.eval_samples.min(s.samples) as f64);
     let fwd = FORWARD.secs(m);
     let synth = s.synth_iters as f64 * n * SYNTH.secs(m);
@@ -94,7 +102,7 @@ pub fn estimate(m: &ModelSize, s: &Settings, diffusion: bool) -> f64 {
         fixed += (2 * LEVELS) as f64 * e * fwd + blocks * 2.0 * e * fwd;
     }
     let train = s.recon_iters as f64 * s.recon_batch.min(s.samples) as f64 * RECON.secs(m);
-    synth + fixed + train
+    (synth, fixed + train)
 }
 
 /// Synthesis steps from richest to leanest: (samples, iterations). Fewer samples go before
@@ -135,11 +143,13 @@ pub fn plan(m: &ModelSize, minutes: f64, fixed: Fixed, diffusion: bool) -> Plan 
         }
     };
     let done = |settings: Settings| {
-        let estimate_s = estimate(m, &settings, diffusion);
+        let (synth_s, recon_s) = estimate_stages(m, &settings, diffusion);
+        let estimate_s = synth_s + recon_s;
         Plan {
             budget_minutes: minutes,
             settings,
             estimate_s,
+            estimate_synthesis_s: synth_s,
             fits: estimate_s <= budget,
         }
     };

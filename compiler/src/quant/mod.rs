@@ -64,6 +64,11 @@ pub struct QTensor {
     pub quant: ActQuant,
     /// `f32` (only the output of a final Softmax).
     pub is_f32: bool,
+    /// Per-channel statistics of this tensor itself, from a BatchNorm that reads it and was
+    /// absorbed by the layer after it (Keras's BN after ReLU): its running mean and standard
+    /// deviation. Such a BN also leaves the pools and reshapes between it and that layer
+    /// working on the values before it, so their `source` names a value the BN produced.
+    pub stats: Option<BnOutStats>,
 }
 
 impl QTensor {
@@ -403,6 +408,9 @@ pub struct QuantGraph {
     pub input: TensorId,
     pub output: TensorId,
     pub bits: Bits,
+    /// The interval real inputs lie in, taken as mean ± 3σ by the data-free statistics
+    /// (`rtn`): `±3` for normalized inputs, or what `--input-range` says.
+    pub input_range: (f32, f32),
 }
 
 impl QuantGraph {
@@ -463,16 +471,45 @@ impl QuantGraph {
     }
 }
 
-/// Whether node `j` is a conv that can take the BatchNorm `bn` on its input into its weights:
-/// exact only without padding (padded zeros would have to become `−t_c/a_c`).
-fn absorbs_input_affine(g: &Graph, j: usize, bn: &crate::graph::BatchNorm) -> bool {
-    match &g.nodes[j].op {
-        Op::Conv(c) => {
-            c.pads == [0; 4]
-                && c.weight.shape.get(1).map(|ci| ci * c.groups) == Some(bn.mean.len())
-                && c.weight.as_f32().is_some()
+/// The layer that can take the BatchNorm `bn` (node `i`) on its input into its weights, if
+/// any: the BN's sole consumer, or the first conv/linear behind a chain of sole-consumer
+/// MaxPools and Reshapes. An unpadded conv absorbs `x·a_c + t_c` exactly (padded zeros would
+/// have to become `−t_c/a_c`); a MaxPool commutes with it when every `a_c > 0` (a per-channel
+/// increasing map keeps the maximum's position); a linear layer behind a flattening Reshape
+/// absorbs it per feature (Keras: Conv → ReLU → BN → MaxPool → Conv, and BN → Flatten → Dense).
+fn input_affine_target(
+    g: &Graph,
+    i: usize,
+    bn: &crate::graph::BatchNorm,
+    sole: &dyn Fn(ValueId) -> Option<usize>,
+) -> Option<usize> {
+    let c = bn.mean.len();
+    let increasing = (0..c).all(|k| bn.scale[k] > 0.0 && bn.var[k] + bn.eps > 0.0);
+    let mut v = g.nodes[i].output;
+    let mut flattened = false;
+    loop {
+        let j = sole(v)?;
+        match &g.nodes[j].op {
+            Op::Conv(conv) => {
+                let ok = !flattened
+                    && conv.pads == [0; 4]
+                    && conv.weight.shape.get(1).map(|ci| ci * conv.groups) == Some(c)
+                    && conv.weight.as_f32().is_some();
+                return ok.then_some(j);
+            }
+            Op::MatMul { b, trans_a, .. } => {
+                let k = b.shape.first().copied()?;
+                let ok = !trans_a && b.shape.len() == 2 && c > 0 && k % c == 0;
+                // Features in runs of k/c per channel: the input is (1, C, …) flattened.
+                let chw = g.shape(g.nodes[i].output);
+                let ok = ok && chw.iter().product::<usize>() == k && chw.get(1) == Some(&c);
+                return ok.then_some(j);
+            }
+            Op::Pool(p) if p.kind == PoolKind::Max && increasing && !flattened => {}
+            Op::Reshape => flattened = true,
+            _ => return None,
         }
-        _ => false,
+        v = g.nodes[j].output;
     }
 }
 
@@ -517,6 +554,7 @@ pub fn fold(g: &Graph, bits: Bits) -> Result<QuantGraph, Error> {
             source: v,
             quant: ActQuant::from_range(-1.0, 1.0, bits),
             is_f32: false,
+            stats: None,
         });
         tensors.len() - 1
     };
@@ -524,22 +562,84 @@ pub fn fold(g: &Graph, bits: Bits) -> Result<QuantGraph, Error> {
     tmap[g.inputs[0]] = Some(input);
     let mut done = vec![false; g.nodes.len()];
     let mut nodes: Vec<QNode> = Vec::new();
-    // BatchNorms that precede a conv (Keras writes Conv → ReLU → BN → Conv): the conv reads
-    // the BN's input and absorbs `x·a_c + t_c` into its weights and bias.
+    // BatchNorms that precede a conv or linear layer (Keras writes Conv → ReLU → BN → Conv,
+    // see [`input_affine_target`]): the layer reads the BN's input (through the pools and
+    // reshapes between) and absorbs `x·a_c + t_c` into its weights and bias.
     let mut input_affine: Vec<Option<(Vec<f32>, Vec<f32>)>> = vec![None; g.nodes.len()];
     for (i, n) in g.nodes.iter().enumerate() {
         if done[i] {
             continue;
         }
         if let Op::BatchNorm(bn) = &n.op {
-            if let Some(j) = sole(n.output).filter(|&j| absorbs_input_affine(g, j, bn)) {
-                let a: Vec<f32> = (0..bn.mean.len())
+            if let Some(j) = input_affine_target(g, i, bn, &sole) {
+                let mut a: Vec<f32> = (0..bn.mean.len())
                     .map(|c| bn.scale[c] / (bn.var[c] + bn.eps).sqrt())
                     .collect();
-                let t = (0..a.len())
+                let mut t: Vec<f32> = (0..a.len())
                     .map(|c| bn.bias[c] - a[c] * bn.mean[c])
                     .collect();
+                let x = tmap[n.inputs[0]];
+                // The scale goes back into the layer that produced the BN's input where it
+                // can: `a·ReLU(z) + t = ReLU(a·z) + t` for `a > 0`, and a per-output-channel
+                // scale is exact under per-channel weight quantization. Absorbed forward
+                // instead, `a_c` would scale the next layer's weights per *input* channel, and
+                // a row's range is set by its largest `a_c` (up to 190× the median on the Keras
+                // CIFAR-10 model). Only the shift `t` then moves forward.
+                let producer = x.and_then(|x| nodes.iter().rposition(|q| q.output == x));
+                let back = producer.filter(|&p| {
+                    n_consumers(n.inputs[0]) == 1
+                        && a.iter().all(|&v| v > 0.0 && v.is_finite())
+                        && matches!(nodes[p].op.fused(), Fused::None | Fused::Relu)
+                        && nodes[p].op.layer().is_some_and(|l| l.c_out == a.len())
+                });
+                let mut stats = BnOutStats {
+                    node: i,
+                    mean: bn.mean.clone(),
+                    std: bn.var.iter().map(|v| v.max(0.0).sqrt()).collect(),
+                };
+                if let Some(p) = back {
+                    let node = &mut nodes[p];
+                    if let Some(l) = node.op.layer_mut() {
+                        for (c, &ac) in a.iter().enumerate() {
+                            for w in &mut l.weight[c * l.k..(c + 1) * l.k] {
+                                *w *= ac;
+                            }
+                            l.bias[c] *= ac;
+                        }
+                    }
+                    if let Some(own) = &mut node.bn {
+                        for (c, &ac) in a.iter().enumerate() {
+                            own.mean[c] *= ac;
+                            own.std[c] *= ac;
+                        }
+                    }
+                    for (c, &ac) in a.iter().enumerate() {
+                        stats.mean[c] *= ac;
+                        stats.std[c] *= ac;
+                    }
+                    a.iter_mut().for_each(|v| *v = 1.0);
+                } else {
+                    // A dead channel (ReLU output ≈ its running mean, variance ≈ 0) has a huge
+                    // `a_c = γ/√(var + ε)`: absorbed as is, it would set its rows' weight
+                    // range and starve every other weight of codes. Its BN output is a
+                    // constant, so it becomes that constant (`a_c = 0`), which leaves an error
+                    // under 0.1 % of the widest channel's output spread `a·σ`, below one 8-bit
+                    // step.
+                    let spread: Vec<f32> = (0..a.len())
+                        .map(|c| (a[c] * bn.var[c].max(0.0).sqrt()).abs())
+                        .collect();
+                    let widest = spread.iter().copied().fold(0f32, f32::max);
+                    for c in 0..a.len() {
+                        if spread[c] <= 1e-3 * widest {
+                            t[c] += a[c] * bn.mean[c];
+                            a[c] = 0.0;
+                        }
+                    }
+                }
                 input_affine[j] = Some((a, t));
+                if let Some(x) = x {
+                    tensors[x].stats = Some(stats);
+                }
                 done[i] = true;
                 tmap[n.output] = tmap[n.inputs[0]];
                 continue;
@@ -660,11 +760,22 @@ pub fn fold(g: &Graph, bits: Bits) -> Result<QuantGraph, Error> {
                         w[c * kk + r] = bw[r * nn + c];
                     }
                 }
-                let bias = match bias {
+                let mut bias = match bias {
                     Some(t) if t.len() == nn => t.to_f32(),
                     Some(_) => return Err(unsupported(&n.name, "a bias not of length N")),
                     None => vec![0.0; nn],
                 };
+                if let Some((a, t)) = &input_affine[i] {
+                    // Feature r of the flattened (1, C, …) input belongs to channel r / (K/C).
+                    let per = kk / a.len().max(1);
+                    for (o, row) in w.chunks_exact_mut(kk).enumerate() {
+                        for (r, v) in row.iter_mut().enumerate() {
+                            let ch = r / per.max(1);
+                            bias[o] += *v * t[ch];
+                            *v *= a[ch];
+                        }
+                    }
+                }
                 let mut layer = QLayer::new(nn, kk, w, bias, bits.weight);
                 let bn = take_bn(&mut out_v, &mut layer, &mut done);
                 let fused = take_act(&mut out_v, &mut done);
@@ -796,6 +907,7 @@ pub fn fold(g: &Graph, bits: Bits) -> Result<QuantGraph, Error> {
         input,
         output,
         bits,
+        input_range: (-rtn::INPUT_RANGE, rtn::INPUT_RANGE),
     })
 }
 

@@ -1,11 +1,14 @@
-//! `--method rtn`: per-channel min–max round-to-nearest weights and data-free activation ranges.
+//! `--method rtn`: per-channel min–max round-to-nearest weights, data-free activation ranges
+//! and data-free bias correction ([`correct_biases`]).
 //!
 //! Activation ranges, per tensor, in graph order:
 //! - the output of a layer with a folded BN: the BN says its output has per-channel mean `β_c`
 //!   and standard deviation `|γ_c|` (on the training distribution). The range is
 //!   `[min_c(β_c − kσ_c), max_c(β_c + kσ_c)]`, then through the fused ReLU/ReLU6.
 //! - the model input: the input normalization makes it roughly N(0, 1): `±3` (covers the
-//!   normalized pixel range of typical datasets, e.g. [−0.81, 2.02] for Fashion-MNIST).
+//!   normalized pixel range of typical datasets, e.g. [−0.81, 2.02] for Fashion-MNIST), or
+//!   the interval `--input-range` gives (a model fed raw pixels, e.g. [0, 255]). Either way
+//!   the input is taken as mean ± 3σ of its interval for the moments below.
 //! - Add: the sum of its inputs' intervals, narrowed to mean ± kσ of the summed moments
 //!   (independent inputs); Mul: the product's hull; pools and GAP: the
 //!   input's interval (an average stays inside it); MaxPool/Reshape: the input's quantization
@@ -50,6 +53,8 @@ pub struct RtnOptions {
     pub seed: u64,
     /// How many such samples.
     pub samples: usize,
+    /// The interval real inputs lie in; `None`: normalized inputs, `±INPUT_RANGE`.
+    pub input_range: Option<(f32, f32)>,
     /// Moves each layer's bias against the mean shift its weight rounding causes (see
     /// [`correct_biases`]). Calibration starts from rtn without it: its reconstruction target
     /// is the float network, biases included.
@@ -62,6 +67,7 @@ impl Default for RtnOptions {
             bits: Bits::default(),
             seed: 0,
             samples: 32,
+            input_range: None,
             bias_correction: true,
         }
     }
@@ -74,6 +80,9 @@ pub fn quantize(g: &Graph, opts: &RtnOptions) -> Result<QuantGraph, Error> {
         if let Some(l) = n.op.layer_mut() {
             l.quantize_rtn();
         }
+    }
+    if let Some(r) = opts.input_range {
+        q.input_range = r;
     }
     set_activation_ranges(&mut q, g, opts.seed, opts.samples)?;
     if opts.bias_correction {
@@ -122,13 +131,14 @@ pub fn normal_samples(seed: u64, n: usize) -> Vec<f32> {
         .collect()
 }
 
-/// Min–max of the given source-graph values over `samples` float forward passes on N(0, 1)
-/// inputs.
+/// Min–max of the given source-graph values over `samples` float forward passes on Gaussian
+/// inputs with the `input` interval as mean ± 3σ.
 fn noise_ranges(
     g: &Graph,
     values: &[usize],
     seed: u64,
     samples: usize,
+    input: (f32, f32),
 ) -> Result<Vec<(f32, f32)>, Error> {
     let mut tap = g.clone();
     tap.outputs = values.to_vec();
@@ -136,7 +146,11 @@ fn noise_ranges(
     let m = FloatModel::new(&tap, &dev)?;
     let shape = g.shape(g.inputs[0]).to_vec();
     let per: usize = shape.iter().product();
-    let noise = normal_samples(seed, per * samples.max(1));
+    let (mean, sd) = ((input.0 + input.1) / 2.0, (input.1 - input.0) / 6.0);
+    let noise: Vec<f32> = normal_samples(seed, per * samples.max(1))
+        .into_iter()
+        .map(|z| mean + sd * z)
+        .collect();
     let mut r = vec![(f32::INFINITY, f32::NEG_INFINITY); values.len()];
     for x in noise.chunks_exact(per) {
         let x = Tensor::from_vec(x.to_vec(), shape.as_slice(), &dev)?;
@@ -370,7 +384,10 @@ fn set_activation_ranges(
         }
         let outs: Vec<usize> = blind.iter().map(|&i| q.nodes[i].output).collect();
         let sources: Vec<usize> = outs.iter().map(|&t| q.tensors[t].source).collect();
-        for (&t, r) in outs.iter().zip(noise_ranges(g, &sources, seed, samples)?) {
+        for (&t, r) in outs
+            .iter()
+            .zip(noise_ranges(g, &sources, seed, samples, q.input_range)?)
+        {
             preset[t] = Some(r);
         }
     }
@@ -387,13 +404,14 @@ fn propagate(
     let mut mom: Vec<Option<Moments>> = vec![None; q.tensors.len()];
     let inp = q.input;
     let c_in = q.tensors[inp].shape.get(1).copied().unwrap_or(1);
+    // The input's interval is its mean ± 3σ.
+    let (lo, hi) = q.input_range;
     mom[inp] = Some(Moments {
-        mean: vec![0.0; c_in],
-        std: vec![1.0; c_in],
+        mean: vec![(lo as f64 + hi as f64) / 2.0; c_in],
+        std: vec![(hi as f64 - lo as f64) / 6.0; c_in],
     });
-    range[inp] = Some((-INPUT_RANGE, INPUT_RANGE));
-    q.tensors[inp].quant =
-        ActQuant::from_range(-INPUT_RANGE, INPUT_RANGE, q.tensors[inp].quant.bits);
+    range[inp] = Some((lo, hi));
+    q.tensors[inp].quant = ActQuant::from_range(lo, hi, q.tensors[inp].quant.bits);
     // Layers whose moments cannot be followed: calibrated on noise after this pass.
     let mut blind = Vec::new();
     // The logits: the model output, or the input of a final Softmax.
@@ -414,6 +432,21 @@ fn propagate(
         let r_in = |j: usize| -> Option<(f32, f32)> { range[n.inputs[j]] };
         let m_in = |j: usize| -> Option<&Moments> { mom[n.inputs[j]].as_ref() };
         let (r, m): (Option<(f32, f32)>, Option<Moments>) = match &n.op {
+            QOp::Conv { fused, .. } | QOp::Linear { fused, .. }
+                if q.tensors[out].stats.is_some() =>
+            {
+                // A BN read this output: its statistics describe it after the activation.
+                let st = q.tensors[out].stats.as_ref().map(|s| Moments {
+                    mean: s.mean.iter().map(|&v| v as f64).collect(),
+                    std: s.std.iter().map(|&v| v as f64).collect(),
+                });
+                let r = st.as_ref().map(|st| {
+                    let (lo, hi) = k_range(&st.mean, &st.std, k);
+                    let (f_lo, f_hi) = apply_fused((f32::NEG_INFINITY, f32::INFINITY), *fused);
+                    (lo.max(f_lo), hi.min(f_hi))
+                });
+                (r, st)
+            }
             QOp::Conv { fused, .. } | QOp::Linear { fused, .. } => {
                 let pre = match &n.bn {
                     Some(bn) => Some(Moments {
@@ -728,5 +761,161 @@ mod tests {
         }
         eprintln!("mean output error {e0} → {e1}");
         assert!(e1 < 0.25 * e0, "mean output error {e0} → {e1}");
+    }
+
+    /// Keras: Conv → ReLU → BN → MaxPool → Conv → ReLU → BN → Flatten → Dense. Both BNs move
+    /// into the layer after them (the pool commutes with an increasing affine), the folded
+    /// float network equals the graph, and the BNs' statistics describe the ReLU outputs.
+    #[test]
+    fn batchnorms_before_a_pool_or_a_flatten_fold_into_the_layer_after_them() {
+        use crate::graph::{Pool, PoolKind};
+        let keras = |gamma: f32, act: Op| {
+            let mut vals = normal_samples(3, 200).into_iter();
+            let mut take =
+                |n: usize| -> Vec<f32> { (0..n).map(|_| vals.next().unwrap()).collect() };
+            let mut conv1_w = take(72);
+            conv1_w[54..].fill(0.0);
+            let v = |name: &str, shape: &[usize]| Value {
+                name: name.into(),
+                shape: shape.to_vec(),
+            };
+            // Channel 3 of conv1 is dead (zero weights): its BN saw variance ≈ 0.
+            let bn = |c: usize, gamma: f32| {
+                let dead = |i: usize| c == 4 && i == 3;
+                Op::BatchNorm(BatchNorm {
+                    mean: (0..c)
+                        .map(|i| if dead(i) { 0.0 } else { 0.3 + 0.1 * i as f32 })
+                        .collect(),
+                    var: (0..c)
+                        .map(|i| if dead(i) { 1e-11 } else { 0.5 + 0.2 * i as f32 })
+                        .collect(),
+                    scale: (0..c).map(|i| if i == 1 { gamma } else { 1.2 }).collect(),
+                    bias: (0..c).map(|i| 0.1 * i as f32 - 0.2).collect(),
+                    eps: 1e-3,
+                })
+            };
+            let conv = |w: Vec<f32>, shape: Vec<usize>| {
+                Op::Conv(Conv {
+                    weight: GTensor::f32(shape, w),
+                    bias: None,
+                    strides: [1, 1],
+                    dilations: [1, 1],
+                    pads: [0; 4],
+                    groups: 1,
+                })
+            };
+            let node = |name: &str, op: Op, i: usize| Node {
+                name: name.into(),
+                op,
+                inputs: vec![i],
+                output: i + 1,
+            };
+            let pool = Op::Pool(Pool {
+                kind: PoolKind::Max,
+                kernel: [2, 2],
+                strides: [2, 2],
+                dilations: [1, 1],
+                pads: [0; 4],
+                count_include_pad: false,
+            });
+            Graph {
+                values: vec![
+                    v("x", &[1, 2, 6, 6]),
+                    v("c1", &[1, 4, 4, 4]),
+                    v("r1", &[1, 4, 4, 4]),
+                    v("n1", &[1, 4, 4, 4]),
+                    v("p", &[1, 4, 2, 2]),
+                    v("c2", &[1, 3, 2, 2]),
+                    v("r2", &[1, 3, 2, 2]),
+                    v("n2", &[1, 3, 2, 2]),
+                    v("f", &[1, 12]),
+                    v("y", &[1, 5]),
+                ],
+                nodes: vec![
+                    node("conv1", conv(conv1_w.clone(), vec![4, 2, 3, 3]), 0),
+                    node("relu1", act, 1),
+                    node("bn1", bn(4, gamma), 2),
+                    node("pool", pool, 3),
+                    node("conv2", conv(take(12), vec![3, 4, 1, 1]), 4),
+                    node("relu2", Op::Relu, 5),
+                    node("bn2", bn(3, 0.9), 6),
+                    node("flatten", Op::Reshape, 7),
+                    node(
+                        "dense",
+                        Op::MatMul {
+                            b: GTensor::f32(vec![12, 5], take(60)),
+                            bias: Some(GTensor::f32(vec![5], take(5))),
+                            trans_a: false,
+                        },
+                        8,
+                    ),
+                ],
+                inputs: vec![0],
+                outputs: vec![9],
+                opset: 13,
+            }
+        };
+        let g = keras(0.7, Op::Relu);
+        // Without bias correction the layers' biases are the folded float ones.
+        let opts = RtnOptions {
+            bias_correction: false,
+            ..Default::default()
+        };
+        let q = quantize(&g, &opts).unwrap();
+        assert!(!q.nodes.iter().any(|n| n.name.starts_with("bn")));
+        let x = Tensor::from_vec(normal_samples(5, 16 * 72), (16, 2, 6, 6), &Device::Cpu).unwrap();
+        let yf = crate::calib::FloatModel::new(&g, &Device::Cpu)
+            .unwrap()
+            .forward(std::slice::from_ref(&x))
+            .unwrap()
+            .remove(0);
+        let yq = QModel::new(q.clone(), &Device::Cpu)
+            .unwrap()
+            .forward(&x, Mode::Float)
+            .unwrap();
+        let d: f32 = (yf - yq)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(d < 1e-4, "folded float network differs by {d}");
+        // BN1's scale went back into conv1 (ReLU commutes with a positive scale): conv2's
+        // weights keep their scale although the dead channel's γ/√ε ≈ 38.
+        let layer = |q: &QuantGraph, name: &str| {
+            let n = q.nodes.iter().find(|n| n.name == name).unwrap();
+            n.op.layer().unwrap().clone()
+        };
+        assert!(layer(&q, "conv2").weight.iter().all(|w| w.abs() < 10.0));
+        // Behind a ReLU6 the scale cannot go back (it would move the clamp): the dead channel
+        // becomes its constant instead of scaling conv2's weights by 38.
+        let relu6 = keras(0.7, Op::Clip { min: 0.0, max: 6.0 });
+        let q6 = quantize(&relu6, &opts).unwrap();
+        let conv2 = layer(&q6, "conv2");
+        assert!(conv2.weight.chunks(4).all(|row| row[3] == 0.0));
+        assert!(conv2.weight.iter().all(|w| w.abs() < 10.0));
+        let yq6 = QModel::new(q6, &Device::Cpu)
+            .unwrap()
+            .forward(&x, Mode::Float)
+            .unwrap();
+        let yf6 = crate::calib::FloatModel::new(&relu6, &Device::Cpu)
+            .unwrap()
+            .forward(std::slice::from_ref(&x))
+            .unwrap()
+            .remove(0);
+        let d6: f32 = (yf6 - yq6)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(d6 < 1e-4, "folded ReLU6 network differs by {d6}");
+        // A negative scale does not commute with the pool: a named error, not a wrong fold.
+        let e = quantize(&keras(-0.7, Op::Relu), &opts).unwrap_err();
+        assert!(e.to_string().contains("bn1"), "{e}");
     }
 }
