@@ -152,7 +152,7 @@ pub fn calibrate_on(
     let recon = recon::reconstruct(&mut model, &samples, &opts.recon, progress)?;
     // Reconstruction leaves biases at their float values (unless it learned them): move
     // them against the mean shift the final codes cause, as rtn does.
-    if opts.recon.lr_bias == 0.0 {
+    if opts.recon.lr_bias == 0.0 && rtn::corrects_biases(opts.bits) {
         rtn::correct_biases(&mut model.q)?;
     }
     // Learned activation steps change `s_x`: refit the bound on the final scales.
