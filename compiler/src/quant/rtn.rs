@@ -772,6 +772,31 @@ mod tests {
         assert!(e1 < 0.25 * e0, "mean output error {e0} → {e1}");
     }
 
+    /// `--input-range` (a model fed raw pixels): the input's codes cover the interval, and the
+    /// moments that set the first layer's range start from it (mean ± 3σ), not from N(0, 1).
+    #[test]
+    fn the_input_range_sets_the_input_quantizer_and_the_moments() {
+        let g = two_convs();
+        let with = |input_range| {
+            quantize(
+                &g,
+                &RtnOptions {
+                    input_range,
+                    ..Default::default()
+                },
+            )
+            .unwrap()
+        };
+        let (plain, raw) = (with(None), with(Some((0.0, 255.0))));
+        let (lo, hi) = raw.tensors[raw.input].quant.range();
+        assert!(lo.abs() < 1e-3 && (hi - 255.0).abs() < 1e-3, "[{lo}, {hi}]");
+        assert_eq!(plain.tensors[plain.input].quant.range().1.round(), 3.0);
+        // conv1's output range comes from its BN, but the bias correction reads the input
+        // mean: 127.5 instead of 0 moves conv1's bias.
+        let b = |q: &QuantGraph| q.nodes[0].op.layer().unwrap().bias.clone();
+        assert_ne!(b(&plain), b(&raw));
+    }
+
     /// Keras: Conv → ReLU → BN → MaxPool → Conv → ReLU → BN → Flatten → Dense. Both BNs move
     /// into the layer after them (the pool commutes with an increasing affine), the folded
     /// float network equals the graph, and the BNs' statistics describe the ReLU outputs.
