@@ -84,9 +84,9 @@ pub fn quantize(g: &Graph, opts: &RtnOptions) -> Result<QuantGraph, Error> {
     if let Some(r) = opts.input_range {
         q.input_range = r;
     }
-    set_activation_ranges(&mut q, g, opts.seed, opts.samples)?;
+    let moments = set_activation_ranges(&mut q, g, opts.seed, opts.samples)?;
     if opts.bias_correction && corrects_biases(opts.bits) {
-        correct_biases(&mut q)?;
+        correct_biases_with(&mut q, &moments);
     }
     q.fit_accumulators();
     Ok(q)
@@ -327,7 +327,12 @@ pub fn corrects_biases(bits: Bits) -> bool {
 /// Returns how many layers moved.
 pub fn correct_biases(q: &mut QuantGraph) -> Result<usize, Error> {
     // Moments only: a scratch copy takes the ranges this pass would set.
-    let (_, input_means) = propagate(&mut q.clone(), &vec![None; q.tensors.len()])?;
+    let (_, moments) = propagate(&mut q.clone(), &vec![None; q.tensors.len()])?;
+    Ok(correct_biases_with(q, &moments))
+}
+
+/// [`correct_biases`] with every tensor's moments already propagated.
+fn correct_biases_with(q: &mut QuantGraph, input_means: &[Option<Moments>]) -> usize {
     let mut moved = 0;
     for i in 0..q.nodes.len() {
         let x0 = q.nodes[i].inputs[0];
@@ -374,22 +379,23 @@ pub fn correct_biases(q: &mut QuantGraph) -> Result<usize, Error> {
         }
         moved += 1;
     }
-    Ok(moved)
+    moved
 }
 
 /// Sets every tensor's activation quantization for `q` (folded from `g`), see the module doc.
+/// Returns every tensor's moments, for bias correction.
 fn set_activation_ranges(
     q: &mut QuantGraph,
     g: &Graph,
     seed: u64,
     samples: usize,
-) -> Result<(), Error> {
+) -> Result<Vec<Option<Moments>>, Error> {
     let mut preset: Vec<Option<(f32, f32)>> = vec![None; q.tensors.len()];
     // Each round calibrates at least one more layer on noise, so this ends.
     loop {
-        let (blind, _) = propagate(q, &preset)?;
+        let (blind, moments) = propagate(q, &preset)?;
         if blind.is_empty() {
-            return Ok(());
+            return Ok(moments);
         }
         let outs: Vec<usize> = blind.iter().map(|&i| q.nodes[i].output).collect();
         let sources: Vec<usize> = outs.iter().map(|&t| q.tensors[t].source).collect();
@@ -719,18 +725,35 @@ mod tests {
         Tensor::from_vec(normal_samples(seed, n * 108), (n, 3, 6, 6), &Device::Cpu).unwrap()
     }
 
-    /// Per-channel mean of the fake-quantized output's error against the float graph's.
-    fn mean_error(g: &Graph, q: &QuantGraph) -> f32 {
-        let x = noise(2, 512);
+    /// The float graph's and the QuantGraph's (candle, `mode`) outputs on `x`.
+    fn outputs(g: &Graph, q: &QuantGraph, x: &Tensor, mode: Mode) -> (Tensor, Tensor) {
         let yf = crate::calib::FloatModel::new(g, &Device::Cpu)
             .unwrap()
-            .forward(std::slice::from_ref(&x))
+            .forward(std::slice::from_ref(x))
             .unwrap()
             .remove(0);
         let yq = QModel::new(q.clone(), &Device::Cpu)
             .unwrap()
-            .forward(&x, Mode::Quant)
+            .forward(x, mode)
             .unwrap();
+        (yf, yq)
+    }
+
+    /// Largest absolute difference of the two outputs.
+    fn max_gap((a, b): (Tensor, Tensor)) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    /// Per-channel mean of the fake-quantized output's error against the float graph's.
+    fn mean_error(g: &Graph, q: &QuantGraph) -> f32 {
+        let (yf, yq) = outputs(g, q, &noise(2, 512), Mode::Quant);
         let d = (yq - yf)
             .unwrap()
             .mean_keepdim(0)
@@ -898,23 +921,7 @@ mod tests {
         let q = quantize(&g, &opts).unwrap();
         assert!(!q.nodes.iter().any(|n| n.name.starts_with("bn")));
         let x = Tensor::from_vec(normal_samples(5, 16 * 72), (16, 2, 6, 6), &Device::Cpu).unwrap();
-        let yf = crate::calib::FloatModel::new(&g, &Device::Cpu)
-            .unwrap()
-            .forward(std::slice::from_ref(&x))
-            .unwrap()
-            .remove(0);
-        let yq = QModel::new(q.clone(), &Device::Cpu)
-            .unwrap()
-            .forward(&x, Mode::Float)
-            .unwrap();
-        let d: f32 = (yf - yq)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let d = max_gap(outputs(&g, &q, &x, Mode::Float));
         assert!(d < 1e-4, "folded float network differs by {d}");
         // BN1's scale went back into conv1 (ReLU commutes with a positive scale): conv2's
         // weights keep their scale although the dead channel's γ/√ε ≈ 38.
@@ -930,23 +937,7 @@ mod tests {
         let conv2 = layer(&q6, "conv2");
         assert!(conv2.weight.chunks(4).all(|row| row[3] == 0.0));
         assert!(conv2.weight.iter().all(|w| w.abs() < 10.0));
-        let yq6 = QModel::new(q6, &Device::Cpu)
-            .unwrap()
-            .forward(&x, Mode::Float)
-            .unwrap();
-        let yf6 = crate::calib::FloatModel::new(&relu6, &Device::Cpu)
-            .unwrap()
-            .forward(std::slice::from_ref(&x))
-            .unwrap()
-            .remove(0);
-        let d6: f32 = (yf6 - yq6)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let d6 = max_gap(outputs(&relu6, &q6, &x, Mode::Float));
         assert!(d6 < 1e-4, "folded ReLU6 network differs by {d6}");
         // A negative scale does not commute with the pool: a named error, not a wrong fold.
         let e = quantize(&keras(-0.7, Op::Relu), &opts).unwrap_err();
