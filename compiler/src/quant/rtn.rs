@@ -5,6 +5,11 @@
 //! - the output of a layer with a folded BN: the BN says its output has per-channel mean `β_c`
 //!   and standard deviation `|γ_c|` (on the training distribution). The range is
 //!   `[min_c(β_c − kσ_c), max_c(β_c + kσ_c)]`, then through the fused ReLU/ReLU6.
+//! - a ReLU output that a BN read (Keras puts BN after the ReLU): the BN's statistics are those
+//!   of a rectified variable, whose tail `μ + kσ` badly understates when the channel is sparse
+//!   (rarely positive, large when it is). The channel is taken as `ReLU(N(m, s²))` with the
+//!   `(m, s)` that reproduce its mean and spread ([`rectified_source`]), and the range ends at
+//!   `max_c(m_c + k·s_c)`.
 //! - the model input: the input normalization makes it roughly N(0, 1): `±3` (covers the
 //!   normalized pixel range of typical datasets, e.g. [−0.81, 2.02] for Fashion-MNIST), or
 //!   the interval `--input-range` gives (a model fed raw pixels, e.g. [0, 255]). Either way
@@ -18,7 +23,8 @@
 //!   moments are propagated from the BN statistics and the input's N(0, 1) through every op
 //!   (activations by quadrature, conv/linear as sums of independent terms, GAP keeping the
 //!   per-element spread: an upper bound on the spread of an average), and the pre-activation
-//!   range is mean ± kσ as for a BN output (2kσ for the logits, see [`propagate`]). Running the float reference on N(0, 1) noise was
+//!   range is mean ± kσ as for a BN output (2kσ for the logits, see [`propagate`]); a chain
+//!   of such linear layers is followed with joint samples ([`LinearChain`]). Running the float reference on N(0, 1) noise was
 //!   tried first and is kept as the fallback where moments cannot follow a shape: noise images
 //!   give logits half as large as real ones (measured on the fixtures), which clips the winning
 //!   logit.
@@ -190,6 +196,40 @@ fn moments_of(f: impl Fn(f64) -> f64, m: f64, s: f64) -> (f64, f64) {
     (e1, (e2 - e1 * e1).max(0.0).sqrt())
 }
 
+/// The Gaussian `N(m, s²)` whose rectification `ReLU(·)` has mean `mean` and standard
+/// deviation `std`. The ratio mean/std of `ReLU(N(t, 1))` rises monotonically with `t`, so
+/// bisection finds `t = m/s`; a channel that is positive almost always is its own Gaussian.
+pub(crate) fn rectified_source(mean: f64, std: f64) -> (f64, f64) {
+    let relu = |x: f64| x.max(0.0);
+    let ratio = |t: f64| {
+        let (e1, sd) = moments_of(relu, t, 1.0);
+        e1 / sd.max(f64::MIN_POSITIVE)
+    };
+    let (t_lo, t_hi) = (-6.0, 4.0);
+    if std <= 0.0 || mean <= 0.0 || mean / std >= ratio(t_hi) {
+        return (mean, std);
+    }
+    let r = mean / std;
+    let (mut a, mut b) = (t_lo, t_hi);
+    if r <= ratio(a) {
+        b = a;
+    }
+    for _ in 0..50 {
+        if b - a < 1e-6 {
+            break;
+        }
+        let t = 0.5 * (a + b);
+        if ratio(t) < r {
+            a = t;
+        } else {
+            b = t;
+        }
+    }
+    let t = 0.5 * (a + b);
+    let s = mean / moments_of(relu, t, 1.0).0;
+    (t * s, s)
+}
+
 fn fused_fn(f: Fused) -> impl Fn(f64) -> f64 {
     move |x: f64| match f {
         Fused::None => x,
@@ -246,6 +286,115 @@ fn input_channel(
             Box::new(move |_, j| j / per)
         }
     })
+}
+
+/// Moments of BN-less linear layers that read another one's output. Summing independent terms
+/// (as [`layer_moments`] does) misses the correlation a shared input gives the first layer's
+/// outputs, and the second layer sums those correlated outputs: on the Keras CIFAR-10 model's
+/// three Dense layers that made the last two ranges 4–7× narrower than real inputs reach.
+/// So the chain is followed with joint samples instead: the first layer's input is drawn
+/// feature by feature from its moments (its own moments stay the exact analytic ones), every
+/// later layer's moments are those of its samples.
+struct LinearChain {
+    /// Samples of a tensor, `SAMPLES × numel` row-major, where a chain runs through it.
+    samples: Vec<Option<Vec<f32>>>,
+    /// Whether a tensor is read by a BN-less linear layer (directly or through reshapes).
+    feeds: Vec<bool>,
+    rng: crate::calib::rng::Rng,
+}
+
+impl LinearChain {
+    const SAMPLES: usize = 512;
+
+    fn new(q: &QuantGraph, seed: u64) -> Self {
+        let mut feeds = vec![false; q.tensors.len()];
+        for n in q.nodes.iter().rev() {
+            let reads = match n.op {
+                QOp::Linear { .. } => n.bn.is_none() && q.tensors[n.output].stats.is_none(),
+                QOp::Reshape => feeds[n.output],
+                _ => false,
+            };
+            if reads {
+                feeds[n.inputs[0]] = true;
+            }
+        }
+        LinearChain {
+            samples: vec![None; q.tensors.len()],
+            feeds,
+            rng: crate::calib::rng::Rng::new(seed, 0x11C4),
+        }
+    }
+
+    fn reshape(&mut self, x: usize, y: usize) {
+        self.samples[y] = self.samples[x].clone();
+    }
+
+    /// Node `i` (BN-less): its pre-activation moments from its input's samples when it has
+    /// them (else `None`: the analytic moments stand), and its output's samples when a linear
+    /// layer reads them.
+    fn forward(&mut self, q: &QuantGraph, i: usize, input: Option<&Moments>) -> Option<Moments> {
+        let n = &q.nodes[i];
+        let (QOp::Linear { fused, layer }, x) = (&n.op, n.inputs[0]) else {
+            return None;
+        };
+        let sampled = self.samples[x].is_some();
+        if !sampled && !self.feeds[n.output] {
+            return None;
+        }
+        let k = layer.k;
+        let drawn;
+        let xs: &[f32] = match self.samples[x].as_deref() {
+            Some(xs) => xs,
+            None => {
+                let m = input?;
+                let per = k / m.mean.len().max(1);
+                if per == 0 || m.mean.len() * per != k {
+                    return None;
+                }
+                let mut xs = Vec::with_capacity(Self::SAMPLES * k);
+                for _ in 0..Self::SAMPLES {
+                    for j in 0..k {
+                        let c = j / per;
+                        xs.push((m.mean[c] + m.std[c] * self.rng.normal() as f64) as f32);
+                    }
+                }
+                drawn = xs;
+                &drawn
+            }
+        };
+        if xs.len() != Self::SAMPLES * k {
+            return None;
+        }
+        let c_out = layer.c_out;
+        let mut zs = vec![0f32; Self::SAMPLES * c_out];
+        for (z, x) in zs.chunks_exact_mut(c_out).zip(xs.chunks_exact(k)) {
+            for (c, (zc, row)) in z.iter_mut().zip(layer.weight.chunks_exact(k)).enumerate() {
+                *zc = layer.bias[c] + row.iter().zip(x).map(|(w, v)| w * v).sum::<f32>();
+            }
+        }
+        let mut mean = vec![0f64; c_out];
+        let mut var = vec![0f64; c_out];
+        for z in zs.chunks_exact(c_out) {
+            for (m, &v) in mean.iter_mut().zip(z) {
+                *m += v as f64;
+            }
+        }
+        mean.iter_mut().for_each(|m| *m /= Self::SAMPLES as f64);
+        for z in zs.chunks_exact(c_out) {
+            for ((s, &v), m) in var.iter_mut().zip(z).zip(&mean) {
+                *s += (v as f64 - m).powi(2);
+            }
+        }
+        let std = var
+            .iter()
+            .map(|v| (v / Self::SAMPLES as f64).sqrt())
+            .collect();
+        if self.feeds[n.output] {
+            let f = fused_fn(*fused);
+            self.samples[n.output] = Some(zs.into_iter().map(|z| f(z as f64) as f32).collect());
+        }
+        sampled.then_some(Moments { mean, std })
+    }
 }
 
 /// Pre-activation moments of a conv/linear layer from its input's, treating the `K` terms of
@@ -326,8 +475,10 @@ pub fn corrects_biases(bits: Bits) -> bool {
 /// biases at their float values). Layers whose input means are unknown keep their bias.
 /// Returns how many layers moved.
 pub fn correct_biases(q: &mut QuantGraph) -> Result<usize, Error> {
-    // Moments only: a scratch copy takes the ranges this pass would set.
-    let (_, moments) = propagate(&mut q.clone(), &vec![None; q.tensors.len()])?;
+    // Moments only: a scratch copy takes the ranges this pass would set; the samples of linear
+    // chains are drawn as rtn's default seed draws them.
+    let seed = RtnOptions::default().seed;
+    let (_, moments) = propagate(&mut q.clone(), &vec![None; q.tensors.len()], seed)?;
     Ok(correct_biases_with(q, &moments))
 }
 
@@ -393,7 +544,7 @@ fn set_activation_ranges(
     let mut preset: Vec<Option<(f32, f32)>> = vec![None; q.tensors.len()];
     // Each round calibrates at least one more layer on noise, so this ends.
     loop {
-        let (blind, moments) = propagate(q, &preset)?;
+        let (blind, moments) = propagate(q, &preset, seed)?;
         if blind.is_empty() {
             return Ok(moments);
         }
@@ -414,9 +565,13 @@ fn set_activation_ranges(
 fn propagate(
     q: &mut QuantGraph,
     preset: &[Option<(f32, f32)>],
+    seed: u64,
 ) -> Result<(Vec<usize>, Vec<Option<Moments>>), Error> {
     let mut range: Vec<Option<(f32, f32)>> = vec![None; q.tensors.len()];
     let mut mom: Vec<Option<Moments>> = vec![None; q.tensors.len()];
+    // Joint samples of the outputs of BN-less linear layers that feed another one (see
+    // [`LinearChain`]).
+    let mut chain = LinearChain::new(q, seed);
     let inp = q.input;
     let c_in = q.tensors[inp].shape.get(1).copied().unwrap_or(1);
     // The input's interval is its mean ± 3σ.
@@ -456,7 +611,17 @@ fn propagate(
                     std: s.std.iter().map(|&v| v as f64).collect(),
                 });
                 let r = st.as_ref().map(|st| {
-                    let (lo, hi) = k_range(&st.mean, &st.std, k);
+                    let (lo, hi) = if *fused == Fused::None {
+                        k_range(&st.mean, &st.std, k)
+                    } else {
+                        let (m, s): (Vec<f64>, Vec<f64>) = st
+                            .mean
+                            .iter()
+                            .zip(&st.std)
+                            .map(|(&m, &s)| rectified_source(m, s))
+                            .unzip();
+                        k_range(&m, &s, k)
+                    };
                     let (f_lo, f_hi) = apply_fused((f32::NEG_INFINITY, f32::INFINITY), *fused);
                     (lo.max(f_lo), hi.min(f_hi))
                 });
@@ -468,7 +633,12 @@ fn propagate(
                         mean: bn.mean.iter().map(|&v| v as f64).collect(),
                         std: bn.std.iter().map(|&v| v as f64).collect(),
                     }),
-                    None => m_in(0).and_then(|mi| layer_moments(&n.op, mi, &q.tensors[x0].shape)),
+                    None => match chain.forward(q, i, m_in(0)) {
+                        Some(pre) => Some(pre),
+                        None => {
+                            m_in(0).and_then(|mi| layer_moments(&n.op, mi, &q.tensors[x0].shape))
+                        }
+                    },
                 };
                 match pre {
                     Some(pre) => (
@@ -527,6 +697,7 @@ fn propagate(
                 (r, m)
             }
             QOp::MaxPool { .. } | QOp::Reshape => {
+                chain.reshape(x0, out);
                 // Same codes: the same quantization, bits included.
                 let src = q.tensors[x0].quant;
                 let m = m_in(0).and_then(|mi| {
@@ -619,6 +790,31 @@ mod tests {
     use super::*;
     use crate::calib::qmodel::{Mode, QModel};
     use crate::graph::{BatchNorm, Conv, Node, Op, Tensor as GTensor, Value};
+
+    #[test]
+    fn rectified_source_recovers_the_gaussian_behind_a_relu() {
+        let relu = |x: f64| x.max(0.0);
+        for (m, s) in [
+            (-2.3, 1.0),
+            (-0.5, 2.0),
+            (0.0, 0.3),
+            (1.0, 1.0),
+            (-2.5, 0.5),
+        ] {
+            let (mean, std) = moments_of(relu, m, s);
+            let (m2, s2) = rectified_source(mean, std);
+            assert!(
+                (m2 - m).abs() < 1e-3 * s && (s2 - s).abs() < 1e-3 * s,
+                "{m} {s}: {m2} {s2}"
+            );
+        }
+        // A sparse channel (positive 1 % of the time): its Gaussian's 4σ point, 1.7, lies
+        // far beyond the rectified mean + 4σ.
+        let (mean, std) = moments_of(relu, -2.3, 1.0);
+        assert!(mean + 4.0 * std < 0.3, "{}", mean + 4.0 * std);
+        // Almost always positive: the channel is its own Gaussian.
+        assert_eq!(rectified_source(5.0, 1.0), (5.0, 1.0));
+    }
 
     #[test]
     fn tap_coverage_counts_the_positions_that_read_the_image() {
@@ -818,6 +1014,76 @@ mod tests {
         // mean: 127.5 instead of 0 moves conv1's bias.
         let b = |q: &QuantGraph| q.nodes[0].op.layer().unwrap().bias.clone();
         assert_ne!(b(&plain), b(&raw));
+    }
+
+    /// Dense → ReLU → Dense → ReLU → Dense on N(0, 1) inputs, the first layer's rows nearly
+    /// equal: its outputs move together, and the second layer's range must cover what their
+    /// correlated sum reaches: mean + 4σ of the joint samples ends at 0.75 of the largest of
+    /// 4096 outputs (the sum is skewed), independent terms would end near a quarter of it.
+    #[test]
+    fn a_dense_chain_keeps_the_correlation_its_shared_input_gives() {
+        let mut vals = normal_samples(11, 16 * 24 + 24 * 3 + 6).into_iter();
+        let mut take = |n: usize, base: f32, s: f32| -> Vec<f32> {
+            (0..n).map(|_| base + s * vals.next().unwrap()).collect()
+        };
+        let (wa, wb, wc) = (
+            take(16 * 24, 0.3, 0.05),
+            take(24 * 3, 0.5, 0.05),
+            take(6, 0.0, 1.0),
+        );
+        let v = |name: &str, c: usize| Value {
+            name: name.into(),
+            shape: vec![1, c],
+        };
+        let dense = |w: &[f32], k: usize, n: usize| Op::MatMul {
+            b: GTensor::f32(vec![k, n], w.to_vec()),
+            bias: None,
+            trans_a: false,
+        };
+        let node = |name: &str, op: Op, i: usize| Node {
+            name: name.into(),
+            op,
+            inputs: vec![i],
+            output: i + 1,
+        };
+        let g = Graph {
+            values: vec![
+                v("x", 16),
+                v("a", 24),
+                v("ra", 24),
+                v("b", 3),
+                v("rb", 3),
+                v("y", 2),
+            ],
+            nodes: vec![
+                node("dense_a", dense(&wa, 16, 24), 0),
+                node("relu_a", Op::Relu, 1),
+                node("dense_b", dense(&wb, 24, 3), 2),
+                node("relu_b", Op::Relu, 3),
+                node("dense_c", dense(&wc, 3, 2), 4),
+            ],
+            inputs: vec![0],
+            outputs: vec![5],
+            opset: 13,
+        };
+        let q = quantize(&g, &RtnOptions::default()).unwrap();
+        let b = q.nodes.iter().find(|n| n.name.contains("dense_b")).unwrap();
+        let hi = q.tensors[b.output].quant.range().1;
+        // The largest output of dense_b on 4096 N(0, 1) inputs.
+        let x = normal_samples(5, 4096 * 16);
+        let mut reach = 0f32;
+        for x in x.chunks_exact(16) {
+            let ra: Vec<f32> = (0..24)
+                .map(|j| (0..16).map(|i| x[i] * wa[i * 24 + j]).sum::<f32>().max(0.0))
+                .collect();
+            for j in 0..3 {
+                reach = reach.max((0..24).map(|i| ra[i] * wb[i * 3 + j]).sum::<f32>());
+            }
+        }
+        assert!(
+            hi > 0.6 * reach && hi < 2.0 * reach,
+            "range ends at {hi}, outputs reach {reach}"
+        );
     }
 
     /// Keras: Conv → ReLU → BN → MaxPool → Conv → ReLU → BN → Flatten → Dense. Both BNs move
