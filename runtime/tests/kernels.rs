@@ -260,6 +260,32 @@ fn conv_every_bit_width_and_layout() {
             12,
             geom((3, 3), (3, 3), (1, 1), [1, 2, 0, 1], 1),
         ),
+        // Planes over the kernel's 256-pixel tile, tiles starting mid-row: 1×1, 3×3 pad 1,
+        // depthwise stride 2 with a pad wider than a tap reaches.
+        (
+            1,
+            3,
+            2,
+            20,
+            17,
+            geom((1, 1), (1, 1), (1, 1), [0, 0, 0, 0], 1),
+        ),
+        (
+            1,
+            2,
+            3,
+            25,
+            23,
+            geom((3, 3), (1, 1), (1, 1), [1, 1, 1, 1], 1),
+        ),
+        (
+            2,
+            1,
+            1,
+            41,
+            37,
+            geom((3, 3), (2, 2), (1, 2), [1, 4, 2, 1], 2),
+        ),
     ];
     for bits in [2u8, 3, 4, 8] {
         for a_bits in [4u8, 8] {
