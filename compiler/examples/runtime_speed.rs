@@ -1,0 +1,57 @@
+//! Latency of the integer runtime on one core, batch 1: the median over the samples of an
+//! `.npy` of one `diffdfq_runtime::run` call each (the model is validated once, as a device
+//! that keeps it in flash would; the arena is allocated once). `scripts/bench` puts it next to
+//! onnxruntime in the same run.
+//!
+//!     cargo run --release -p diffdfq-compiler --example runtime_speed MODEL.dfq INPUTS.npy
+
+use std::path::Path;
+use std::time::Instant;
+
+use diffdfq_runtime::Model;
+
+fn main() {
+    let a: Vec<String> = std::env::args().collect();
+    if a.len() != 3 {
+        eprintln!("usage: runtime_speed MODEL.dfq INPUTS.npy");
+        std::process::exit(2);
+    }
+    let blob = std::fs::read(&a[1]).unwrap_or_else(|e| {
+        eprintln!("runtime_speed: {}: {e}", a[1]);
+        std::process::exit(2)
+    });
+    let model = Model::from_bytes(&blob).unwrap_or_else(|e| {
+        eprintln!("runtime_speed: {}: not a valid .dfq model: {e}", a[1]);
+        std::process::exit(2)
+    });
+    let (shape, x) = diffdfq_compiler::npy::read_f32(Path::new(&a[2])).unwrap_or_else(|e| {
+        eprintln!("runtime_speed: {}: {e}", a[2]);
+        std::process::exit(2)
+    });
+    let per_in: usize = model.input().shape().iter().map(|&d| d as usize).product();
+    let per_out: usize = model.output().shape().iter().map(|&d| d as usize).product();
+    if shape.iter().skip(1).product::<usize>() != per_in {
+        eprintln!(
+            "runtime_speed: {}: samples of shape {shape:?} do not fit the model's input",
+            a[2]
+        );
+        std::process::exit(2);
+    }
+    let align = diffdfq_runtime::ARENA_ALIGN;
+    let mut buf = vec![0u8; model.arena_size() + align];
+    let at = buf.as_ptr().align_offset(align);
+    let arena = &mut buf[at..at + model.arena_size()];
+    let mut y = vec![0f32; per_out];
+    let mut times = Vec::new();
+    for xs in x.chunks_exact(per_in) {
+        let t0 = Instant::now();
+        diffdfq_runtime::run(&model, xs, &mut y, arena).unwrap_or_else(|e| {
+            eprintln!("runtime_speed: {}: {e}", a[1]);
+            std::process::exit(1)
+        });
+        times.push(t0.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    let median = times.get(times.len() / 2).copied().unwrap_or(f64::NAN);
+    println!("{:.2}", 1000.0 * median);
+}
