@@ -7,7 +7,8 @@
 //! activations), `weight` (quantized weights, float activations), `oracle` (activation ranges
 //! from INPUTS themselves, clipped at the quantile in the `PCT` environment variable, default
 //! 1.0). `W` sets the weight bits (default 8); `NO_BC=1` turns bias correction off (`act`
-//! runs without it); `RANGE=LO,HI` is `--input-range`.
+//! runs without it); `RANGE=LO,HI` is `--input-range`; `ONLY=i` quantizes node `i`'s weights
+//! alone (`weight` mode).
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -115,6 +116,8 @@ fn main() {
                 i,
                 match mode {
                     "act" => f,
+                    // `ONLY=i`: node i alone gets quantized weights.
+                    "weight" if env("ONLY", i) != i => f,
                     _ => Tensor::from_vec(l.dequantized(), f.dims(), &dev).unwrap(),
                 },
             ))
