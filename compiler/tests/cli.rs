@@ -106,7 +106,12 @@ fn model(w: &[f32], var: &[f32], extra: Vec<pb::NodeProto>, out: &str) -> Vec<u8
         output: vec![value(out, &[])],
         ..Default::default()
     };
-    let m = pb::ModelProto {
+    encode(graph)
+}
+
+/// The model bytes of `graph` at opset 13.
+fn encode(graph: pb::GraphProto) -> Vec<u8> {
+    pb::ModelProto {
         ir_version: 8,
         opset_import: vec![pb::OperatorSetIdProto {
             domain: String::new(),
@@ -114,8 +119,8 @@ fn model(w: &[f32], var: &[f32], extra: Vec<pb::NodeProto>, out: &str) -> Vec<u8
         }],
         graph: Some(graph),
         ..Default::default()
-    };
-    m.encode_to_vec()
+    }
+    .encode_to_vec()
 }
 
 fn write(dir: &Path, name: &str, bytes: &[u8]) -> String {
@@ -728,4 +733,129 @@ fn a_batchnorm_after_relu_folds_into_the_unpadded_conv_after_it() {
         o.to_str().unwrap(),
     ]);
     assert_bad_input(&out, &["padded.onnx", "'bn2'", "cannot be folded"]);
+}
+
+/// x (1,2,4,4) → `nodes` (which read "x" and the `inits`) → y, opset 13.
+fn graph_model(nodes: Vec<pb::NodeProto>, inits: Vec<pb::TensorProto>) -> Vec<u8> {
+    let graph = pb::GraphProto {
+        node: nodes,
+        initializer: inits,
+        input: vec![value("x", &[1, 2, 4, 4])],
+        output: vec![value("y", &[])],
+        ..Default::default()
+    };
+    encode(graph)
+}
+
+fn with_ints(mut n: pb::NodeProto, name: &str, v: &[i64]) -> pb::NodeProto {
+    n.attribute.push(pb::AttributeProto {
+        name: name.into(),
+        ints: v.to_vec(),
+        r#type: 7,
+        ..Default::default()
+    });
+    n
+}
+
+/// Hand-made hostile models that once panicked, aborted or gave an error naming neither node
+/// nor file: each is now exit 2, one line naming the file and the node, nothing written.
+#[test]
+fn hostile_models_are_one_line_errors_naming_the_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = tensor("w", &[2, 2, 1, 1], &[1.0, 0.5, -0.5, 1.0]);
+    let conv = || node("conv", "Conv", &["x", "w"], "c");
+    let k = |name: &str, dims: &[i64]| {
+        let n = dims.iter().product::<i64>() as usize;
+        tensor(name, dims, &vec![0.5; n])
+    };
+    type Case<'a> = (
+        &'a str,
+        Vec<pb::NodeProto>,
+        Vec<pb::TensorProto>,
+        &'a [&'a str],
+    );
+    let cases: Vec<Case> = vec![
+        (
+            "add3",
+            vec![conv(), node("add3", "Add", &["c", "k1", "k2"], "y")],
+            vec![w.clone(), k("k1", &[1]), k("k2", &[1])],
+            &["node 'add3'", "takes 2 inputs"],
+        ),
+        (
+            "empty_weight",
+            vec![node("conv0", "Conv", &["x", "w0"], "y")],
+            vec![tensor("w0", &[0, 2, 1, 1], &[])],
+            &["node 'conv0'", "non-empty"],
+        ),
+        (
+            "range_of_empty",
+            vec![
+                conv(),
+                node("range", "Range", &["s", "l", "d"], "r"),
+                node("add", "Add", &["c", "r"], "y"),
+            ],
+            vec![w.clone(), k("s", &[0]), k("l", &[]), k("d", &[])],
+            &["node 'range'", "Range takes scalars"],
+        ),
+        (
+            "huge_broadcast",
+            vec![
+                conv(),
+                node("outer", "Add", &["k1", "k2"], "big"),
+                node("add", "Add", &["c", "big"], "y"),
+            ],
+            vec![w.clone(), k("k1", &[100_000, 1]), k("k2", &[1, 100_000])],
+            &["node 'outer'", "too large"],
+        ),
+        (
+            "absurd_pads",
+            vec![with_ints(conv(), "pads", &[1 << 40, 0, 0, 0])],
+            vec![w.clone()],
+            &["node 'conv'", "pads", "limit"],
+        ),
+        (
+            "concat_mismatch",
+            vec![
+                conv(),
+                with_ints(node("cat", "Concat", &["k1", "k2"], "k"), "axis", &[1]),
+                node("add", "Add", &["c", "k"], "y"),
+            ],
+            vec![w.clone(), k("k1", &[2, 3]), k("k2", &[3, 3])],
+            &["node 'cat'", "do not concatenate"],
+        ),
+    ];
+    for (name, nodes, inits, needles) in cases {
+        // Concat's attribute is an int, not ints.
+        let nodes = nodes
+            .into_iter()
+            .map(|mut n| {
+                for a in &mut n.attribute {
+                    if a.name == "axis" {
+                        a.r#type = 2;
+                        a.i = a.ints[0];
+                        a.ints.clear();
+                    }
+                }
+                n
+            })
+            .collect();
+        let path = write(
+            dir.path(),
+            &format!("{name}.onnx"),
+            &graph_model(nodes, inits),
+        );
+        let out_dir = dir.path().join(format!("{name}-out"));
+        let out = compile(&[
+            &path,
+            "--bits",
+            "4",
+            "--no-lib",
+            "-o",
+            out_dir.to_str().unwrap(),
+        ]);
+        let mut all = needles.to_vec();
+        all.push(&path);
+        assert_bad_input(&out, &all);
+        assert!(!out_dir.exists(), "{name}: output written");
+    }
 }

@@ -2202,6 +2202,11 @@ mod writer {
             Ok((w_off, rows.len() as u32, c_off))
         }
 
+        /// A window field for a record's u16: refused beyond it, never clamped.
+        fn u16_field(v: usize) -> Result<u16, Error> {
+            u16::try_from(v).map_err(|_| Error::BadArgument)
+        }
+
         /// Adds a Conv (its `K` and `C_out` come from the tensors and `geom`).
         pub fn conv(
             &mut self,
@@ -2219,19 +2224,19 @@ mod writer {
             let (lo, hi) = clamp_bounds(fused, y.scale, y.zero_point, y.dtype.bits());
             let (w_off, w_len, c_off) =
                 self.push_weights(layer.bits, s.k, s.c_out, layer, x.scale, y.scale)?;
-            let u = |v: usize| v.min(u16::MAX as usize) as u16;
+            let u = Self::u16_field;
             let r = ConvRecord {
-                kernel_h: u(geom.kernel_h),
-                kernel_w: u(geom.kernel_w),
-                stride_h: u(geom.stride_h),
-                stride_w: u(geom.stride_w),
-                dilation_h: u(geom.dilation_h),
-                dilation_w: u(geom.dilation_w),
-                pad_top: u(geom.pad_top),
-                pad_left: u(geom.pad_left),
-                pad_bottom: u(geom.pad_bottom),
-                pad_right: u(geom.pad_right),
-                groups: u(geom.groups),
+                kernel_h: u(geom.kernel_h)?,
+                kernel_w: u(geom.kernel_w)?,
+                stride_h: u(geom.stride_h)?,
+                stride_w: u(geom.stride_w)?,
+                dilation_h: u(geom.dilation_h)?,
+                dilation_w: u(geom.dilation_w)?,
+                pad_top: u(geom.pad_top)?,
+                pad_left: u(geom.pad_left)?,
+                pad_bottom: u(geom.pad_bottom)?,
+                pad_right: u(geom.pad_right)?,
+                groups: u(geom.groups)?,
                 w_bits: layer.bits,
                 clamp_lo: lo,
                 clamp_hi: hi,
@@ -2316,26 +2321,32 @@ mod writer {
             self.push_op(OpKind::Mul, &[a, b], output, &r.to_bytes())
         }
 
-        fn pool_record(geom: &PoolGeom, flags: u8, lo: u8, hi: u8, q: Requant) -> PoolRecord {
-            let u = |v: usize| v.min(u16::MAX as usize) as u16;
-            PoolRecord {
-                kernel_h: u(geom.kernel_h),
-                kernel_w: u(geom.kernel_w),
-                stride_h: u(geom.stride_h),
-                stride_w: u(geom.stride_w),
-                dilation_h: u(geom.dilation_h),
-                dilation_w: u(geom.dilation_w),
-                pad_top: u(geom.pad_top),
-                pad_left: u(geom.pad_left),
-                pad_bottom: u(geom.pad_bottom),
-                pad_right: u(geom.pad_right),
+        fn pool_record(
+            geom: &PoolGeom,
+            flags: u8,
+            lo: u8,
+            hi: u8,
+            q: Requant,
+        ) -> Result<PoolRecord, Error> {
+            let u = Self::u16_field;
+            Ok(PoolRecord {
+                kernel_h: u(geom.kernel_h)?,
+                kernel_w: u(geom.kernel_w)?,
+                stride_h: u(geom.stride_h)?,
+                stride_w: u(geom.stride_w)?,
+                dilation_h: u(geom.dilation_h)?,
+                dilation_w: u(geom.dilation_w)?,
+                pad_top: u(geom.pad_top)?,
+                pad_left: u(geom.pad_left)?,
+                pad_bottom: u(geom.pad_bottom)?,
+                pad_right: u(geom.pad_right)?,
                 flags,
                 clamp_lo: lo,
                 clamp_hi: hi,
                 reserved: 0,
                 mult: q.mult,
                 shift: q.shift,
-            }
+            })
         }
 
         /// Adds a MaxPool; the output must have the input's quantization.
@@ -2348,7 +2359,7 @@ mod writer {
         ) -> Result<(), Error> {
             let y = self.info(output)?;
             let (lo, hi) = clamp_bounds(fused, y.scale, y.zero_point, y.dtype.bits());
-            let r = Self::pool_record(geom, 0, lo, hi, Requant::default());
+            let r = Self::pool_record(geom, 0, lo, hi, Requant::default())?;
             self.push_op(OpKind::MaxPool, &[input], output, &r.to_bytes())
         }
 
@@ -2369,7 +2380,7 @@ mod writer {
                 lo,
                 hi,
                 requant(x.scale as f64 / y.scale as f64),
-            );
+            )?;
             self.push_op(OpKind::AvgPool, &[input], output, &r.to_bytes())
         }
 

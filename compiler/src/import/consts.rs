@@ -123,7 +123,7 @@ pub fn reshape_target(
 /// Element count of a constant, refusing sizes no CNN's shape computation produces.
 fn numel(shape: &[usize]) -> Result<usize, Error> {
     match shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)) {
-        Some(n) if n <= 1 << 28 => Ok(n),
+        Some(n) if n <= super::MAX_ELEMENTS => Ok(n),
         _ => bad(format!("constant of shape {shape:?} is too large")),
     }
 }
@@ -145,6 +145,7 @@ fn binary(op: &str, l: &Tensor, r: &Tensor) -> Result<Tensor, Error> {
             l.shape, r.shape
         ))
     })?;
+    numel(&shape)?;
     let (li, ri) = (
         broadcast_index(&l.shape, &shape),
         broadcast_index(&r.shape, &shape),
@@ -245,6 +246,17 @@ pub fn eval(op: &str, a: &Attrs, inputs: &[Option<Tensor>], opset: i64) -> Resul
             let ts: Vec<&Tensor> = inputs.iter().flatten().collect();
             let first = ts.first().ok_or_else(|| Error::Input("no inputs".into()))?;
             let ax = axis(a.int("axis", 0), first.shape.len())?;
+            // Every other dim must agree before any input is sliced by them.
+            let agree = |t: &&Tensor| {
+                t.shape.len() == first.shape.len()
+                    && (0..t.shape.len()).all(|i| i == ax || t.shape[i] == first.shape[i])
+            };
+            if !ts.iter().all(agree) {
+                let shapes: Vec<&Vec<usize>> = ts.iter().map(|t| &t.shape).collect();
+                return bad(format!(
+                    "input shapes {shapes:?} do not concatenate on axis {ax}"
+                ));
+            }
             let outer: usize = first.shape[..ax].iter().product();
             let mut shape = first.shape.clone();
             shape[ax] = ts
@@ -398,10 +410,26 @@ pub fn eval(op: &str, a: &Attrs, inputs: &[Option<Tensor>], opset: i64) -> Resul
         }
         "Range" => {
             let (s, l, d) = (x?, get(inputs, 1)?, get(inputs, 2)?);
+            let scalar = |t: &Tensor| -> Result<(), Error> {
+                if t.shape.iter().product::<usize>() == 1 {
+                    Ok(())
+                } else {
+                    bad(format!(
+                        "Range takes scalars, got a tensor of shape {:?}",
+                        t.shape
+                    ))
+                }
+            };
+            scalar(s)?;
+            scalar(l)?;
+            scalar(d)?;
             if s.is_float() {
                 let (s, l, d) = (s.to_f32()[0], l.to_f32()[0], d.to_f32()[0]);
-                let n = ((l - s) / d).ceil().max(0.0) as usize;
-                numel(&[n])?;
+                let n = ((l - s) / d).ceil();
+                if d == 0.0 || !n.is_finite() {
+                    return bad(format!("Range({s}, {l}, {d}) has no finite length"));
+                }
+                let n = numel(&[n.max(0.0) as usize])?;
                 Ok(Tensor::f32(
                     vec![n],
                     (0..n).map(|i| s + i as f32 * d).collect(),
@@ -411,12 +439,15 @@ pub fn eval(op: &str, a: &Attrs, inputs: &[Option<Tensor>], opset: i64) -> Resul
                 if d == 0 {
                     return bad("Range delta 0");
                 }
-                let n = ((l - s) as f64 / d as f64).ceil().max(0.0) as usize;
-                numel(&[n])?;
-                Ok(Tensor::i64(
-                    vec![n],
-                    (0..n as i64).map(|i| s + i * d).collect(),
-                ))
+                // i128: the span of two i64s does not overflow it.
+                let span = l as i128 - s as i128;
+                let n = (span + d as i128 - d.signum() as i128) / d as i128;
+                let n = numel(&[usize::try_from(n.max(0)).unwrap_or(usize::MAX)])?;
+                let v: Option<Vec<i64>> = (0..n as i64)
+                    .map(|i| i.checked_mul(d).and_then(|o| s.checked_add(o)))
+                    .collect();
+                let v = v.ok_or_else(|| Error::Input("Range overflows i64".into()))?;
+                Ok(Tensor::i64(vec![n], v))
             }
         }
         "Where" => {
@@ -424,6 +455,7 @@ pub fn eval(op: &str, a: &Attrs, inputs: &[Option<Tensor>], opset: i64) -> Resul
             let s1 =
                 broadcast_shape(&c.shape, &xa.shape).and_then(|s| broadcast_shape(&s, &ya.shape));
             let shape = s1.ok_or_else(|| Error::Input("Where operands do not broadcast".into()))?;
+            numel(&shape)?;
             let (ci, xi, yi) = (
                 broadcast_index(&c.shape, &shape),
                 broadcast_index(&xa.shape, &shape),

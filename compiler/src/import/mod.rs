@@ -352,6 +352,9 @@ struct Builder {
     padded: HashMap<String, (ValueId, [usize; 4])>,
 }
 
+/// The most elements an activation or folded constant may hold (2^28: 1 GiB of f32).
+pub(crate) const MAX_ELEMENTS: usize = 1 << 28;
+
 fn bad<T>(msg: impl Into<String>) -> Result<T, Error> {
     Err(Error::Input(msg.into()))
 }
@@ -420,6 +423,12 @@ impl Builder {
     ) -> Result<(), Error> {
         if shape.contains(&0) {
             return bad(format!("output shape {shape:?} is empty"));
+        }
+        // Activations live in a device arena: a shape this large is a malformed model (absurd
+        // pads, say), refused before anything is allocated for it.
+        match shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)) {
+            Some(n) if n <= MAX_ELEMENTS => {}
+            _ => return bad(format!("output shape {shape:?} is too large")),
         }
         let out_name = n
             .output
@@ -654,6 +663,12 @@ impl Builder {
             "Mul" => BinKind::Mul,
             _ => BinKind::Div,
         };
+        if n.input.len() != 2 {
+            return bad(format!(
+                "{op} takes 2 inputs, this node has {}",
+                n.input.len()
+            ));
+        }
         let l = self.required(n, 0)?;
         let r = self.required(n, 1)?;
         let shape_of = |b: &Self, v: &Val| match v {
@@ -674,7 +689,8 @@ impl Builder {
                 let value = Tensor::f32(c.shape.clone(), c.to_f32());
                 self.emit(n, name, Op::ConstBinary { kind, value, const_left }, vec![x], out)
             }
-            (Val::Const(_), Val::Const(_)) => unreachable!("folded before"),
+            // Constant operands fold before this; reaching here means they did not.
+            (Val::Const(_), Val::Const(_)) => bad("both operands are constants that did not fold"),
         }
     }
 
@@ -695,8 +711,11 @@ impl Builder {
             .constant(n, 1, "weight")?
             .ok_or_else(|| Error::Input("missing weight".into()))?;
         let bias = self.constant(n, 2, "bias")?;
-        if w.shape.len() != 4 {
-            return bad(format!("weight must be 4-D, got {:?}", w.shape));
+        if w.shape.len() != 4 || w.shape.contains(&0) {
+            return bad(format!(
+                "weight must be 4-D and non-empty, got {:?}",
+                w.shape
+            ));
         }
         let groups = a.int("group", 1);
         let (o, ci) = (w.shape[0], w.shape[1]);
@@ -977,6 +996,22 @@ fn spatial(a: &Attrs, hw: &[usize], kernel: [usize; 2], ceil: bool) -> Result<Wi
         }
     };
     let (strides, dilations) = (two("strides")?, two("dilations")?);
+    // The device format holds window geometry in u16 fields; beyond them a model is malformed.
+    let limit = u16::MAX as usize;
+    if kernel.iter().any(|&k| k == 0 || k > limit)
+        || strides.iter().chain(&dilations).any(|&v| v > limit)
+    {
+        return bad(format!(
+            "kernel {kernel:?}, strides {strides:?} and dilations {dilations:?} must lie in 1..={limit}"
+        ));
+    }
+    if let Some(p) = a.ints("pads") {
+        if p.iter().any(|&v| v > limit as i64) {
+            return bad(format!(
+                "pads {p:?} exceed {limit}, the device format's limit"
+            ));
+        }
+    }
     let auto_pad = a.string("auto_pad").unwrap_or_else(|| "NOTSET".into());
     let mut pads = [0usize; 4];
     let mut out = [0usize; 2];

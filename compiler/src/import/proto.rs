@@ -45,12 +45,12 @@ pub fn tensor(t: &pb::TensorProto) -> Result<Tensor, String> {
         }
     };
     let chunks = |w: usize| -> Result<std::slice::ChunksExact<'_, u8>, String> {
-        if raw.len() != n * w {
+        let need = n.checked_mul(w).ok_or("dimensions overflow")?;
+        if raw.len() != need {
             return Err(format!(
-                "raw data has {} bytes, shape {shape:?} of {} needs {}",
+                "raw data has {} bytes, shape {shape:?} of {} needs {need}",
                 raw.len(),
                 type_name(t.data_type),
-                n * w
             ));
         }
         Ok(raw.chunks_exact(w))
