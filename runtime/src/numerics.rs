@@ -68,6 +68,45 @@ pub fn requantize(acc: i32, mult: i32, shift: i32, zero: i32, lo: u8, hi: u8) ->
     )
 }
 
+/// [`requantize`] with one channel's constants hoisted, for the loops over a channel's outputs:
+/// the same result for every `i32` accumulator, without branches. (`|acc · mult| < 2^62`, so
+/// the saturating steps of [`mul_round`] never saturate and the sign can be folded out.)
+#[derive(Clone, Copy, Debug)]
+pub struct ChannelRequant {
+    mult: i64,
+    n: u32,
+    half: i64,
+    zero: i64,
+    lo: i64,
+    hi: i64,
+}
+
+impl ChannelRequant {
+    pub fn new(mult: i32, shift: i32, zero: i32, lo: u8, hi: u8) -> Self {
+        let n = (31 + shift.clamp(SHIFT_MIN, SHIFT_MAX)) as u32;
+        ChannelRequant {
+            mult: mult as i64,
+            n,
+            half: if n == 0 { 0 } else { 1i64 << (n - 1) },
+            zero: zero as i64,
+            lo: lo as i64,
+            // `hi` wins if `lo > hi`, as in `clamp_code`.
+            hi: hi as i64,
+        }
+    }
+
+    #[inline(always)]
+    pub fn apply(&self, acc: i32) -> u8 {
+        let p = acc as i64 * self.mult;
+        // Half away from zero: round |p|, then give the sign back.
+        let neg = p >> 63;
+        // |p| + half ≥ 0: a logical shift, which every SIMD ISA has for 64-bit lanes.
+        let r = ((((p ^ neg) - neg + self.half) as u64 >> self.n) as i64 ^ neg) - neg;
+        let v = (r + self.zero).max(self.lo).min(self.hi);
+        v as u8
+    }
+}
+
 /// Clamps an integer to `[lo, hi]` and narrows it to a code (`hi` wins if `lo > hi`).
 #[inline]
 pub fn clamp_code(v: i64, lo: u8, hi: u8) -> u8 {
@@ -285,6 +324,45 @@ fn scale_by_pow2(mut v: f64, mut k: i64) -> f64 {
 mod tests {
     extern crate std;
     use super::*;
+
+    #[test]
+    fn channel_requant_equals_requantize() {
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let edges = [
+            0,
+            1,
+            -1,
+            i32::MAX,
+            i32::MIN,
+            1 << 30,
+            -(1 << 30),
+            12345,
+            -12345,
+        ];
+        for shift in SHIFT_MIN..=SHIFT_MAX {
+            for _ in 0..400 {
+                let mult = match next() % 4 {
+                    0 => 0,
+                    1 => MULT_MIN,
+                    2 => i32::MAX,
+                    _ => MULT_MIN + (next() % (1 << 30)) as i32,
+                };
+                let zero = (next() % 256) as i32;
+                let (lo, hi) = ((next() % 256) as u8, (next() % 256) as u8);
+                let r = ChannelRequant::new(mult, shift, zero, lo, hi);
+                for acc in edges.into_iter().chain((0..8).map(|_| next() as i32)) {
+                    let want = requantize(acc, mult, shift, zero, lo, hi);
+                    assert_eq!(r.apply(acc), want, "{acc} {mult} {shift} {zero} {lo} {hi}");
+                }
+            }
+        }
+    }
 
     #[test]
     fn requantize_rounds_half_away_from_zero() {
