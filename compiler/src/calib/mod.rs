@@ -52,8 +52,12 @@ pub fn device(kind: DeviceKind) -> Result<Device, Error> {
     match kind {
         DeviceKind::Cpu => Ok(Device::Cpu),
         #[cfg(feature = "cuda")]
-        DeviceKind::Cuda => Device::new_cuda(0)
-            .map_err(|e| Error::Input(format!("--device cuda: no usable CUDA device: {e}"))),
+        DeviceKind::Cuda => Device::new_cuda(0).map_err(|e| {
+            // candle appends a backtrace to the message when RUST_BACKTRACE is set: one line.
+            let e = e.to_string();
+            let first = e.lines().next().unwrap_or_default();
+            Error::Input(format!("--device cuda: no usable CUDA device: {first}"))
+        }),
         #[cfg(not(feature = "cuda"))]
         DeviceKind::Cuda => Err(Error::Input(
             "--device cuda: this build has no CUDA support; rebuild with \
