@@ -181,6 +181,43 @@ fn same_input_flags_and_seed_give_byte_identical_artifacts() {
     }
 }
 
+/// Calibration splits work over rayon's threads: one thread and two give the same bytes, for
+/// both calibrating methods (short settings; what matters is that every reduction is ordered).
+#[test]
+fn calibration_is_byte_identical_across_thread_counts() {
+    let tmp = tempfile::tempdir().unwrap();
+    for method in ["diffdfq", "genie"] {
+        let dirs: Vec<PathBuf> = ["1", "2"]
+            .iter()
+            .map(|threads| {
+                let dir = tmp.path().join(format!("{method}-{threads}"));
+                ok(Command::new(env!("CARGO_BIN_EXE_diffdfq-compile"))
+                    .env("RAYON_NUM_THREADS", threads)
+                    .arg(fixture("mobilenet_fmnist.onnx"))
+                    .args(["--method", method, "--bits", "3", "--samples", "8"])
+                    .args([
+                        "--synth-iters",
+                        "5",
+                        "--recon-iters",
+                        "5",
+                        "--no-lib",
+                        "--quiet",
+                    ])
+                    .arg("-o")
+                    .arg(&dir));
+                dir
+            })
+            .collect();
+        for name in ["mobilenet_fmnist.dfq", "mobilenet_fmnist.report.json"] {
+            let a = std::fs::read(dirs[0].join(name)).unwrap();
+            assert!(
+                a == std::fs::read(dirs[1].join(name)).unwrap(),
+                "{method}: {name} differs"
+            );
+        }
+    }
+}
+
 #[test]
 fn header_is_stable_and_the_object_exports_the_model() {
     let tmp = tempfile::tempdir().unwrap();
