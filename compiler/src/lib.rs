@@ -5,6 +5,7 @@
 
 pub mod calib;
 pub mod emit;
+pub mod evaluate;
 pub mod graph;
 pub mod import;
 pub mod inspect;

@@ -136,6 +136,7 @@ fn blocks_follow_the_residual_structure() {
 fn compile(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_diffdfq-compile"))
         .args(args)
+        .args(["--eval-samples", "0"])
         .output()
         .unwrap()
 }

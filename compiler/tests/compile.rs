@@ -33,6 +33,10 @@ fn compile(args: &[&str]) -> Output {
     if !args.contains(&"--method") {
         args.extend(["--method", "rtn"]);
     }
+    // The held-out evaluation has its own tests; here it would only cost time.
+    if !args.contains(&"--eval-samples") {
+        args.extend(["--eval-samples", "0"]);
+    }
     Command::new(env!("CARGO_BIN_EXE_diffdfq-compile"))
         .args(args)
         .env(
@@ -195,6 +199,8 @@ fn calibration_is_byte_identical_across_thread_counts() {
                     .env("RAYON_NUM_THREADS", threads)
                     .arg(fixture("mobilenet_fmnist.onnx"))
                     .args(["--method", method, "--bits", "3", "--samples", "8"])
+                    // The held-out evaluation's figures are in the report: same bytes too.
+                    .args(["--eval-samples", "8"])
                     .args([
                         "--synth-iters",
                         "5",
@@ -290,7 +296,7 @@ fn input_range_is_named_in_the_header_and_the_report() {
     ok(Command::new(env!("CARGO_BIN_EXE_diffdfq-compile")).args([
         m.to_str().unwrap(), "--no-lib", "--quiet", "-o", dir.to_str().unwrap(),
         "--method", "genie", "--samples", "4", "--synth-iters", "2", "--recon-iters", "2",
-        "--input-range", "-0.8102,2.0227",
+        "--input-range", "-0.8102,2.0227", "--eval-samples", "0",
     ]));
     let h = std::fs::read_to_string(dir.join("resnet_fmnist.h")).unwrap();
     assert!(h.contains("seed 0, input range [-0.8102, 2.0227]."), "{h}");
@@ -303,4 +309,94 @@ fn input_range_is_named_in_the_header_and_the_report() {
         .map(|v| v.as_f64().unwrap() as f32)
         .collect();
     assert_eq!(r, [-0.8102, 2.0227]);
+}
+
+/// After a compile, stderr holds one row per op (bits, bytes, MACs, SQNR on held-out synthetic
+/// samples) and the totals; the timing line is left out of the snapshot.
+#[test]
+fn the_summary_is_a_per_layer_table_with_held_out_figures() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = fixture("resnet_fmnist.onnx");
+    let out = compile(&[
+        m.to_str().unwrap(),
+        "--bits",
+        "3",
+        "--no-lib",
+        "--eval-samples",
+        "8",
+        "-o",
+        tmp.path().to_str().unwrap(),
+    ]);
+    assert!(out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.lines().any(|l| l.starts_with("time: quantize ")),
+        "{err}"
+    );
+    let table: String = err
+        .lines()
+        .filter(|l| !l.starts_with("time: "))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    insta::assert_snapshot!("resnet_fmnist_rtn_w3_summary", table);
+}
+
+fn json_compile(bits: &str, dir: &Path) -> serde_json::Value {
+    let m = fixture("resnet_fmnist.onnx");
+    let out = compile(&[
+        m.to_str().unwrap(),
+        "--bits",
+        bits,
+        "--no-lib",
+        "--json",
+        "--eval-samples",
+        "16",
+        "-o",
+        dir.to_str().unwrap(),
+    ]);
+    assert!(out.status.success());
+    assert!(out.stderr.is_empty(), "--json prints nothing else");
+    serde_json::from_slice(&out.stdout).expect("stdout is one JSON document")
+}
+
+/// `--json`: the report's data, the files and the stage times on stdout; the held-out SQNR
+/// tracks the bit width; errors are JSON on stderr with the exit code.
+#[test]
+fn json_summary_for_pipelines_and_json_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let w8 = json_compile("8", &tmp.path().join("w8"));
+    let w2 = json_compile("2", &tmp.path().join("w2"));
+    assert_eq!(w8["files"].as_array().unwrap().len(), 4, "{w8}");
+    assert!(w8["seconds"]["evaluation"].as_f64().is_some(), "{w8}");
+    let ev = |v: &serde_json::Value, k: &str| v["evaluation"][k].as_f64().unwrap();
+    assert_eq!(w8["evaluation"]["source"], "synthesized");
+    assert_eq!(ev(&w8, "samples"), 16.0);
+    // 2-bit inner weights lose far more signal than 8-bit ones, and keep fewer decisions.
+    assert!(
+        ev(&w8, "output_sqnr_db") > ev(&w2, "output_sqnr_db") + 6.0,
+        "{} vs {}",
+        ev(&w8, "output_sqnr_db"),
+        ev(&w2, "output_sqnr_db")
+    );
+    assert!(ev(&w8, "top1_agreement") >= ev(&w2, "top1_agreement"));
+    assert!(ev(&w8, "top1_agreement") >= 0.75, "{w8}");
+    let layers = w8["layers"].as_array().unwrap();
+    assert!(
+        layers.iter().all(|l| l["sqnr_db"].as_f64().is_some()),
+        "{w8}"
+    );
+    // The report on disk carries the same figures.
+    let rep: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(tmp.path().join("w8/resnet_fmnist.report.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(rep["evaluation"], w8["evaluation"]);
+
+    let missing = tmp.path().join("missing.onnx");
+    let out = compile(&[missing.to_str().unwrap(), "--json"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(out.stdout.is_empty());
+    let e: serde_json::Value = serde_json::from_slice(&out.stderr).unwrap();
+    assert_eq!(e["exit_code"], 2);
+    assert!(e["error"].as_str().unwrap().contains("missing.onnx"), "{e}");
 }

@@ -131,7 +131,15 @@ fn diffdfq_on_the_document_orientation_model_keeps_fp32_decisions_at_w4a8() {
     let status = Command::new(env!("CARGO_BIN_EXE_diffdfq-compile"))
         .arg(root().join("target/real-models").join(file))
         .args(["--bits", "4", "--samples", "8", "--synth-iters", "20"])
-        .args(["--recon-iters", "20", "--no-lib", "--quiet", "-o"])
+        .args([
+            "--recon-iters",
+            "20",
+            "--no-lib",
+            "--quiet",
+            "--eval-samples",
+            "0",
+            "-o",
+        ])
         .arg(out.path())
         .status()
         .unwrap();

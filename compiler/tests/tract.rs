@@ -165,6 +165,8 @@ fn cli_emit_nnef_and_engine_tract_agree_byte_for_byte() {
                 "nnef",
                 "--method",
                 "rtn",
+                "--eval-samples",
+                "0",
                 "-o",
                 dir.to_str().unwrap(),
             ];

@@ -8,7 +8,7 @@ use diffdfq_compiler::calib::{self, budget, CalibOptions, DeviceKind, Progress};
 use diffdfq_compiler::emit::{self, header, report};
 use diffdfq_compiler::import::{import_path, ImportOptions};
 use diffdfq_compiler::quant::{rtn, Bits};
-use diffdfq_compiler::{inspect, lower, Error};
+use diffdfq_compiler::{evaluate, inspect, lower, Error};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Method {
@@ -37,7 +37,13 @@ enum DeviceArg {
 #[derive(Parser)]
 #[command(
     version,
-    about = "Data-free ultra-low-bit quantizing compiler for ONNX CNNs"
+    about = "Data-free ultra-low-bit quantizing compiler for ONNX CNNs",
+    after_help = "Examples:\n  \
+        diffdfq-compile model.onnx --bits 3 --target aarch64        DiffDFQ, 3-bit weights, for an ARM board\n  \
+        diffdfq-compile model.onnx --bits 4 --method rtn --no-lib   round-to-nearest in seconds, no toolchain\n  \
+        diffdfq-compile model.onnx --input-shape 1,3,224,224 --budget 30   a dynamic input, 30 minutes of calibration\n  \
+        diffdfq-compile model.onnx --inspect                        ops, shapes, MACs and BatchNorms, then exit\n  \
+        diffdfq-compile model.onnx --bits 3 --json > summary.json   the summary for a build pipeline"
 )]
 struct Args {
     /// FP32 ONNX model
@@ -103,12 +109,22 @@ struct Args {
     /// Skip libNAME.a (no toolchain for the target needed)
     #[arg(long)]
     no_lib: bool,
+    /// Held-out synthetic samples for the summary's per-layer SQNR and top-1 agreement
+    /// (default: sized from the model's MACs to take about 20 s; 0 skips the measurement)
+    #[arg(long)]
+    eval_samples: Option<usize>,
     /// Print nothing on success
     #[arg(long)]
     quiet: bool,
+    /// Print the summary as one JSON document on stdout (no progress); errors as JSON on stderr
+    #[arg(long)]
+    json: bool,
 }
 
 fn run(a: &Args) -> Result<(), Error> {
+    let quiet = a.quiet || a.json;
+    let mut stages: Vec<(&str, f64)> = Vec::new();
+    let t_start = std::time::Instant::now();
     let opts = ImportOptions {
         input_shape: a.input_shape.clone(),
         ..Default::default()
@@ -157,6 +173,11 @@ fn run(a: &Args) -> Result<(), Error> {
             )))
         }
     };
+    let macs: Vec<u64> = graph.nodes.iter().map(|n| graph.macs(n)).collect();
+    let size = budget::ModelSize {
+        macs: macs.iter().sum(),
+        layers: macs.iter().filter(|&&m| m > 0).count(),
+    };
     // Quantizer errors name the node; the file goes in front, as for import errors.
     let model_name = a.model.display().to_string();
     let (q, method, calibration) = match a.method {
@@ -171,6 +192,7 @@ fn run(a: &Args) -> Result<(), Error> {
                 ro.samples = n;
             }
             let q = rtn::quantize(&graph, &ro).map_err(|e| e.context(&model_name))?;
+            stages.push(("quantize", t_start.elapsed().as_secs_f64()));
             (q, "rtn", None)
         }
         Method::Diffdfq | Method::Genie => {
@@ -190,11 +212,6 @@ fn run(a: &Args) -> Result<(), Error> {
                     a.budget
                 )));
             }
-            let macs: Vec<u64> = graph.nodes.iter().map(|n| graph.macs(n)).collect();
-            let size = budget::ModelSize {
-                macs: macs.iter().sum(),
-                layers: macs.iter().filter(|&&m| m > 0).count(),
-            };
             let fixed = budget::Fixed {
                 samples: a.samples,
                 synth_iters: a.synth_iters,
@@ -202,7 +219,7 @@ fn run(a: &Args) -> Result<(), Error> {
             };
             let plan = budget::plan(&size, a.budget, fixed, diffusion);
             let s = plan.settings;
-            if !a.quiet {
+            if !quiet {
                 eprintln!(
                     "budget {} min: {} samples x {} synthesis iterations, {} reconstruction \
                      iterations per block at batch {} (estimated {:.1} min on 2 cores)",
@@ -228,9 +245,11 @@ fn run(a: &Args) -> Result<(), Error> {
             co.recon.iters = s.recon_iters;
             co.recon.batch = s.recon_batch;
             co.recon.eval_samples = s.eval_samples;
-            let (q, rep) = calib::calibrate(&graph, &co, &dev, Progress::new(a.quiet))
+            let (q, rep) = calib::calibrate(&graph, &co, &dev, Progress::new(quiet))
                 .map_err(|e| e.context(&model_name))?;
-            if !a.quiet {
+            stages.push(("synthesis", rep.synthesis_s));
+            stages.push(("reconstruction", rep.reconstruction_s));
+            if !quiet {
                 // Against the plan's per-stage estimates: where the cost model misses shows.
                 eprintln!(
                     "calibrated: synthesis {:.1} s (estimated {:.1}), reconstruction {:.1} s \
@@ -254,6 +273,26 @@ fn run(a: &Args) -> Result<(), Error> {
         }
     };
     let low = lower::lower(&q)?;
+    let (eval_n, eval_iters) = evaluate::plan(&size);
+    let evaluation = match a.eval_samples.unwrap_or(eval_n) {
+        0 => None,
+        n => {
+            let ev = evaluate::evaluate(
+                &graph,
+                &q,
+                &low.blob,
+                &evaluate::EvalOptions {
+                    samples: n,
+                    synth_iters: eval_iters,
+                    seed: a.seed,
+                    input_range,
+                },
+            )
+            .map_err(|e| e.context(&model_name))?;
+            stages.push(("evaluation", ev.seconds));
+            Some(ev)
+        }
+    };
     let nnef = if a.emit.contains(&Emit::Nnef) {
         let graph = diffdfq_compiler::tract::from_dfq(&low.blob)?;
         Some(diffdfq_compiler::tract::nnef::to_tgz(&graph)?)
@@ -294,6 +333,7 @@ fn run(a: &Args) -> Result<(), Error> {
                 bits,
                 input_range,
                 calibration,
+                evaluation: evaluation.as_ref(),
             },
             &low,
         ),
@@ -301,7 +341,29 @@ fn run(a: &Args) -> Result<(), Error> {
         nnef,
     };
     let written = emit::write_outputs(&a.out_dir, &e)?;
-    if !a.quiet {
+    stages.push(("total", t_start.elapsed().as_secs_f64()));
+    if a.json {
+        let mut doc: serde_json::Value = serde_json::from_str(&e.report)
+            .map_err(|err| Error::Internal(format!("summary: {err}")))?;
+        if let Some(o) = doc.as_object_mut() {
+            o.insert(
+                "files".into(),
+                written.iter().map(|w| w.display().to_string()).collect(),
+            );
+            let t: serde_json::Map<String, serde_json::Value> = stages
+                .iter()
+                .map(|(n, s)| (n.to_string(), ((s * 10.0).round() / 10.0).into()))
+                .collect();
+            o.insert("seconds".into(), t.into());
+        }
+        println!("{doc}");
+        return Ok(());
+    }
+    if !quiet {
+        eprint!(
+            "{}",
+            emit::summary::render(&low, evaluation.as_ref(), &stages)
+        );
         let (wb, fb) = low.weight_bytes();
         for w in &written {
             println!("wrote {}", w.display());
@@ -323,6 +385,14 @@ fn main() -> ExitCode {
     let args = Args::parse();
     match run(&args) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if args.json => {
+            let doc = serde_json::json!({
+                "error": e.to_string(),
+                "exit_code": e.exit_code(),
+            });
+            eprintln!("{doc}");
+            ExitCode::from(e.exit_code() as u8)
+        }
         Err(e) => {
             eprintln!("diffdfq-compile: error: {e}");
             ExitCode::from(e.exit_code() as u8)

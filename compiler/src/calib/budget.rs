@@ -105,6 +105,11 @@ pub fn estimate_stages(m: &ModelSize, s: &Settings, diffusion: bool) -> (f64, f6
     (synth, fixed + train)
 }
 
+/// Expected seconds of synthesizing `samples` inputs over `iters` iterations.
+pub fn synthesis_estimate(m: &ModelSize, samples: usize, iters: usize) -> f64 {
+    (samples * iters) as f64 * SYNTH.secs(m)
+}
+
 /// Synthesis steps from richest to leanest: (samples, iterations). Fewer samples go before
 /// fewer iterations: sample quality measured worth more than count (see `SynthOptions`).
 const SYNTH_LADDER: [(usize, usize); 11] = [

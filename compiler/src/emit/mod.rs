@@ -8,6 +8,7 @@ pub mod header;
 pub mod object;
 pub mod report;
 pub mod runtime_lib;
+pub mod summary;
 
 use std::path::{Path, PathBuf};
 

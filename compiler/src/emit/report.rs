@@ -2,6 +2,7 @@
 
 use serde::Serialize;
 
+use crate::evaluate::Evaluation;
 use crate::lower::Lowered;
 use crate::quant::Bits;
 
@@ -15,6 +16,22 @@ struct Layer<'a> {
     weight_bytes: usize,
     fp32_bytes: usize,
     macs: u64,
+    /// SQNR (dB) of this op's output on the held-out samples, fake-quantized against float.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sqnr_db: Option<f64>,
+}
+
+/// Held-out quality figures (see `crate::evaluate`), rounded so that float noise below the
+/// printed precision cannot change the report's bytes.
+#[derive(Serialize)]
+struct EvalOut {
+    source: &'static str,
+    samples: usize,
+    synth_iters: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    top1_agreement: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    output_sqnr_db: Option<f64>,
 }
 
 #[derive(Serialize)]
@@ -53,6 +70,8 @@ struct Report<'a> {
     totals: Totals,
     #[serde(skip_serializing_if = "Option::is_none")]
     calibration: Option<&'a serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    evaluation: Option<EvalOut>,
 }
 
 /// What the report says besides the lowered model.
@@ -68,6 +87,13 @@ pub struct ReportInfo<'a> {
     /// Blocks, diffusion levels and losses of a calibrated method (no timings: the report is
     /// reproducible).
     pub calibration: Option<serde_json::Value>,
+    /// Held-out figures, when measured (`--eval-samples 0` skips them).
+    pub evaluation: Option<&'a Evaluation>,
+}
+
+fn round(v: f64, digits: i32) -> f64 {
+    let k = 10f64.powi(digits);
+    (v * k).round() / k
 }
 
 /// Pretty JSON with a trailing newline; no timestamps or paths, so it is reproducible.
@@ -90,7 +116,8 @@ pub fn render(info: &ReportInfo, l: &Lowered) -> String {
         layers: l
             .layers
             .iter()
-            .map(|x| Layer {
+            .enumerate()
+            .map(|(i, x)| Layer {
                 name: &x.name,
                 op: &x.op,
                 out_shape: &x.out_shape,
@@ -99,6 +126,10 @@ pub fn render(info: &ReportInfo, l: &Lowered) -> String {
                 weight_bytes: x.weight_bytes,
                 fp32_bytes: x.fp32_bytes,
                 macs: x.macs,
+                sqnr_db: info
+                    .evaluation
+                    .and_then(|e| e.sqnr_db.get(i).copied().flatten())
+                    .map(|v| round(v, 2)),
             })
             .collect(),
         totals: Totals {
@@ -116,6 +147,13 @@ pub fn render(info: &ReportInfo, l: &Lowered) -> String {
             macs: l.macs(),
         },
         calibration: info.calibration.as_ref(),
+        evaluation: info.evaluation.map(|e| EvalOut {
+            source: e.source,
+            samples: e.samples,
+            synth_iters: e.synth_iters,
+            top1_agreement: e.top1_agreement.map(|a| round(a, 4)),
+            output_sqnr_db: e.sqnr_db.last().copied().flatten().map(|v| round(v, 2)),
+        }),
     };
     let mut s = serde_json::to_string_pretty(&r).unwrap_or_default();
     s.push('\n');

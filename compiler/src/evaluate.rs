@@ -1,0 +1,221 @@
+//! How good a compiled model is, measured without real data: held-out synthetic samples
+//! (synthesized from the model's BatchNorm statistics with a seed calibration never uses, or
+//! N(0, 1) noise for a model without BN) run through the float network, the fake-quantized one
+//! (per-layer SQNR) and the integer runtime on the emitted blob (top-1 agreement).
+
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use serde::Serialize;
+
+use crate::calib::budget::ModelSize;
+use crate::calib::qmodel::{Mode, Overrides, QModel};
+use crate::calib::synth::{self, SynthOptions};
+use crate::calib::Progress;
+use crate::graph::{Graph, Op};
+use crate::quant::QuantGraph;
+use crate::Error;
+
+/// Seconds the held-out synthesis should take on 2 cores (estimated, never measured, so the
+/// choice is the same on any machine).
+pub const TARGET_S: f64 = 20.0;
+
+/// Held-out sample counts and synthesis iterations, richest to leanest.
+const LADDER: [(usize, usize); 7] = [
+    (64, 200),
+    (64, 100),
+    (32, 100),
+    (32, 50),
+    (16, 50),
+    (16, 25),
+    (8, 25),
+];
+
+/// Samples fed through the float and fake-quantized models at once.
+const CHUNK: usize = 8;
+
+/// Held-out samples and iterations for a model of `size`: the richest [`LADDER`] step whose
+/// estimated synthesis fits [`TARGET_S`], else the leanest.
+pub fn plan(size: &ModelSize) -> (usize, usize) {
+    LADDER
+        .iter()
+        .copied()
+        .find(|&(n, it)| crate::calib::budget::synthesis_estimate(size, n, it) <= TARGET_S)
+        .unwrap_or(LADDER[LADDER.len() - 1])
+}
+
+#[derive(Debug, Clone)]
+pub struct EvalOptions {
+    pub samples: usize,
+    pub synth_iters: usize,
+    /// The compile's `--seed`; the held-out stream is derived from it.
+    pub seed: u64,
+    pub input_range: Option<(f32, f32)>,
+}
+
+/// The figures of [`evaluate`]. Everything but `seconds` is reproducible.
+#[derive(Debug, Clone, Serialize)]
+pub struct Evaluation {
+    /// `synthesized` (from BN statistics) or `gaussian` (the model has no BN).
+    pub source: &'static str,
+    pub samples: usize,
+    pub synth_iters: usize,
+    /// Per quantized-graph node: SQNR in dB of its output, fake-quantized against float
+    /// (`None` where the float output is all zero).
+    pub sqnr_db: Vec<Option<f64>>,
+    /// Share of samples whose top-1 class from the integer runtime equals the float
+    /// network's (`None` when the output is not a vector of class scores).
+    pub top1_agreement: Option<f64>,
+    #[serde(skip)]
+    pub seconds: f64,
+}
+
+/// Seed of the held-out samples: never the calibration's own.
+fn held_out_seed(seed: u64) -> u64 {
+    seed ^ 0xE7A1_0000_0000_0000
+}
+
+/// Measures `q` (and `blob`, the same model lowered) against the float `g`.
+pub fn evaluate(
+    g: &Graph,
+    q: &QuantGraph,
+    blob: &[u8],
+    opts: &EvalOptions,
+) -> Result<Evaluation, Error> {
+    let t0 = Instant::now();
+    let dev = Device::Cpu;
+    let per: usize = q.tensors[q.input].shape[1..].iter().product();
+    let has_bn = g.nodes.iter().any(|n| matches!(n.op, Op::BatchNorm(_)));
+    let seed = held_out_seed(opts.seed);
+    let (source, samples) = if has_bn {
+        let so = SynthOptions {
+            samples: opts.samples,
+            batch: opts.samples,
+            iters: opts.synth_iters,
+            seed,
+            // Teacher statistics only: samples that owe nothing to the quantized model.
+            student_weight: 0.0,
+            // Inside the interval the input quantizer covers (the default one, ±3, when not
+            // given): pixels past it would measure the input's clipping, which real inputs
+            // do not hit, and hide every layer's own error behind it.
+            input_range: Some(opts.input_range.unwrap_or((
+                -crate::quant::rtn::INPUT_RANGE,
+                crate::quant::rtn::INPUT_RANGE,
+            ))),
+            ..Default::default()
+        };
+        let s = synth::synthesize(g, None, &so, Progress::silent())
+            .map_err(|e| e.context("held-out samples"))?;
+        ("synthesized", s)
+    } else {
+        let mut s = crate::quant::rtn::normal_samples(seed, opts.samples * per);
+        if let Some((lo, hi)) = opts.input_range {
+            s.iter_mut().for_each(|v| *v = v.clamp(lo, hi));
+        }
+        ("gaussian", s)
+    };
+    let n = samples.len() / per.max(1);
+    let m = QModel::new(q.clone(), &dev)?;
+    // Σ f² and Σ (f − q)² per node output.
+    let mut sig = vec![0f64; q.nodes.len()];
+    let mut err = vec![0f64; q.nodes.len()];
+    let mut float_top = Vec::with_capacity(n);
+    let out_dims = &q.tensors[q.output].shape;
+    let classes = (out_dims.len() == 2).then(|| out_dims[1]);
+    for chunk in samples.chunks(CHUNK * per) {
+        let b = chunk.len() / per;
+        let mut shape = q.tensors[q.input].shape.clone();
+        shape[0] = b;
+        let x = Tensor::from_vec(chunk.to_vec(), shape.as_slice(), &dev)?;
+        let run = |mode| -> Result<Vec<Option<Tensor>>, Error> {
+            let mut vals = vec![None; q.tensors.len()];
+            vals[q.input] = Some(m.input(&x, mode)?);
+            m.run(
+                0..q.nodes.len(),
+                &mut vals,
+                mode,
+                &mut Overrides::default(),
+                None,
+            )?;
+            Ok(vals)
+        };
+        let fv = run(Mode::Float)?;
+        let qv = run(Mode::Quant)?;
+        for (i, node) in q.nodes.iter().enumerate() {
+            let (Some(f), Some(qt)) = (&fv[node.output], &qv[node.output]) else {
+                continue;
+            };
+            let f = f.flatten_all()?.to_vec1::<f32>()?;
+            let qt = qt.flatten_all()?.to_vec1::<f32>()?;
+            for (a, b) in f.iter().zip(&qt) {
+                sig[i] += (*a as f64) * (*a as f64);
+                err[i] += (*a as f64 - *b as f64).powi(2);
+            }
+        }
+        if classes.is_some() {
+            let logits = fv[q.output]
+                .as_ref()
+                .ok_or_else(|| Error::Internal("evaluation: output not computed".into()))?;
+            for row in logits.to_vec2::<f32>()? {
+                float_top.push(argmax(&row));
+            }
+        }
+    }
+    let sqnr_db = sig
+        .iter()
+        .zip(&err)
+        .map(|(&s, &e)| match (s > 0.0, e > 0.0) {
+            (false, _) => None,
+            // Bit-exact: report the format's ceiling rather than infinity (JSON has none).
+            (true, false) => Some(200.0),
+            (true, true) => Some(10.0 * (s / e).log10()),
+        })
+        .collect();
+    let top1_agreement = match classes {
+        Some(_) => {
+            let rt = runtime_top1(blob, &samples, per)?;
+            let same = rt.iter().zip(&float_top).filter(|(a, b)| a == b).count();
+            Some(same as f64 / n.max(1) as f64)
+        }
+        None => None,
+    };
+    Ok(Evaluation {
+        source,
+        samples: n,
+        synth_iters: if has_bn { opts.synth_iters } else { 0 },
+        sqnr_db,
+        top1_agreement,
+        seconds: t0.elapsed().as_secs_f64(),
+    })
+}
+
+fn argmax(v: &[f32]) -> usize {
+    v.iter()
+        .enumerate()
+        .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &x)| {
+            if x > bv {
+                (i, x)
+            } else {
+                (bi, bv)
+            }
+        })
+        .0
+}
+
+/// Top-1 class of every sample through the integer runtime.
+fn runtime_top1(blob: &[u8], samples: &[f32], per: usize) -> Result<Vec<usize>, Error> {
+    let rt = |e: diffdfq_runtime::Error| Error::Internal(format!("evaluation: runtime: {e}"));
+    let model = diffdfq_runtime::Model::from_bytes(blob).map_err(rt)?;
+    let out_n = model.output().numel as usize;
+    let align = diffdfq_runtime::ARENA_ALIGN;
+    let mut buf = vec![0u8; model.arena_size() + align];
+    let at = buf.as_ptr().align_offset(align);
+    let arena = &mut buf[at..at + model.arena_size()];
+    let mut y = vec![0f32; out_n];
+    let mut top = Vec::new();
+    for x in samples.chunks_exact(per) {
+        diffdfq_runtime::run(&model, x, &mut y, arena).map_err(rt)?;
+        top.push(argmax(&y));
+    }
+    Ok(top)
+}
