@@ -12,24 +12,14 @@
  */
 #include <stdio.h>
 #include <stdlib.h>
-#include MODEL_HEADER
-
-#define CAT_(a, b) a##b
-#define CAT(a, b) CAT_(a, b)
-#define ARENA_SIZE CAT(MODEL_UP, _ARENA_SIZE)
-#define INPUT_SIZE CAT(MODEL_UP, _INPUT_SIZE)
-#define OUTPUT_SIZE CAT(MODEL_UP, _OUTPUT_SIZE)
-
-static uint8_t arena[ARENA_SIZE] __attribute__((aligned(DFQ_ARENA_ALIGN)));
-static float input[INPUT_SIZE];
-static float output[OUTPUT_SIZE];
+#include "firmware.h"
 
 int main(int argc, char **argv) {
     if (argc != 3) {
         fprintf(stderr, "usage: %s input.f32 output.f32\n", argv[0]);
         return 2;
     }
-    if (dfq_arena_size(CAT(MODEL, _model), CAT(MODEL, _model_len)) > sizeof arena) {
+    if (dfq_arena_size(MODEL_BYTES, MODEL_LEN) > sizeof arena) {
         fprintf(stderr, "model needs a larger arena than %s.h says\n", "MODEL");
         return 1;
     }
@@ -41,8 +31,8 @@ int main(int argc, char **argv) {
     }
     size_t n = 0;
     while (fread(input, sizeof(float), INPUT_SIZE, in) == INPUT_SIZE) {
-        int st = dfq_run_f32(CAT(MODEL, _model), CAT(MODEL, _model_len), input, INPUT_SIZE, output,
-                             OUTPUT_SIZE, arena, sizeof arena);
+        int st = dfq_run_f32(MODEL_BYTES, MODEL_LEN, input, INPUT_SIZE, output, OUTPUT_SIZE, arena,
+                             sizeof arena);
         if (st != DFQ_OK) {
             fprintf(stderr, "sample %zu: %s\n", n, dfq_status_str(st));
             return 1;
