@@ -51,7 +51,33 @@ fn main() {
         });
         times.push(t0.elapsed().as_secs_f64());
     }
+    println!("{:.2}", 1000.0 * median(times));
+    // What validating on every call (`dfq_run_f32`) costs against validating once
+    // (`dfq_prepare` + `dfq_run_prepared`, which skips only the checksum): on stderr, so that
+    // scripts/bench reads the latency alone.
+    let time = |f: &dyn Fn() -> bool| {
+        median(
+            (0..21)
+                .map(|_| {
+                    let t0 = Instant::now();
+                    assert!(f());
+                    t0.elapsed().as_secs_f64()
+                })
+                .collect(),
+        )
+    };
+    let full = time(&|| Model::from_bytes(&blob).is_ok());
+    let checksum = model.header().checksum;
+    let prepared = time(&|| Model::from_verified_bytes(&blob, checksum).is_ok());
+    eprintln!(
+        "validation per call: {:.3} ms (dfq_run_f32), {:.3} ms (dfq_run_prepared), blob {} B",
+        1000.0 * full,
+        1000.0 * prepared,
+        blob.len()
+    );
+}
+
+fn median(mut times: Vec<f64>) -> f64 {
     times.sort_by(f64::total_cmp);
-    let median = times.get(times.len() / 2).copied().unwrap_or(f64::NAN);
-    println!("{:.2}", 1000.0 * median);
+    times.get(times.len() / 2).copied().unwrap_or(f64::NAN)
 }

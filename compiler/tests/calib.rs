@@ -178,7 +178,7 @@ fn calibrated_compile_is_byte_identical_across_runs() {
         );
         outs.push(dir);
     }
-    for f in ["dfq", "o", "h", "report.json"] {
+    for f in ["dfq", "o", "h", "report.json", "report.svg"] {
         let name = format!("mobilenet_fmnist.{f}");
         let (a, b) = (
             std::fs::read(outs[0].join(&name)).unwrap(),

@@ -129,6 +129,7 @@ fn firmware_outputs_are_identical_on_x86_64_aarch64_and_diffdfq_run() {
                 "resnet_fmnist.o",
                 "resnet_fmnist.h",
                 "resnet_fmnist.report.json",
+                "resnet_fmnist.report.svg",
                 "libresnet_fmnist.a",
             ] {
                 assert!(dir.join(f).is_file(), "{f} missing");
@@ -176,7 +177,7 @@ fn same_input_flags_and_seed_give_byte_identical_artifacts() {
         .map(|e| e.unwrap().file_name())
         .collect();
     names.sort();
-    assert_eq!(names.len(), 5, "{names:?}");
+    assert_eq!(names.len(), 6, "{names:?}");
     for n in names {
         assert!(
             std::fs::read(a.join(&n)).unwrap() == std::fs::read(b.join(&n)).unwrap(),
@@ -214,7 +215,11 @@ fn calibration_is_byte_identical_across_thread_counts() {
                 dir
             })
             .collect();
-        for name in ["mobilenet_fmnist.dfq", "mobilenet_fmnist.report.json"] {
+        for name in [
+            "mobilenet_fmnist.dfq",
+            "mobilenet_fmnist.report.json",
+            "mobilenet_fmnist.report.svg",
+        ] {
             let a = std::fs::read(dirs[0].join(name)).unwrap();
             assert!(
                 a == std::fs::read(dirs[1].join(name)).unwrap(),
@@ -366,7 +371,7 @@ fn json_summary_for_pipelines_and_json_errors() {
     let tmp = tempfile::tempdir().unwrap();
     let w8 = json_compile("8", &tmp.path().join("w8"));
     let w2 = json_compile("2", &tmp.path().join("w2"));
-    assert_eq!(w8["files"].as_array().unwrap().len(), 4, "{w8}");
+    assert_eq!(w8["files"].as_array().unwrap().len(), 5, "{w8}");
     assert!(w8["seconds"]["evaluation"].as_f64().is_some(), "{w8}");
     let ev = |v: &serde_json::Value, k: &str| v["evaluation"][k].as_f64().unwrap();
     assert_eq!(w8["evaluation"]["source"], "synthesized");
@@ -385,6 +390,12 @@ fn json_summary_for_pipelines_and_json_errors() {
         layers.iter().all(|l| l["sqnr_db"].as_f64().is_some()),
         "{w8}"
     );
+    // The plot: one SQNR bar and one weight-bytes bar per op that has them.
+    let svg = std::fs::read_to_string(tmp.path().join("w8/resnet_fmnist.report.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("SQNR of each op"));
+    let with_weights = layers.iter().filter(|l| l["weight_bytes"] != 0).count();
+    let bars = svg.matches("<rect").count() - 1; // less the background
+    assert_eq!(bars, layers.len() + with_weights, "{bars} bars");
     // The report on disk carries the same figures.
     let rep: serde_json::Value = serde_json::from_slice(
         &std::fs::read(tmp.path().join("w8/resnet_fmnist.report.json")).unwrap(),

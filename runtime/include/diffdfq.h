@@ -2,9 +2,10 @@
  * diffdfq.h — C API of the diffdfq device runtime (crate diffdfq-runtime).
  *
  * A model is a packed .dfq blob (e.g. NAME_model / NAME_model_len from NAME.o). It is read in
- * place and validated on every call. All memory a run touches is the caller's: the input, the
- * output and one arena of at least dfq_arena_size() bytes whose start is DFQ_ARENA_ALIGN-byte
- * aligned. No function allocates, blocks, or unwinds; all are reentrant for distinct arenas.
+ * place; dfq_run_f32 validates it on every call, dfq_prepare once for dfq_run_prepared. All
+ * memory a run touches is the caller's: the input, the output and one arena of at least
+ * dfq_arena_size() bytes whose start is DFQ_ARENA_ALIGN-byte aligned. No function allocates,
+ * blocks, or unwinds; all are reentrant for distinct arenas.
  */
 #ifndef DIFFDFQ_H
 #define DIFFDFQ_H
@@ -54,6 +55,26 @@ extern "C" {
  */
 int dfq_run_f32(const uint8_t *model, size_t model_len, const float *input, size_t input_len,
                 float *output, size_t output_len, uint8_t *arena, size_t arena_len);
+
+/*
+ * A model validated once, run many times: dfq_prepare checks the whole blob, checksum included,
+ * into a dfq_model the caller owns (its fields are the runtime's; the blob must stay in place).
+ * dfq_run_prepared then skips the O(model bytes) checksum but repeats the O(ops) structural
+ * checks, so a blob changed after dfq_prepare can still only fail with a status, never make
+ * a run read outside it or the arena. A failed dfq_prepare leaves a dfq_model that
+ * dfq_run_prepared refuses with DFQ_ERR_BAD_ARGUMENT.
+ */
+typedef struct {
+    const uint8_t *model;
+    size_t model_len;
+    uint32_t checksum;
+    uint32_t tag;
+} dfq_model;
+
+int dfq_prepare(dfq_model *out, const uint8_t *model, size_t model_len);
+
+int dfq_run_prepared(const dfq_model *m, const float *input, size_t input_len, float *output,
+                     size_t output_len, uint8_t *arena, size_t arena_len);
 
 /* A static NUL-terminated description of a status ("unknown status" for unknown codes). */
 const char *dfq_status_str(int status);

@@ -43,6 +43,91 @@ fn overlap(a: (usize, usize), b: (usize, usize)) -> bool {
     a.0 < a.1 && b.0 < b.1 && a.0 < b.1 && b.0 < a.1
 }
 
+/// A model validated once by `dfq_prepare` (`dfq_model` in `diffdfq.h`): the caller owns it;
+/// its fields are the runtime's.
+#[repr(C)]
+pub struct DfqModel {
+    model: *const u8,
+    model_len: usize,
+    /// The blob's checksum, verified by `dfq_prepare`.
+    checksum: u32,
+    /// [`PREPARED`] once `dfq_prepare` succeeded, 0 after a failure.
+    tag: u32,
+}
+
+/// Marks a [`DfqModel`] that `dfq_prepare` filled in.
+const PREPARED: u32 = 0x4446_5150; // "DFQP"
+
+/// Validates a model once (CRC included) into `out`: see `dfq_prepare` in `diffdfq.h`.
+///
+/// # Safety
+/// `out` must be NULL or point to a writable `DfqModel`; a non-NULL `model` must point to
+/// `model_len` readable bytes that stay valid while `out` is used.
+#[no_mangle]
+pub unsafe extern "C" fn dfq_prepare(
+    out: *mut DfqModel,
+    model: *const u8,
+    model_len: usize,
+) -> c_int {
+    if out.is_null() || (out as usize) % align_of::<DfqModel>() != 0 {
+        return Error::NullPointer.code();
+    }
+    // SAFETY: the caller's contract.
+    let r = unsafe { slice_in(model, model_len) }
+        .and_then(|m| Model::from_bytes(m).map(|v| v.header().checksum));
+    let (checksum, tag, status) = match r {
+        Ok(c) => (c, PREPARED, 0),
+        Err(e) => (0, 0, e.code()),
+    };
+    // SAFETY: non-NULL and aligned (checked); writable by the caller's contract.
+    unsafe {
+        out.write(DfqModel {
+            model,
+            model_len,
+            checksum,
+            tag,
+        })
+    };
+    status
+}
+
+/// Runs a model `dfq_prepare` validated: see `dfq_run_prepared` in `diffdfq.h`.
+///
+/// # Safety
+/// `m` must be NULL or point to a `DfqModel` filled by `dfq_prepare`, whose blob is still
+/// valid; the buffers as for [`dfq_run_f32`].
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn dfq_run_prepared(
+    m: *const DfqModel,
+    input: *const f32,
+    input_len: usize,
+    output: *mut f32,
+    output_len: usize,
+    arena: *mut u8,
+    arena_len: usize,
+) -> c_int {
+    if m.is_null() || (m as usize) % align_of::<DfqModel>() != 0 {
+        return Error::NullPointer.code();
+    }
+    // SAFETY: non-NULL and aligned (checked); readable by the caller's contract.
+    let p = unsafe { m.read() };
+    if p.tag != PREPARED {
+        return Error::BadArgument.code();
+    }
+    // SAFETY: the caller's contract.
+    unsafe {
+        run_checked(
+            p.model,
+            p.model_len,
+            Some(p.checksum),
+            (input, input_len),
+            (output, output_len),
+            (arena, arena_len),
+        )
+    }
+}
+
 /// Runs a `.dfq` model: see `dfq_run_f32` in `diffdfq.h`. Returns 0 or an [`Error::code`].
 ///
 /// # Safety
@@ -59,6 +144,32 @@ pub unsafe extern "C" fn dfq_run_f32(
     output_len: usize,
     arena: *mut u8,
     arena_len: usize,
+) -> c_int {
+    // SAFETY: the caller's contract.
+    unsafe {
+        run_checked(
+            model,
+            model_len,
+            None,
+            (input, input_len),
+            (output, output_len),
+            (arena, arena_len),
+        )
+    }
+}
+
+/// The body of both run entry points: `verified` is the checksum `dfq_prepare` verified, or
+/// `None` to verify it now.
+///
+/// # Safety
+/// As for [`dfq_run_f32`].
+unsafe fn run_checked(
+    model: *const u8,
+    model_len: usize,
+    verified: Option<u32>,
+    (input, input_len): (*const f32, usize),
+    (output, output_len): (*mut f32, usize),
+    (arena, arena_len): (*mut u8, usize),
 ) -> c_int {
     let r = (|| -> Result<(), Error> {
         if model.is_null() || input.is_null() || output.is_null() || arena.is_null() {
@@ -77,7 +188,10 @@ pub unsafe extern "C" fn dfq_run_f32(
         // SAFETY: as above, and unaliased (checked), so unique borrows are sound.
         let y = unsafe { core::slice::from_raw_parts_mut(output, output_len) };
         let a = unsafe { core::slice::from_raw_parts_mut(arena, arena_len) };
-        let model = Model::from_bytes(m)?;
+        let model = match verified {
+            Some(c) => Model::from_verified_bytes(m, c)?,
+            None => Model::from_bytes(m)?,
+        };
         run(&model, x, y, a)
     })();
     match r {

@@ -1306,6 +1306,18 @@ impl<'a> Model<'a> {
     /// Validates a blob (see the module doc) and returns the model reading it in place.
     /// Never panics and never reads outside `bytes`, whatever they hold.
     pub fn from_bytes(bytes: &'a [u8]) -> Result<Model<'a>, Error> {
+        Self::parse(bytes, None)
+    }
+
+    /// [`Model::from_bytes`] for a blob whose checksum was verified before (the C ABI's
+    /// `dfq_prepare`): every structural check still runs, so a run stays inside the blob and
+    /// the arena whatever the bytes hold now, but the O(bytes) CRC is replaced by comparing the
+    /// header's checksum field with `checksum`, the value the earlier check verified.
+    pub fn from_verified_bytes(bytes: &'a [u8], checksum: u32) -> Result<Model<'a>, Error> {
+        Self::parse(bytes, Some(checksum))
+    }
+
+    fn parse(bytes: &'a [u8], verified: Option<u32>) -> Result<Model<'a>, Error> {
         let h = Header::parse(bytes)?;
         if h.magic != MAGIC {
             return Err(Error::BadMagic);
@@ -1320,7 +1332,11 @@ impl<'a> Model<'a> {
         if bytes.len() > total {
             return Err(Error::TrailingBytes);
         }
-        if blob_checksum(bytes) != h.checksum {
+        let crc = match verified {
+            Some(c) => c,
+            None => blob_checksum(bytes),
+        };
+        if crc != h.checksum {
             return Err(Error::ChecksumMismatch);
         }
         Self::check_header(&h)?;

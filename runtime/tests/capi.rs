@@ -6,7 +6,9 @@
 mod common;
 
 use common::*;
-use diffdfq_runtime::capi::{dfq_arena_size, dfq_run_f32, dfq_status_str};
+use diffdfq_runtime::capi::{
+    dfq_arena_size, dfq_prepare, dfq_run_f32, dfq_run_prepared, dfq_status_str, DfqModel,
+};
 use diffdfq_runtime::error::STATUS_MAX;
 use diffdfq_runtime::{run, Error, Model};
 use std::ffi::CStr;
@@ -40,15 +42,25 @@ fn status_strings_are_static_and_distinct() {
 
 #[test]
 fn header_matches_the_rust_side() {
-    // Exactly the three entry points.
+    // Exactly the five entry points.
     for proto in [
+        "int dfq_prepare(dfq_model *out, const uint8_t *model, size_t model_len);",
+        "int dfq_run_prepared(const dfq_model *m, const float *input, size_t input_len, float *output,\n                     size_t output_len, uint8_t *arena, size_t arena_len);",
         "int dfq_run_f32(const uint8_t *model, size_t model_len, const float *input, size_t input_len,\n                float *output, size_t output_len, uint8_t *arena, size_t arena_len);",
         "const char *dfq_status_str(int status);",
         "size_t dfq_arena_size(const uint8_t *model, size_t model_len);",
     ] {
         assert!(HEADER.contains(proto), "missing {proto}");
     }
-    assert_eq!(HEADER.matches(");\n").count(), 3);
+    assert_eq!(HEADER.matches(");\n").count(), 5);
+    // The caller allocates dfq_model: its C layout is the Rust one.
+    assert!(HEADER.contains(
+        "typedef struct {\n    const uint8_t *model;\n    size_t model_len;\n    uint32_t checksum;\n    uint32_t tag;\n} dfq_model;"
+    ));
+    assert_eq!(
+        std::mem::size_of::<DfqModel>(),
+        2 * std::mem::size_of::<usize>() + 8
+    );
     // Every status 0..=STATUS_MAX is defined once, with the Rust numbering.
     let mut codes: Vec<i32> = HEADER
         .lines()
@@ -171,4 +183,85 @@ fn run_f32_statuses() {
     let mut want = vec![0f32; 10];
     run(&m, &input, &mut want, arena.bytes()).unwrap();
     assert_eq!(out, want);
+}
+
+/// Validate once, run many: the same outputs as `dfq_run_f32`; a failed prepare is refused at
+/// run time; a blob changed after prepare fails with a status or runs inside its buffers.
+#[test]
+fn prepared_runs_equal_validated_runs() {
+    let blob = small_model(3, 4, 5);
+    let m = Model::from_bytes(&blob).unwrap();
+    let n = m.arena_size();
+    let input: Vec<f32> = (0..128).map(|i| (i as f32 * 0.3).sin()).collect();
+    let mut arena = Arena::new(n);
+    let a = arena.bytes().as_mut_ptr();
+    let mut want = vec![0f32; 10];
+    assert_eq!(
+        unsafe {
+            dfq_run_f32(
+                blob.as_ptr(),
+                blob.len(),
+                input.as_ptr(),
+                128,
+                want.as_mut_ptr(),
+                10,
+                a,
+                n,
+            )
+        },
+        0
+    );
+    let mut p = std::mem::MaybeUninit::<DfqModel>::uninit();
+    assert_eq!(
+        unsafe { dfq_prepare(p.as_mut_ptr(), blob.as_ptr(), blob.len()) },
+        0
+    );
+    let run_p = |p: &DfqModel, y: &mut [f32]| unsafe {
+        dfq_run_prepared(p, input.as_ptr(), 128, y.as_mut_ptr(), 10, a, n)
+    };
+    let p = unsafe { p.assume_init() };
+    for _ in 0..3 {
+        let mut got = vec![0f32; 10];
+        assert_eq!(run_p(&p, &mut got), 0);
+        assert_eq!(got, want);
+    }
+    // NULLs and sizes are still checked.
+    let mut y = vec![0f32; 10];
+    assert_eq!(
+        unsafe { dfq_run_prepared(ptr::null(), input.as_ptr(), 128, y.as_mut_ptr(), 10, a, n) },
+        Error::NullPointer.code()
+    );
+    assert_eq!(
+        unsafe { dfq_run_prepared(&p, input.as_ptr(), 127, y.as_mut_ptr(), 10, a, n) },
+        Error::InputSize.code()
+    );
+    assert_eq!(
+        unsafe { dfq_prepare(ptr::null_mut(), blob.as_ptr(), blob.len()) },
+        Error::NullPointer.code()
+    );
+    // A corrupt blob fails to prepare, and the result cannot run.
+    let mut bad = blob.clone();
+    bad[100] ^= 1;
+    let mut q = std::mem::MaybeUninit::<DfqModel>::uninit();
+    assert_eq!(
+        unsafe { dfq_prepare(q.as_mut_ptr(), bad.as_ptr(), bad.len()) },
+        Error::ChecksumMismatch.code()
+    );
+    let q = unsafe { q.assume_init() };
+    assert_eq!(run_p(&q, &mut y), Error::BadArgument.code());
+    // Every single byte of the blob flipped after a successful prepare: the structural checks
+    // still stand between the bytes and the buffers (a status, or a run, never a crash).
+    for i in 0..blob.len() {
+        let mut b = blob.clone();
+        let mut r = std::mem::MaybeUninit::<DfqModel>::uninit();
+        assert_eq!(
+            unsafe { dfq_prepare(r.as_mut_ptr(), b.as_ptr(), b.len()) },
+            0
+        );
+        let r = unsafe { r.assume_init() };
+        // In place: the prepared model keeps pointing at `b`'s buffer.
+        b[i] ^= 0x5a;
+        let _ = run_p(&r, &mut y);
+        drop(b);
+    }
 }

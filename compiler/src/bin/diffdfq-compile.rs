@@ -337,6 +337,7 @@ fn run(a: &Args) -> Result<(), Error> {
             },
             &low,
         ),
+        plot: emit::plot::render(&low, evaluation.as_ref())?,
         with_lib: !a.no_lib,
         nnef,
     };

@@ -1,11 +1,12 @@
-//! Emission: NAME.dfq, NAME.o, NAME.h, libNAME.a, NAME.report.json and, on request,
-//! NAME.nnef.tgz (the packed-integer tract graph) into the output directory.
+//! Emission: NAME.dfq, NAME.o, NAME.h, libNAME.a, NAME.report.json, NAME.report.svg and, on
+//! request, NAME.nnef.tgz (the packed-integer tract graph) into the output directory.
 //!
 //! Everything is produced in a private temporary directory inside DIR and renamed into place
 //! only when all of it succeeded: a failed compile leaves no NAME.* file behind.
 
 pub mod header;
 pub mod object;
+pub mod plot;
 pub mod report;
 pub mod runtime_lib;
 pub mod summary;
@@ -24,6 +25,8 @@ pub struct Emission<'a> {
     pub header: header::HeaderInfo<'a>,
     /// NAME.report.json contents.
     pub report: String,
+    /// NAME.report.svg contents.
+    pub plot: String,
     /// Build libNAME.a (needs a toolchain for the target).
     pub with_lib: bool,
     /// NAME.nnef.tgz contents (`--emit nnef`).
@@ -57,6 +60,7 @@ pub fn write_outputs(dir: &Path, e: &Emission) -> Result<Vec<PathBuf>, Error> {
         ),
         (format!("{name}.h"), header::render(&e.header).into_bytes()),
         (format!("{name}.report.json"), e.report.clone().into_bytes()),
+        (format!("{name}.report.svg"), e.plot.clone().into_bytes()),
     ];
     if let Some(nnef) = &e.nnef {
         files.push((format!("{name}.nnef.tgz"), nnef.clone()));

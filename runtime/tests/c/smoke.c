@@ -34,8 +34,19 @@ int main(int argc, char **argv) {
     if (dfq_run_f32(model, len, x, 128, y, 10, arena + 1, need) != DFQ_ERR_ARENA_MISALIGNED) return 15;
     if (dfq_run_f32(model, len, x, 127, y, 10, arena, need) != DFQ_ERR_INPUT_SIZE) return 16;
     if (dfq_run_f32(model, len, x, 128, y, 10, arena, need - 1) != DFQ_ERR_ARENA_TOO_SMALL) return 17;
+    /* Validate once, run many: the same bits as dfq_run_f32. */
+    dfq_model prepared;
+    float yp[10];
+    if (dfq_prepare(&prepared, model, len) != DFQ_OK) return 20;
+    for (int k = 0; k < 3; k++) {
+        if (dfq_run_prepared(&prepared, x, 128, yp, 10, arena, need) != DFQ_OK) return 21;
+        if (memcmp(y, yp, sizeof y) != 0) return 22;
+    }
     model[len / 2] ^= 1;
     if (dfq_run_f32(model, len, x, 128, y, 10, arena, need) != DFQ_ERR_CHECKSUM) return 18;
+    dfq_model failed;
+    if (dfq_prepare(&failed, model, len) != DFQ_ERR_CHECKSUM) return 23;
+    if (dfq_run_prepared(&failed, x, 128, yp, 10, arena, need) != DFQ_ERR_BAD_ARGUMENT) return 24;
 
     float sum = 0;
     for (int i = 0; i < 10; i++) {
