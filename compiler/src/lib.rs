@@ -9,6 +9,7 @@ pub mod evaluate;
 pub mod graph;
 pub mod import;
 pub mod inspect;
+pub mod interrupt;
 pub mod lower;
 pub mod npy;
 pub mod quant;

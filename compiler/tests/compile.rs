@@ -411,3 +411,99 @@ fn json_summary_for_pipelines_and_json_errors() {
     assert_eq!(e["exit_code"], 2);
     assert!(e["error"].as_str().unwrap().contains("missing.onnx"), "{e}");
 }
+
+/// Every entry under `dir`, recursively.
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            }
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// SIGINT and SIGTERM while the compile writes its outputs (its runtime library building in a
+/// cold cache, so the window lasts seconds): exit 130 / 143, one line, no file in the output
+/// directory, no build directory left in the cache.
+#[test]
+fn a_signal_while_writing_removes_the_temporary_files() {
+    for (sig, code, name) in [
+        (libc::SIGINT, 130, "SIGINT"),
+        (libc::SIGTERM, 143, "SIGTERM"),
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        let (out, cache) = (tmp.path().join("out"), tmp.path().join("cache"));
+        let child = Command::new(env!("CARGO_BIN_EXE_diffdfq-compile"))
+            .arg(fixture("resnet_fmnist.onnx"))
+            .args([
+                "--method",
+                "rtn",
+                "--eval-samples",
+                "0",
+                "--target",
+                "x86_64",
+                "-o",
+            ])
+            .arg(&out)
+            .env("DIFFDFQ_CACHE_DIR", &cache)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let building = || {
+            walk(&cache).iter().any(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("build-"))
+            })
+        };
+        let t0 = std::time::Instant::now();
+        while !building() {
+            assert!(
+                t0.elapsed().as_secs() < 120,
+                "the library build never started"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        // The runtime's sources being written: give cargo a moment to start compiling.
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        unsafe { libc::kill(child.id() as libc::pid_t, sig) };
+        let o = child.wait_with_output().unwrap();
+        assert_eq!(o.status.code(), Some(code), "{name}");
+        assert_eq!(
+            String::from_utf8_lossy(&o.stderr),
+            format!("diffdfq-compile: interrupted by {name}; no output was written\n")
+        );
+        assert_eq!(walk(&out), Vec::<PathBuf>::new(), "{name}: files left");
+        assert!(!building(), "{name}: the cache keeps a build directory");
+    }
+}
+
+/// SIGINT during calibration: nothing had been written yet, and nothing is.
+#[test]
+fn a_signal_during_calibration_exits_130_and_writes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let child = Command::new(env!("CARGO_BIN_EXE_diffdfq-compile"))
+        .arg(fixture("mobilenet_fmnist.onnx"))
+        .args(["--bits", "3", "--no-lib", "-o"])
+        .arg(&out)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(130));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.ends_with("diffdfq-compile: interrupted by SIGINT; no output was written\n"),
+        "{err}"
+    );
+    assert!(!out.exists() || walk(&out).is_empty());
+}

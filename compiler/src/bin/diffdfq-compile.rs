@@ -384,6 +384,10 @@ fn run(a: &Args) -> Result<(), Error> {
 fn main() -> ExitCode {
     diffdfq_compiler::calib::keep_freed_memory();
     let args = Args::parse();
+    if let Err(e) = diffdfq_compiler::interrupt::install("diffdfq-compile") {
+        eprintln!("diffdfq-compile: error: {e}");
+        return ExitCode::from(e.exit_code() as u8);
+    }
     match run(&args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if args.json => {

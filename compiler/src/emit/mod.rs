@@ -51,6 +51,7 @@ pub fn write_outputs(dir: &Path, e: &Emission) -> Result<Vec<PathBuf>, Error> {
         .tempdir_in(dir)
         .map_err(|err| Error::Input(format!("{}: cannot write: {err}", dir.display())))?;
     let t = tmp.path();
+    let _guard = crate::interrupt::DirGuard::new(t);
     let name = e.name;
     let mut files = vec![
         (format!("{name}.dfq"), e.blob.to_vec()),
@@ -77,6 +78,7 @@ pub fn write_outputs(dir: &Path, e: &Emission) -> Result<Vec<PathBuf>, Error> {
         files.push((lib, Vec::new()));
     }
     let mut written = Vec::new();
+    let _publishing = crate::interrupt::publishing();
     for (f, _) in &files {
         let dst = dir.join(f);
         if let Err(err) = std::fs::rename(t.join(f), &dst) {

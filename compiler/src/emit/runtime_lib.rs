@@ -6,6 +6,7 @@
 //! (`/usr/bin/cargo` with `libstd-rust-web-dev:ARCH`). The cache key is the hash of the sources
 //! and the target, so a cached library is reused byte for byte (deterministic libNAME.a).
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -147,6 +148,7 @@ pub fn device_library(target: &Target) -> Result<PathBuf, Error> {
         .prefix("build-")
         .tempdir_in(&dir)
         .map_err(|e| Error::Internal(format!("{}: {e}", dir.display())))?;
+    let _guard = crate::interrupt::DirGuard::new(work.path());
     let src = work.path().join("runtime");
     for (rel, text) in SOURCES {
         let p = src.join(rel);
@@ -184,7 +186,11 @@ pub fn device_library(target: &Target) -> Result<PathBuf, Error> {
             ),
         )
         .env_remove("CARGO_BUILD_TARGET")
-        .output()
+        .process_group(0)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .and_then(crate::interrupt::wait)
         .map_err(|e| Error::Internal(format!("running {}: {e}", tc.cargo.display())))?;
     if !out.status.success() {
         let err = String::from_utf8_lossy(&out.stderr);
