@@ -507,3 +507,67 @@ fn a_signal_during_calibration_exits_130_and_writes_nothing() {
     );
     assert!(!out.exists() || walk(&out).is_empty());
 }
+
+/// A write that fails midway (a file-size limit stands in for a full disk: the small files are
+/// written, `libNAME.a` is not): one line naming the file, non-zero exit, and the previous
+/// compile's outputs in the directory untouched, with no temporary directory left.
+#[test]
+fn a_write_failing_midway_keeps_the_previous_outputs() {
+    use std::os::unix::process::CommandExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let cache = tmp.path().join("cache");
+    let m = fixture("resnet_fmnist.onnx");
+    let cmd = |bits: &str| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_diffdfq-compile"));
+        c.arg(&m)
+            .args([
+                "--method",
+                "rtn",
+                "--eval-samples",
+                "0",
+                "--quiet",
+                "--bits",
+                bits,
+            ])
+            .args(["--target", "x86_64", "-o"])
+            .arg(&out)
+            .env("DIFFDFQ_CACHE_DIR", &cache);
+        c
+    };
+    // The first compile also fills the runtime cache, so that the limited one builds nothing.
+    ok(&mut cmd("4"));
+    let before: Vec<(PathBuf, Vec<u8>)> = walk(&out)
+        .into_iter()
+        .map(|p| (p.clone(), std::fs::read(&p).unwrap()))
+        .collect();
+    assert_eq!(before.len(), 6);
+    let mut limited = cmd("3");
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        limited.pre_exec(|| {
+            let lim = libc::rlimit {
+                rlim_cur: 1 << 20,
+                rlim_max: 1 << 20,
+            };
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    };
+    let o = limited.output().unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("libresnet_fmnist.a") && err.contains("too large"),
+        "{err}"
+    );
+    let after: Vec<(PathBuf, Vec<u8>)> = walk(&out)
+        .into_iter()
+        .map(|p| (p.clone(), std::fs::read(&p).unwrap()))
+        .collect();
+    assert!(after == before, "the previous outputs changed");
+}

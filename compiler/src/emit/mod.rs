@@ -66,15 +66,16 @@ pub fn write_outputs(dir: &Path, e: &Emission) -> Result<Vec<PathBuf>, Error> {
     if let Some(nnef) = &e.nnef {
         files.push((format!("{name}.nnef.tgz"), nnef.clone()));
     }
+    // Errors name the file the user asked for, not its temporary twin.
     for (f, bytes) in &files {
-        std::fs::write(t.join(f), bytes).map_err(|err| io(&t.join(f), err))?;
+        std::fs::write(t.join(f), bytes).map_err(|err| io(&dir.join(f), err))?;
     }
     if e.with_lib {
         let device = runtime_lib::device_library(e.target)?;
         let lib = format!("lib{name}.a");
         let obj = files[1].1.clone();
         std::fs::write(t.join(&lib), archive(&device, &format!("{name}.o"), obj)?)
-            .map_err(|err| io(&t.join(&lib), err))?;
+            .map_err(|err| io(&dir.join(&lib), err))?;
         files.push((lib, Vec::new()));
     }
     let mut written = Vec::new();
