@@ -102,6 +102,13 @@ fn run(a: &Args) -> Result<(), Error> {
         };
         return finish(a, s, out);
     }
+    // A model that declares its sample shape: samples of another shape are the input file's
+    // fault, said as such (imported at their shape, they would fail deep in some node).
+    if let Ok(g) = import_path(&a.model, &ImportOptions::default()) {
+        if let Some(&inp) = g.inputs.first() {
+            check_samples(a, g.shape(inp), &shape)?;
+        }
+    }
     let batch = shape[0];
     let per: usize = shape[1..].iter().product();
     let chunk = a.chunk.clamp(1, batch);
