@@ -85,35 +85,7 @@ pub fn evaluate(
     let t0 = Instant::now();
     let dev = Device::Cpu;
     let per: usize = q.tensors[q.input].shape[1..].iter().product();
-    let has_bn = g.nodes.iter().any(|n| matches!(n.op, Op::BatchNorm(_)));
-    let seed = held_out_seed(opts.seed);
-    let (source, samples) = if has_bn {
-        let so = SynthOptions {
-            samples: opts.samples,
-            batch: opts.samples,
-            iters: opts.synth_iters,
-            seed,
-            // Teacher statistics only: samples that owe nothing to the quantized model.
-            student_weight: 0.0,
-            // Inside the interval the input quantizer covers (the default one, ±3, when not
-            // given): pixels past it would measure the input's clipping, which real inputs
-            // do not hit, and hide every layer's own error behind it.
-            input_range: Some(opts.input_range.unwrap_or((
-                -crate::quant::rtn::INPUT_RANGE,
-                crate::quant::rtn::INPUT_RANGE,
-            ))),
-            ..Default::default()
-        };
-        let s = synth::synthesize(g, None, &so, Progress::silent())
-            .map_err(|e| e.context("held-out samples"))?;
-        ("synthesized", s)
-    } else {
-        let mut s = crate::quant::rtn::normal_samples(seed, opts.samples * per);
-        if let Some((lo, hi)) = opts.input_range {
-            s.iter_mut().for_each(|v| *v = v.clamp(lo, hi));
-        }
-        ("gaussian", s)
-    };
+    let (source, samples) = held_out_samples(g, opts)?;
     let n = samples.len() / per.max(1);
     let m = QModel::new(q.clone(), &dev)?;
     // Σ f² and Σ (f − q)² per node output.
@@ -182,14 +154,52 @@ pub fn evaluate(
     Ok(Evaluation {
         source,
         samples: n,
-        synth_iters: if has_bn { opts.synth_iters } else { 0 },
+        synth_iters: if source == "synthesized" {
+            opts.synth_iters
+        } else {
+            0
+        },
         sqnr_db,
         top1_agreement,
         seconds: t0.elapsed().as_secs_f64(),
     })
 }
 
-fn argmax(v: &[f32]) -> usize {
+/// Held-out samples for `g` (flattened inputs): `("synthesized", …)` from the BN statistics,
+/// or `("gaussian", …)` for a model without BN.
+pub fn held_out_samples(g: &Graph, opts: &EvalOptions) -> Result<(&'static str, Vec<f32>), Error> {
+    let per: usize = g.shape(g.inputs[0])[1..].iter().product();
+    let seed = held_out_seed(opts.seed);
+    if g.nodes.iter().any(|n| matches!(n.op, Op::BatchNorm(_))) {
+        let so = SynthOptions {
+            samples: opts.samples,
+            batch: opts.samples,
+            iters: opts.synth_iters,
+            seed,
+            // Teacher statistics only: samples that owe nothing to the quantized model.
+            student_weight: 0.0,
+            // Inside the interval the input quantizer covers (the default one, ±3, when not
+            // given): pixels past it would measure the input's clipping, which real inputs
+            // do not hit, and hide every layer's own error behind it.
+            input_range: Some(opts.input_range.unwrap_or((
+                -crate::quant::rtn::INPUT_RANGE,
+                crate::quant::rtn::INPUT_RANGE,
+            ))),
+            ..Default::default()
+        };
+        let s = synth::synthesize(g, None, &so, Progress::silent())
+            .map_err(|e| e.context("held-out samples"))?;
+        Ok(("synthesized", s))
+    } else {
+        let mut s = crate::quant::rtn::normal_samples(seed, opts.samples * per);
+        if let Some((lo, hi)) = opts.input_range {
+            s.iter_mut().for_each(|v| *v = v.clamp(lo, hi));
+        }
+        Ok(("gaussian", s))
+    }
+}
+
+pub(crate) fn argmax(v: &[f32]) -> usize {
     v.iter()
         .enumerate()
         .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &x)| {

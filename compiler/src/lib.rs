@@ -11,6 +11,7 @@ pub mod import;
 pub mod inspect;
 pub mod interrupt;
 pub mod lower;
+pub mod mixed;
 pub mod npy;
 pub mod quant;
 pub mod tract;

@@ -571,3 +571,76 @@ fn a_write_failing_midway_keeps_the_previous_outputs() {
         .collect();
     assert!(after == before, "the previous outputs changed");
 }
+
+fn weight_bytes(dir: &Path, name: &str) -> (u64, serde_json::Value) {
+    let rep: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join(format!("{name}.report.json"))).unwrap())
+            .unwrap();
+    (rep["totals"]["weight_bytes"].as_u64().unwrap(), rep)
+}
+
+/// `--flash`, fractional `--bits` and `--layer-bits`: per-layer widths that fit the budget,
+/// recorded in the report; budgets nothing fits and wrong lists are one-line errors.
+#[test]
+fn flash_budgets_choose_per_layer_bits_that_fit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = fixture("mobilenet_fmnist.onnx");
+    let m = m.to_str().unwrap();
+    let dir = |t: &str| tmp.path().join(t);
+    let run = |t: &str, flags: &[&str]| {
+        let d = dir(t);
+        let mut args = vec![m, "--no-lib", "--quiet", "-o", d.to_str().unwrap()];
+        args.extend(flags);
+        compile(&args)
+    };
+    for (t, b) in [("w2", "2"), ("w3", "3")] {
+        assert!(run(t, &["--bits", b]).status.success());
+    }
+    let (b2, _) = weight_bytes(&dir("w2"), "mobilenet_fmnist");
+    let (b3, _) = weight_bytes(&dir("w3"), "mobilenet_fmnist");
+    let budget = (b2 * 11 / 10).to_string();
+    let o = run("flash", &["--flash", &budget, "--eval-samples", "8"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (bf, rep) = weight_bytes(&dir("flash"), "mobilenet_fmnist");
+    assert!(
+        bf > b2 && bf <= b2 * 11 / 10,
+        "{bf} B for a budget of {budget}"
+    );
+    let chosen: Vec<u64> = rep["mixed_precision"]["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["bits"].as_u64().unwrap())
+        .collect();
+    let shipped: Vec<u64> = rep["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|l| l["weight_bits"].as_u64())
+        .collect();
+    assert_eq!(chosen, shipped, "the report's choice is what was compiled");
+    assert!(
+        chosen.iter().any(|&b| b > 2) && chosen.contains(&2),
+        "{chosen:?}"
+    );
+    // --bits 2.5: between the uniform 2- and 3-bit models' bytes.
+    assert!(run("half", &["--bits", "2.5", "--eval-samples", "8"])
+        .status
+        .success());
+    let (bh, _) = weight_bytes(&dir("half"), "mobilenet_fmnist");
+    assert!(bh > b2 && bh <= (b2 + b3) / 2, "{bh} vs {b2}..{b3}");
+    // Nothing fits, a wrong list: one line, exit 2, nothing written.
+    let o = run("none", &["--flash", "1000", "--eval-samples", "8"]);
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.starts_with("diffdfq-compile: error: --flash 1000 B: no assignment fits; every layer at 2 bits takes ")
+            && err.lines().count() == 1,
+        "{err}"
+    );
+    let o = run("list", &["--layer-bits", "8,2"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr)
+        .contains("--layer-bits: 2 widths for 21 conv/linear layers"));
+    assert!(!dir("none").exists() && !dir("list").exists());
+}

@@ -8,7 +8,7 @@ use diffdfq_compiler::calib::{self, budget, CalibOptions, DeviceKind, Progress};
 use diffdfq_compiler::emit::{self, header, report};
 use diffdfq_compiler::import::{import_path, ImportOptions};
 use diffdfq_compiler::quant::{rtn, Bits};
-use diffdfq_compiler::{evaluate, inspect, lower, Error};
+use diffdfq_compiler::{evaluate, inspect, lower, mixed, Error};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Method {
@@ -51,9 +51,18 @@ struct Args {
     /// Print the imported graph (ops, shapes, parameters, MACs, BatchNorm layers) and exit
     #[arg(long)]
     inspect: bool,
-    /// Weight bits of the inner layers: 2, 3, 4 or 8
-    #[arg(long, default_value_t = 4)]
-    bits: u8,
+    /// Weight bits of the inner layers: 2, 3, 4 or 8; a fraction (e.g. 2.5) means per-layer
+    /// bits within the weight bytes of that many uniform bits (see --flash)
+    #[arg(long, default_value_t = 4.0)]
+    bits: f32,
+    /// Weight-bytes budget (e.g. 40000, 40K, 1.5M): per-layer bits in {2,3,4,8} chosen by
+    /// sensitivity on held-out synthetic samples to fit it
+    #[arg(long, conflicts_with = "bits")]
+    flash: Option<String>,
+    /// Weight bits of every conv/linear layer in graph order, e.g. 8,2,2,4,8 (the order of
+    /// the summary table's weighted rows)
+    #[arg(long, value_delimiter = ',', conflicts_with_all = ["bits", "flash"])]
+    layer_bits: Option<Vec<u8>>,
     /// Activation bits: 8 or 4
     #[arg(long, default_value_t = 8)]
     act_bits: u8,
@@ -158,12 +167,20 @@ fn run(a: &Args) -> Result<(), Error> {
         ),
     };
     header::check_name(&name).map_err(Error::Input)?;
-    let bits = Bits {
-        weight: a.bits,
+    let whole = (a.bits.fract() == 0.0 && (2.0..=8.0).contains(&a.bits)).then_some(a.bits as u8);
+    let mut bits = Bits {
+        weight: whole.unwrap_or(2),
         act: a.act_bits,
         first_last: a.first_last_bits,
     };
-    bits.check()?;
+    if whole.is_some() || a.flash.is_some() {
+        bits.check()?;
+    } else if !(a.bits > 2.0 && a.bits < 8.0) {
+        return Err(Error::Input(format!(
+            "--bits {}: takes 2, 3, 4 or 8, or a fraction between 2 and 8 for mixed precision",
+            a.bits
+        )));
+    }
     let input_range = match a.input_range.as_deref() {
         None => None,
         Some(&[lo, hi]) if lo.is_finite() && hi.is_finite() && lo < hi => Some((lo, hi)),
@@ -178,6 +195,63 @@ fn run(a: &Args) -> Result<(), Error> {
         macs: macs.iter().sum(),
         layers: macs.iter().filter(|&&m| m > 0).count(),
     };
+    let (eval_n, eval_iters) = evaluate::plan(&size);
+    let eval_opts = evaluate::EvalOptions {
+        samples: a.eval_samples.filter(|&n| n > 0).unwrap_or(eval_n),
+        synth_iters: eval_iters,
+        seed: a.seed,
+        input_range,
+    };
+    let mixed = if a.layer_bits.is_none() && (a.flash.is_some() || whole.is_none()) {
+        let t0 = std::time::Instant::now();
+        let sens = mixed::sensitivities(&graph, bits.act, &eval_opts)
+            .map_err(|e| e.context(&a.model.display().to_string()))?;
+        let budget = match &a.flash {
+            Some(f) => mixed::parse_bytes(f)?,
+            None => {
+                // Between the uniform models of the neighbouring widths, by the fraction.
+                let lo = mixed::CHOICES.iter().rev().find(|&&c| (c as f32) < a.bits);
+                let hi = mixed::CHOICES.iter().find(|&&c| (c as f32) > a.bits);
+                let (Some(&lo), Some(&hi)) = (lo, hi) else {
+                    return Err(Error::Internal("--bits interpolation".into()));
+                };
+                let (blo, bhi) = (
+                    mixed::uniform_bytes(&sens, lo, bits.first_last) as f64,
+                    mixed::uniform_bytes(&sens, hi, bits.first_last) as f64,
+                );
+                (blo + (bhi - blo) * (a.bits - lo as f32) as f64 / (hi - lo) as f64) as usize
+            }
+        };
+        let chosen = mixed::choose(&sens, budget)?;
+        bits.weight = chosen.iter().copied().min().unwrap_or(2);
+        let secs = t0.elapsed().as_secs_f64();
+        stages.push(("sensitivity", secs));
+        if !quiet {
+            let used: usize = sens
+                .iter()
+                .zip(&chosen)
+                .map(|(l, &b)| l.bytes[mixed::CHOICES.iter().position(|&c| c == b).unwrap_or(3)])
+                .sum();
+            eprintln!(
+                "mixed precision: {} layers at {:?} bits, {used} of {budget} weight bytes \
+                 (sensitivity of {} layers on {} held-out samples, {secs:.1} s)",
+                chosen.len(),
+                chosen,
+                sens.len(),
+                eval_opts.samples
+            );
+        }
+        Some((budget, sens, chosen))
+    } else {
+        None
+    };
+    let layer_bits = match (&a.layer_bits, &mixed) {
+        (Some(b), _) => {
+            bits.weight = b.iter().copied().min().unwrap_or(2);
+            Some(b.clone())
+        }
+        (None, m) => m.as_ref().map(|m| m.2.clone()),
+    };
     // Quantizer errors name the node; the file goes in front, as for import errors.
     let model_name = a.model.display().to_string();
     let (q, method, calibration) = match a.method {
@@ -186,6 +260,7 @@ fn run(a: &Args) -> Result<(), Error> {
                 bits,
                 seed: a.seed,
                 input_range,
+                layer_bits: layer_bits.clone(),
                 ..Default::default()
             };
             if let Some(n) = a.samples {
@@ -245,6 +320,7 @@ fn run(a: &Args) -> Result<(), Error> {
             co.recon.iters = s.recon_iters;
             co.recon.batch = s.recon_batch;
             co.recon.eval_samples = s.eval_samples;
+            co.layer_bits = layer_bits.clone();
             let (q, rep) = calib::calibrate(&graph, &co, &dev, Progress::new(quiet))
                 .map_err(|e| e.context(&model_name))?;
             stages.push(("synthesis", rep.synthesis_s));
@@ -273,22 +349,11 @@ fn run(a: &Args) -> Result<(), Error> {
         }
     };
     let low = lower::lower(&q)?;
-    let (eval_n, eval_iters) = evaluate::plan(&size);
     let evaluation = match a.eval_samples.unwrap_or(eval_n) {
         0 => None,
-        n => {
-            let ev = evaluate::evaluate(
-                &graph,
-                &q,
-                &low.blob,
-                &evaluate::EvalOptions {
-                    samples: n,
-                    synth_iters: eval_iters,
-                    seed: a.seed,
-                    input_range,
-                },
-            )
-            .map_err(|e| e.context(&model_name))?;
+        _ => {
+            let ev = evaluate::evaluate(&graph, &q, &low.blob, &eval_opts)
+                .map_err(|e| e.context(&model_name))?;
             stages.push(("evaluation", ev.seconds));
             Some(ev)
         }
@@ -299,10 +364,20 @@ fn run(a: &Args) -> Result<(), Error> {
     } else {
         None
     };
+    let weights = match (&mixed, &layer_bits) {
+        (Some((budget, _, chosen)), _) => format!(
+            "weights {}..{}-bit per layer within {budget} weight bytes",
+            chosen.iter().min().unwrap_or(&2),
+            chosen.iter().max().unwrap_or(&8)
+        ),
+        (None, Some(b)) => format!("weights {b:?}-bit per layer"),
+        (None, None) => format!(
+            "weights {}-bit (first/last {}-bit)",
+            bits.weight, bits.first_last
+        ),
+    };
     let summary = format!(
-        "Method {method}, weights {}-bit (first/last {}-bit), activations {}-bit, seed {}{}.",
-        bits.weight,
-        bits.first_last,
+        "Method {method}, {weights}, activations {}-bit, seed {}{}.",
         bits.act,
         a.seed,
         input_range
@@ -334,6 +409,18 @@ fn run(a: &Args) -> Result<(), Error> {
                 input_range,
                 calibration,
                 evaluation: evaluation.as_ref(),
+                mixed: mixed.as_ref().map(|(budget, sens, chosen)| {
+                    serde_json::json!({
+                        "budget_weight_bytes": budget,
+                        "choices": mixed::CHOICES,
+                        "layers": sens.iter().zip(chosen).map(|(l, b)| serde_json::json!({
+                            "name": l.name,
+                            "bits": b,
+                            "bytes": l.bytes,
+                            "sensitivity": l.sensitivity,
+                        })).collect::<Vec<_>>(),
+                    })
+                }),
             },
             &low,
         ),

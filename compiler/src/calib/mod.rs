@@ -73,6 +73,8 @@ pub struct CalibOptions {
     pub seed: u64,
     pub synth: synth::SynthOptions,
     pub recon: recon::ReconOptions,
+    /// Weight bits per conv/linear layer (see [`rtn::RtnOptions::layer_bits`]).
+    pub layer_bits: Option<Vec<u8>>,
 }
 
 impl CalibOptions {
@@ -90,6 +92,7 @@ impl CalibOptions {
                 diffusion,
                 ..Default::default()
             },
+            layer_bits: None,
         }
     }
 }
@@ -137,6 +140,7 @@ pub fn calibrate_on(
                 .input_range
                 .map(|(lo, hi)| (lo.min(-rtn::INPUT_RANGE), hi.max(rtn::INPUT_RANGE))),
             bias_correction: false,
+            layer_bits: opts.layer_bits.clone(),
             ..Default::default()
         },
     )?;

@@ -72,6 +72,10 @@ struct Report<'a> {
     calibration: Option<&'a serde_json::Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
     evaluation: Option<EvalOut>,
+    /// `--flash` / fractional `--bits`: the budget, and each layer's bytes and sensitivity
+    /// per choice of bits and the bits chosen.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mixed_precision: Option<&'a serde_json::Value>,
 }
 
 /// What the report says besides the lowered model.
@@ -89,6 +93,8 @@ pub struct ReportInfo<'a> {
     pub calibration: Option<serde_json::Value>,
     /// Held-out figures, when measured (`--eval-samples 0` skips them).
     pub evaluation: Option<&'a Evaluation>,
+    /// The mixed-precision choice, when made.
+    pub mixed: Option<serde_json::Value>,
 }
 
 fn round(v: f64, digits: i32) -> f64 {
@@ -147,6 +153,7 @@ pub fn render(info: &ReportInfo, l: &Lowered) -> String {
             macs: l.macs(),
         },
         calibration: info.calibration.as_ref(),
+        mixed_precision: info.mixed.as_ref(),
         evaluation: info.evaluation.map(|e| EvalOut {
             source: e.source,
             samples: e.samples,

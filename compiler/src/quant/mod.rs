@@ -457,6 +457,30 @@ impl QuantGraph {
     }
 
     /// Indices of the conv/linear nodes, in order.
+    /// Gives the conv/linear layers, in graph order, the weight bits `bits` (one per layer).
+    pub fn set_layer_bits(&mut self, bits: &[u8]) -> Result<(), Error> {
+        let layers: Vec<usize> = self.layers().collect();
+        if layers.len() != bits.len() {
+            return Err(Error::Input(format!(
+                "--layer-bits: {} widths for {} conv/linear layers",
+                bits.len(),
+                layers.len()
+            )));
+        }
+        for (i, &b) in layers.into_iter().zip(bits) {
+            if !diffdfq_runtime::format::WEIGHT_BITS.contains(&b) {
+                return Err(Error::Input(format!(
+                    "--layer-bits: {b} bits for '{}'; supported are 2, 3, 4, 8",
+                    self.nodes[i].name
+                )));
+            }
+            if let Some(l) = self.nodes[i].op.layer_mut() {
+                l.bits = b;
+            }
+        }
+        Ok(())
+    }
+
     pub fn layers(&self) -> impl Iterator<Item = usize> + '_ {
         self.nodes
             .iter()

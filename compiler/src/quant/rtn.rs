@@ -52,7 +52,7 @@ pub fn k_sigma(act_bits: u8) -> f32 {
 pub const INPUT_RANGE: f32 = 3.0;
 
 /// Options of the rtn method.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct RtnOptions {
     pub bits: Bits,
     /// Seed of the N(0, 1) samples that calibrate layers without BN.
@@ -65,6 +65,9 @@ pub struct RtnOptions {
     /// [`correct_biases`]). Calibration starts from rtn without it: its reconstruction target
     /// is the float network, biases included.
     pub bias_correction: bool,
+    /// Weight bits per conv/linear layer, in graph order (`--flash`), replacing `bits.weight`
+    /// and `bits.first_last`.
+    pub layer_bits: Option<Vec<u8>>,
 }
 
 impl Default for RtnOptions {
@@ -75,6 +78,7 @@ impl Default for RtnOptions {
             samples: 32,
             input_range: None,
             bias_correction: true,
+            layer_bits: None,
         }
     }
 }
@@ -82,6 +86,9 @@ impl Default for RtnOptions {
 /// Folds and quantizes `g` with round-to-nearest weights and data-free activation ranges.
 pub fn quantize(g: &Graph, opts: &RtnOptions) -> Result<QuantGraph, Error> {
     let mut q = fold(g, opts.bits)?;
+    if let Some(b) = &opts.layer_bits {
+        q.set_layer_bits(b)?;
+    }
     for n in &mut q.nodes {
         if let Some(l) = n.op.layer_mut() {
             l.quantize_rtn();

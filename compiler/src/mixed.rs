@@ -1,0 +1,256 @@
+//! Mixed precision under a flash budget (`--flash`, fractional `--bits`): each conv/linear
+//! layer's *sensitivity* — how much the network's output error grows when that layer alone
+//! drops from 8 to 4, 3 or 2 weight bits, every other layer kept at 8, on held-out synthetic
+//! samples — then the bit widths in {2, 3, 4, 8} that minimize the summed sensitivity while the
+//! weight bytes fit the budget.
+//!
+//! The choice is a multiple-choice knapsack, solved exactly by dynamic programming over the
+//! budget in units of at most [`UNITS`] steps (each option's bytes rounded *up* to a unit, so a
+//! chosen assignment always fits). Exact DP rather than a Lagrangian relaxation: with a few
+//! dozen layers and four options it costs milliseconds, and a Lagrangian can miss the best
+//! point between two of its hull vertices by a whole layer's bytes, which on a small model is
+//! most of the margin a budget gives.
+
+use candle_core::{Device, Tensor};
+use serde::Serialize;
+
+use crate::calib::qmodel::{Mode, QModel};
+use crate::evaluate::{held_out_samples, EvalOptions};
+use crate::graph::Graph;
+use crate::quant::{rtn, Bits};
+use crate::Error;
+
+/// Weight bit widths a layer may take, lowest first.
+pub const CHOICES: [u8; 4] = [2, 3, 4, 8];
+
+/// Granularity of the knapsack: the budget is split into at most this many units.
+const UNITS: usize = 20_000;
+
+/// One layer's bytes and sensitivity at each of [`CHOICES`].
+#[derive(Debug, Clone, Serialize)]
+pub struct LayerSensitivity {
+    pub name: String,
+    /// Weight bytes (packed codes + channel records) at 2, 3, 4, 8 bits.
+    pub bytes: [usize; 4],
+    /// Increase of the output MSE against FP32 when this layer alone takes 2, 3, 4, 8 bits
+    /// (0 at 8 by definition).
+    pub sensitivity: [f64; 4],
+}
+
+/// Measures every layer's sensitivity on `opts.samples` held-out samples. `act` is the
+/// activation width the probes use.
+pub fn sensitivities(
+    g: &Graph,
+    act: u8,
+    opts: &EvalOptions,
+) -> Result<Vec<LayerSensitivity>, Error> {
+    let bits = Bits {
+        weight: 8,
+        act,
+        first_last: 8,
+    };
+    let q = rtn::quantize(
+        g,
+        &rtn::RtnOptions {
+            bits,
+            seed: opts.seed,
+            input_range: opts.input_range,
+            ..Default::default()
+        },
+    )?;
+    let dev = Device::Cpu;
+    let (_, samples) = held_out_samples(g, opts)?;
+    let mut shape = q.tensors[q.input].shape.clone();
+    let per: usize = shape[1..].iter().product();
+    shape[0] = samples.len() / per.max(1);
+    let x = Tensor::from_vec(samples, shape.as_slice(), &dev)?;
+    let mut m = QModel::new(q, &dev)?;
+    let float = m.forward(&x, Mode::Float)?;
+    let mse = |m: &QModel| -> Result<f64, Error> {
+        let y = m.forward(&x, Mode::Quant)?;
+        Ok((&y - &float)?.sqr()?.mean_all()?.to_scalar::<f32>()? as f64)
+    };
+    let base = mse(&m)?;
+    let layers: Vec<usize> = m.q.layers().collect();
+    let mut out = Vec::with_capacity(layers.len());
+    for i in layers {
+        let orig = m.q.nodes[i]
+            .op
+            .layer()
+            .cloned()
+            .ok_or_else(|| Error::Internal("layer".into()))?;
+        let mut bytes = [0; 4];
+        let mut sens = [0.0; 4];
+        for (k, &b) in CHOICES.iter().enumerate() {
+            let l = m.q.nodes[i]
+                .op
+                .layer_mut()
+                .ok_or_else(|| Error::Internal("layer".into()))?;
+            *l = orig.clone();
+            l.bits = b;
+            // The clip search calibration starts from: the probe sees the error it will fix.
+            l.quantize_lp();
+            bytes[k] = l.packed_bytes();
+            if b < 8 {
+                m.refresh_weights(i)?;
+                sens[k] = (mse(&m)? - base).max(0.0);
+            }
+        }
+        if let Some(l) = m.q.nodes[i].op.layer_mut() {
+            *l = orig;
+        }
+        m.refresh_weights(i)?;
+        out.push(LayerSensitivity {
+            name: m.q.nodes[i].name.clone(),
+            bytes,
+            sensitivity: sens,
+        });
+    }
+    Ok(out)
+}
+
+/// The weight bytes of a uniform `bits`-bit model with the first and last layers at
+/// `first_last` bits, as [`Bits`] lays it out.
+pub fn uniform_bytes(layers: &[LayerSensitivity], bits: u8, first_last: u8) -> usize {
+    let at = |b: u8| CHOICES.iter().position(|&c| c == b).unwrap_or(3);
+    let last = layers.len().saturating_sub(1);
+    layers
+        .iter()
+        .enumerate()
+        .map(|(i, l)| {
+            let b = if i == 0 || i == last {
+                first_last
+            } else {
+                bits
+            };
+            l.bytes[at(b)]
+        })
+        .sum()
+}
+
+/// The bit width per layer that minimizes the summed sensitivity with at most `budget` weight
+/// bytes; a one-line error when even every layer at 2 bits exceeds it.
+pub fn choose(layers: &[LayerSensitivity], budget: usize) -> Result<Vec<u8>, Error> {
+    let least: usize = layers.iter().map(|l| l.bytes[0]).sum();
+    if least > budget {
+        return Err(Error::Input(format!(
+            "--flash {budget} B: no assignment fits; every layer at 2 bits takes {least} B"
+        )));
+    }
+    let unit = budget.div_ceil(UNITS).max(1);
+    let cap = budget / unit;
+    let cost = |b: usize| b.div_ceil(unit);
+    // best[j]: least summed sensitivity of the layers so far within j units; pick[l][j] the
+    // choice layer l takes there.
+    let mut best = vec![0.0f64; cap + 1];
+    let mut pick = vec![vec![u8::MAX; cap + 1]; layers.len()];
+    for (li, l) in layers.iter().enumerate() {
+        let mut next = vec![f64::INFINITY; cap + 1];
+        for j in 0..=cap {
+            for k in 0..CHOICES.len() {
+                let c = cost(l.bytes[k]);
+                if c <= j && best[j - c].is_finite() {
+                    let v = best[j - c] + l.sensitivity[k];
+                    // Ties go to more bits (k grows): same error, fewer surprises.
+                    if v <= next[j] {
+                        next[j] = v;
+                        pick[li][j] = k as u8;
+                    }
+                }
+            }
+        }
+        best = next;
+    }
+    // Rounding bytes up to units can make the all-2-bit assignment miss a budget it fits.
+    if !best[cap].is_finite() {
+        return Ok(vec![2; layers.len()]);
+    }
+    let mut j = cap;
+    let mut bits = vec![0u8; layers.len()];
+    for li in (0..layers.len()).rev() {
+        let k = pick[li][j] as usize;
+        bits[li] = CHOICES[k];
+        j -= cost(layers[li].bytes[k]);
+    }
+    Ok(bits)
+}
+
+/// Parses `--flash`: bytes with an optional `K`/`M` suffix (powers of 1024).
+pub fn parse_bytes(s: &str) -> Result<usize, Error> {
+    let t = s.trim();
+    let (num, mul) = match t.chars().last() {
+        Some('K' | 'k') => (&t[..t.len() - 1], 1024.0),
+        Some('M' | 'm') => (&t[..t.len() - 1], 1024.0 * 1024.0),
+        _ => (t, 1.0),
+    };
+    match num.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok((v * mul) as usize),
+        _ => Err(Error::Input(format!(
+            "--flash takes bytes, e.g. 48000, 48K or 1.5M; got '{s}'"
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layer(bytes: [usize; 4], sensitivity: [f64; 4]) -> LayerSensitivity {
+        LayerSensitivity {
+            name: String::new(),
+            bytes,
+            sensitivity,
+        }
+    }
+
+    /// Exhaustive search over every assignment: the DP must find the same optimum.
+    #[test]
+    fn the_knapsack_finds_the_exhaustive_optimum() {
+        let layers = vec![
+            layer([100, 150, 200, 400], [9.0, 3.0, 1.0, 0.0]),
+            layer([1000, 1500, 2000, 4000], [0.5, 0.2, 0.1, 0.0]),
+            layer([50, 75, 100, 200], [20.0, 4.0, 0.5, 0.0]),
+            layer([300, 450, 600, 1200], [2.0, 1.0, 0.3, 0.0]),
+        ];
+        for budget in [1450, 1700, 2000, 2600, 3300, 6000] {
+            let mut best = (f64::INFINITY, usize::MAX);
+            for code in 0..256usize {
+                let ks: Vec<usize> = (0..4).map(|l| (code >> (2 * l)) & 3).collect();
+                let bytes: usize = ks.iter().zip(&layers).map(|(&k, l)| l.bytes[k]).sum();
+                let s: f64 = ks.iter().zip(&layers).map(|(&k, l)| l.sensitivity[k]).sum();
+                if bytes <= budget && s < best.0 {
+                    best = (s, bytes);
+                }
+            }
+            let bits = choose(&layers, budget).unwrap();
+            let at = |b: u8| CHOICES.iter().position(|&c| c == b).unwrap();
+            let s: f64 = bits
+                .iter()
+                .zip(&layers)
+                .map(|(&b, l)| l.sensitivity[at(b)])
+                .sum();
+            let bytes: usize = bits.iter().zip(&layers).map(|(&b, l)| l.bytes[at(b)]).sum();
+            assert!(bytes <= budget, "{budget}: {bytes} B");
+            assert!((s - best.0).abs() < 1e-9, "{budget}: {s} vs {}", best.0);
+        }
+    }
+
+    #[test]
+    fn a_budget_below_every_layer_at_two_bits_is_an_error() {
+        let layers = vec![layer([100, 150, 200, 400], [1.0, 0.5, 0.1, 0.0])];
+        let e = choose(&layers, 99).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "--flash 99 B: no assignment fits; every layer at 2 bits takes 100 B"
+        );
+        assert_eq!(choose(&layers, 100).unwrap(), vec![2]);
+    }
+
+    #[test]
+    fn flash_sizes_parse() {
+        assert_eq!(parse_bytes("48000").unwrap(), 48000);
+        assert_eq!(parse_bytes("48K").unwrap(), 49152);
+        assert_eq!(parse_bytes("1.5M").unwrap(), 1572864);
+        assert!(parse_bytes("-3").is_err() && parse_bytes("x").is_err());
+    }
+}
