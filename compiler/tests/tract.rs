@@ -179,7 +179,8 @@ fn cli_emit_nnef_and_engine_tract_agree_byte_for_byte() {
             .collect();
         names.sort();
         assert!(names.contains(&format!("{name}.nnef.tgz")), "{names:?}");
-        assert_eq!(names.len(), 5, "{names:?}");
+        assert!(names.contains(&format!("{name}.report.svg")), "{names:?}");
+        assert_eq!(names.len(), 6, "{names:?}");
         for n in &names {
             let same = std::fs::read(a.join(n)).unwrap() == std::fs::read(b.join(n)).unwrap();
             assert!(same, "{n} differs between runs");
