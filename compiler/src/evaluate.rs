@@ -3,8 +3,6 @@
 //! N(0, 1) noise for a model without BN) run through the float network, the fake-quantized one
 //! (per-layer SQNR) and the integer runtime on the emitted blob (top-1 agreement).
 
-use std::time::Instant;
-
 use candle_core::{Device, Tensor};
 use serde::Serialize;
 
@@ -53,7 +51,7 @@ pub struct EvalOptions {
     pub input_range: Option<(f32, f32)>,
 }
 
-/// The figures of [`evaluate`]. Everything but `seconds` is reproducible.
+/// The figures of [`evaluate`], all reproducible.
 #[derive(Debug, Clone, Serialize)]
 pub struct Evaluation {
     /// `synthesized` (from BN statistics) or `gaussian` (the model has no BN).
@@ -66,8 +64,6 @@ pub struct Evaluation {
     /// Share of samples whose top-1 class from the integer runtime equals the float
     /// network's (`None` when the output is not a vector of class scores).
     pub top1_agreement: Option<f64>,
-    #[serde(skip)]
-    pub seconds: f64,
 }
 
 /// Seed of the held-out samples: never the calibration's own.
@@ -75,17 +71,24 @@ fn held_out_seed(seed: u64) -> u64 {
     seed ^ 0xE7A1_0000_0000_0000
 }
 
-/// Measures `q` (and `blob`, the same model lowered) against the float `g`.
+/// Held-out samples (flattened inputs) and where they came from: `synthesized` from the BN
+/// statistics or `gaussian`. Made once per compile, read by the evaluation and by the
+/// mixed-precision sensitivity.
+pub struct HeldOut {
+    pub source: &'static str,
+    pub samples: Vec<f32>,
+}
+
+/// Measures `q` (and `blob`, the same model lowered) against its float network on `held`.
 pub fn evaluate(
-    g: &Graph,
     q: &QuantGraph,
     blob: &[u8],
     opts: &EvalOptions,
+    held: &HeldOut,
 ) -> Result<Evaluation, Error> {
-    let t0 = Instant::now();
     let dev = Device::Cpu;
     let per: usize = q.tensors[q.input].shape[1..].iter().product();
-    let (source, samples) = held_out_samples(g, opts)?;
+    let (source, samples) = (held.source, &held.samples);
     let n = samples.len() / per.max(1);
     let m = QModel::new(q.clone(), &dev)?;
     // Σ f² and Σ (f − q)² per node output.
@@ -145,7 +148,7 @@ pub fn evaluate(
         .collect();
     let top1_agreement = match classes {
         Some(_) => {
-            let rt = runtime_top1(blob, &samples, per)?;
+            let rt = runtime_top1(blob, samples, per)?;
             let same = rt.iter().zip(&float_top).filter(|(a, b)| a == b).count();
             Some(same as f64 / n.max(1) as f64)
         }
@@ -161,13 +164,12 @@ pub fn evaluate(
         },
         sqnr_db,
         top1_agreement,
-        seconds: t0.elapsed().as_secs_f64(),
     })
 }
 
 /// Held-out samples for `g` (flattened inputs): `("synthesized", …)` from the BN statistics,
 /// or `("gaussian", …)` for a model without BN.
-pub fn held_out_samples(g: &Graph, opts: &EvalOptions) -> Result<(&'static str, Vec<f32>), Error> {
+pub fn held_out_samples(g: &Graph, opts: &EvalOptions) -> Result<HeldOut, Error> {
     let per: usize = g.shape(g.inputs[0])[1..].iter().product();
     let seed = held_out_seed(opts.seed);
     if g.nodes.iter().any(|n| matches!(n.op, Op::BatchNorm(_))) {
@@ -189,13 +191,19 @@ pub fn held_out_samples(g: &Graph, opts: &EvalOptions) -> Result<(&'static str, 
         };
         let s = synth::synthesize(g, None, &so, Progress::silent())
             .map_err(|e| e.context("held-out samples"))?;
-        Ok(("synthesized", s))
+        Ok(HeldOut {
+            source: "synthesized",
+            samples: s,
+        })
     } else {
         let mut s = crate::quant::rtn::normal_samples(seed, opts.samples * per);
         if let Some((lo, hi)) = opts.input_range {
             s.iter_mut().for_each(|v| *v = v.clamp(lo, hi));
         }
-        Ok(("gaussian", s))
+        Ok(HeldOut {
+            source: "gaussian",
+            samples: s,
+        })
     }
 }
 

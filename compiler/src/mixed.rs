@@ -15,7 +15,7 @@ use candle_core::{Device, Tensor};
 use serde::Serialize;
 
 use crate::calib::qmodel::{Mode, QModel};
-use crate::evaluate::{held_out_samples, EvalOptions};
+use crate::evaluate::{EvalOptions, HeldOut};
 use crate::graph::Graph;
 use crate::quant::{rtn, Bits};
 use crate::Error;
@@ -37,12 +37,13 @@ pub struct LayerSensitivity {
     pub sensitivity: [f64; 4],
 }
 
-/// Measures every layer's sensitivity on `opts.samples` held-out samples. `act` is the
+/// Measures every layer's sensitivity on the held-out samples `held`. `act` is the
 /// activation width the probes use.
 pub fn sensitivities(
     g: &Graph,
     act: u8,
     opts: &EvalOptions,
+    held: &HeldOut,
 ) -> Result<Vec<LayerSensitivity>, Error> {
     let bits = Bits {
         weight: 8,
@@ -59,7 +60,7 @@ pub fn sensitivities(
         },
     )?;
     let dev = Device::Cpu;
-    let (_, samples) = held_out_samples(g, opts)?;
+    let samples = held.samples.clone();
     let mut shape = q.tensors[q.input].shape.clone();
     let per: usize = shape[1..].iter().product();
     shape[0] = samples.len() / per.max(1);
