@@ -37,6 +37,51 @@ pub struct LayerSensitivity {
     pub sensitivity: [f64; 4],
 }
 
+/// The per-layer widths `--flash` chose, with what they were chosen from.
+#[derive(Debug, Clone)]
+pub struct Assignment {
+    /// Weight-bytes budget.
+    pub budget: usize,
+    pub layers: Vec<LayerSensitivity>,
+    /// Chosen bits per layer, in graph order.
+    pub bits: Vec<u8>,
+}
+
+fn choice(b: u8) -> usize {
+    CHOICES.iter().position(|&c| c == b).unwrap_or(CHOICES.len() - 1)
+}
+
+impl Assignment {
+    /// Layer `j`'s sensitivity at its chosen width.
+    pub fn chosen_sensitivity(&self, j: usize) -> Option<f64> {
+        let (l, &b) = (self.layers.get(j)?, self.bits.get(j)?);
+        Some(l.sensitivity[choice(b)])
+    }
+
+    /// Weight bytes of the chosen widths.
+    pub fn used_bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .zip(&self.bits)
+            .map(|(l, &b)| l.bytes[choice(b)])
+            .sum()
+    }
+
+    /// `mixed_precision` of `NAME.report.json`.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "budget_weight_bytes": self.budget,
+            "choices": CHOICES,
+            "layers": self.layers.iter().zip(&self.bits).map(|(l, b)| serde_json::json!({
+                "name": l.name,
+                "bits": b,
+                "bytes": l.bytes,
+                "sensitivity": l.sensitivity,
+            })).collect::<Vec<_>>(),
+        })
+    }
+}
+
 /// Measures every layer's sensitivity on the held-out samples `held`. `act` is the
 /// activation width the probes use.
 pub fn sensitivities(
@@ -113,7 +158,7 @@ pub fn sensitivities(
 /// The weight bytes of a uniform `bits`-bit model with the first and last layers at
 /// `first_last` bits, as [`Bits`] lays it out.
 pub fn uniform_bytes(layers: &[LayerSensitivity], bits: u8, first_last: u8) -> usize {
-    let at = |b: u8| CHOICES.iter().position(|&c| c == b).unwrap_or(3);
+    let at = choice;
     let last = layers.len().saturating_sub(1);
     layers
         .iter()

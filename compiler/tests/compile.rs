@@ -623,10 +623,35 @@ fn flash_budgets_choose_per_layer_bits_that_fit() {
         chosen.iter().any(|&b| b > 2) && chosen.contains(&2),
         "{chosen:?}"
     );
-    // --bits 2.5: between the uniform 2- and 3-bit models' bytes.
-    assert!(run("half", &["--bits", "2.5", "--eval-samples", "8"])
-        .status
-        .success());
+    // The report's plot shows the trade-off the choice saw.
+    let svg = std::fs::read_to_string(dir("flash").join("mobilenet_fmnist.report.svg")).unwrap();
+    assert!(svg.contains("sensitivity vs weight bytes per layer"));
+    // --bits 2.5: between the uniform 2- and 3-bit models' bytes; the summary (not --quiet
+    // here) gives each weighted row its sensitivity at the chosen width.
+    let d = dir("half");
+    let o = compile(&[
+        m,
+        "--no-lib",
+        "-o",
+        d.to_str().unwrap(),
+        "--bits",
+        "2.5",
+        "--eval-samples",
+        "8",
+    ]);
+    assert!(o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    let mut rows = err.lines().skip_while(|l| !l.starts_with("layer "));
+    assert!(rows.next().unwrap().ends_with("  sensitivity"), "{err}");
+    let weighted: Vec<&str> = rows
+        .take_while(|l| !l.starts_with("flash:"))
+        .filter(|l| l.contains("Conv ") || l.contains("FullyConnected"))
+        .collect();
+    assert_eq!(weighted.len(), 21, "{err}");
+    for l in weighted {
+        let v = l.split_whitespace().last().unwrap();
+        assert!(v == "0" || v.parse::<f64>().is_ok_and(|v| v > 0.0), "{l}");
+    }
     let (bh, _) = weight_bytes(&dir("half"), "mobilenet_fmnist");
     assert!(bh > b2 && bh <= (b2 + b3) / 2, "{bh} vs {b2}..{b3}");
     // Nothing fits, a wrong list: one line, exit 2, nothing written.

@@ -232,22 +232,23 @@ fn run(a: &Args) -> Result<(), Error> {
         bits.weight = chosen.iter().copied().min().unwrap_or(2);
         let secs = t0.elapsed().as_secs_f64();
         stages.push(("sensitivity", secs));
+        let m = mixed::Assignment {
+            budget,
+            layers: sens,
+            bits: chosen,
+        };
         if !quiet {
-            let used: usize = sens
-                .iter()
-                .zip(&chosen)
-                .map(|(l, &b)| l.bytes[mixed::CHOICES.iter().position(|&c| c == b).unwrap_or(3)])
-                .sum();
             eprintln!(
-                "mixed precision: {} layers at {:?} bits, {used} of {budget} weight bytes \
+                "mixed precision: {} layers at {:?} bits, {} of {budget} weight bytes \
                  (sensitivity of {} layers on {} held-out samples, {secs:.1} s)",
-                chosen.len(),
-                chosen,
-                sens.len(),
+                m.bits.len(),
+                m.bits,
+                m.used_bytes(),
+                m.layers.len(),
                 eval_opts.samples
             );
         }
-        Some((budget, sens, chosen))
+        Some(m)
     } else {
         None
     };
@@ -256,7 +257,7 @@ fn run(a: &Args) -> Result<(), Error> {
             bits.weight = b.iter().copied().min().unwrap_or(2);
             Some(b.clone())
         }
-        (None, m) => m.as_ref().map(|m| m.2.clone()),
+        (None, m) => m.as_ref().map(|m| m.bits.clone()),
     };
     // Quantizer errors name the node; the file goes in front, as for import errors.
     let model_name = a.model.display().to_string();
@@ -272,8 +273,9 @@ fn run(a: &Args) -> Result<(), Error> {
             if let Some(n) = a.samples {
                 ro.samples = n;
             }
+            let t0 = std::time::Instant::now();
             let q = rtn::quantize(&graph, &ro).map_err(|e| e.context(&model_name))?;
-            stages.push(("quantize", t_start.elapsed().as_secs_f64()));
+            stages.push(("quantize", t0.elapsed().as_secs_f64()));
             (q, "rtn", None)
         }
         Method::Diffdfq | Method::Genie => {
@@ -377,10 +379,11 @@ fn run(a: &Args) -> Result<(), Error> {
         None
     };
     let weights = match (&mixed, &layer_bits) {
-        (Some((budget, _, chosen)), _) => format!(
-            "weights {}..{}-bit per layer within {budget} weight bytes",
-            chosen.iter().min().unwrap_or(&2),
-            chosen.iter().max().unwrap_or(&8)
+        (Some(m), _) => format!(
+            "weights {}..{}-bit per layer within {} weight bytes",
+            m.bits.iter().min().unwrap_or(&2),
+            m.bits.iter().max().unwrap_or(&8),
+            m.budget
         ),
         (None, Some(b)) => format!("weights {b:?}-bit per layer"),
         (None, None) => format!(
@@ -421,22 +424,11 @@ fn run(a: &Args) -> Result<(), Error> {
                 input_range,
                 calibration,
                 evaluation: evaluation.as_ref(),
-                mixed: mixed.as_ref().map(|(budget, sens, chosen)| {
-                    serde_json::json!({
-                        "budget_weight_bytes": budget,
-                        "choices": mixed::CHOICES,
-                        "layers": sens.iter().zip(chosen).map(|(l, b)| serde_json::json!({
-                            "name": l.name,
-                            "bits": b,
-                            "bytes": l.bytes,
-                            "sensitivity": l.sensitivity,
-                        })).collect::<Vec<_>>(),
-                    })
-                }),
+                mixed: mixed.as_ref().map(mixed::Assignment::to_json),
             },
             &low,
         ),
-        plot: emit::plot::render(&low, evaluation.as_ref())?,
+        plot: emit::plot::render(&low, evaluation.as_ref(), mixed.as_ref())?,
         with_lib: !a.no_lib,
         nnef,
     };
@@ -462,7 +454,7 @@ fn run(a: &Args) -> Result<(), Error> {
     if !quiet {
         eprint!(
             "{}",
-            emit::summary::render(&low, evaluation.as_ref(), &stages)
+            emit::summary::render(&low, evaluation.as_ref(), mixed.as_ref(), &stages)
         );
         let (wb, fb) = low.weight_bytes();
         for w in &written {

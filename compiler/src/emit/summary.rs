@@ -6,6 +6,7 @@ use std::fmt::Write;
 
 use crate::evaluate::Evaluation;
 use crate::lower::Lowered;
+use crate::mixed::Assignment;
 
 /// Widest layer name shown; longer names keep their tail (exporters put the distinguishing
 /// part last, e.g. `/features/features.3/conv/conv.1/Conv`).
@@ -39,14 +40,23 @@ fn si(v: f64) -> String {
 }
 
 /// The table and totals. `stages` are (stage, seconds) pairs for the timing line; none omits it.
-pub fn render(l: &Lowered, eval: Option<&Evaluation>, stages: &[(&str, f64)]) -> String {
+/// With `mixed` (per-layer bits chosen by sensitivity) a column shows each weighted op's
+/// sensitivity at its chosen width.
+pub fn render(
+    l: &Lowered,
+    eval: Option<&Evaluation>,
+    mixed: Option<&Assignment>,
+    stages: &[(&str, f64)],
+) -> String {
     let mut s = String::new();
     let sqnr = |i: usize| eval.and_then(|e| e.sqnr_db.get(i).copied().flatten());
-    let _ = writeln!(
+    let _ = write!(
         s,
         "{:<NAME_W$}  {:<16} {:<14} {:>2} {:>2} {:>9} {:>9} {:>7}",
         "layer", "op", "output", "W", "A", "weight B", "MACs", "SQNR dB"
     );
+    s.push_str(if mixed.is_some() { "  sensitivity\n" } else { "\n" });
+    let mut weighted = 0;
     for (i, x) in l.layers.iter().enumerate() {
         let w = x.weight_bits.map_or("-".to_string(), |b| b.to_string());
         let a = if x.act_bits == 32 {
@@ -55,7 +65,7 @@ pub fn render(l: &Lowered, eval: Option<&Evaluation>, stages: &[(&str, f64)]) ->
             x.act_bits.to_string()
         };
         let q = sqnr(i).map_or("-".to_string(), |v| format!("{v:.1}"));
-        let _ = writeln!(
+        let _ = write!(
             s,
             "{:<NAME_W$}  {:<16} {:<14} {:>2} {:>2} {:>9} {:>9} {:>7}",
             tail(&x.name, NAME_W),
@@ -67,6 +77,19 @@ pub fn render(l: &Lowered, eval: Option<&Evaluation>, stages: &[(&str, f64)]) ->
             si(x.macs as f64).trim_end(),
             q
         );
+        match mixed {
+            Some(m) if x.weight_bits.is_some() => {
+                let v = m.chosen_sensitivity(weighted);
+                weighted += 1;
+                let v = match v {
+                    Some(v) if v > 0.0 => format!("{v:.2e}"),
+                    Some(_) => "0".into(),
+                    None => "-".into(),
+                };
+                let _ = writeln!(s, "  {v:>11}");
+            }
+            _ => s.push('\n'),
+        }
     }
     let (wb, fb) = l.weight_bytes();
     let _ = writeln!(
