@@ -4,10 +4,10 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor, Var};
-use diffdfq_compiler::calib::FloatModel;
 use diffdfq_compiler::graph::Op;
 use diffdfq_compiler::import::{import_path, ImportOptions};
 use diffdfq_compiler::npy;
+use diffdfq_compiler::reference::FloatModel;
 use tract_onnx::prelude::*;
 
 const FIXTURES: &[&str] = &["resnet_fmnist", "mobilenet_fmnist"];

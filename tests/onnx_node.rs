@@ -9,11 +9,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
-use diffdfq_compiler::calib::FloatModel;
 use diffdfq_compiler::graph;
 use diffdfq_compiler::import::{
     decode, import_model, tensor_from_proto, ImportOptions, CONST_OPS, NETWORK_OPS,
 };
+use diffdfq_compiler::reference::FloatModel;
 use prost::Message;
 use tract_onnx::pb;
 

@@ -6,7 +6,7 @@
 use std::time::Instant;
 
 use candle_core::{Device, Tensor, Var};
-use diffdfq_compiler::calib::float::{conv, ConvArgs};
+use diffdfq_compiler::reference::{conv, ConvArgs};
 
 struct Case {
     name: &'static str,

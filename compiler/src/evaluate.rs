@@ -7,10 +7,10 @@ use candle_core::{Device, Tensor};
 use serde::Serialize;
 
 use crate::calib::budget::ModelSize;
-use crate::calib::qmodel::{Mode, Overrides, QModel};
 use crate::calib::synth::{self, SynthOptions};
 use crate::calib::Progress;
 use crate::graph::{Graph, Op};
+use crate::quant::qmodel::{Mode, Overrides, QModel};
 use crate::quant::QuantGraph;
 use crate::Error;
 
@@ -184,8 +184,8 @@ pub fn held_out_samples(g: &Graph, opts: &EvalOptions) -> Result<HeldOut, Error>
             // given): pixels past it would measure the input's clipping, which real inputs
             // do not hit, and hide every layer's own error behind it.
             input_range: Some(opts.input_range.unwrap_or((
-                -crate::quant::rtn::INPUT_RANGE,
-                crate::quant::rtn::INPUT_RANGE,
+                -crate::quant::ranges::INPUT_RANGE,
+                crate::quant::ranges::INPUT_RANGE,
             ))),
             ..Default::default()
         };
@@ -196,7 +196,7 @@ pub fn held_out_samples(g: &Graph, opts: &EvalOptions) -> Result<HeldOut, Error>
             samples: s,
         })
     } else {
-        let mut s = crate::quant::rtn::normal_samples(seed, opts.samples * per);
+        let mut s = crate::quant::ranges::normal_samples(seed, opts.samples * per);
         if let Some((lo, hi)) = opts.input_range {
             s.iter_mut().for_each(|v| *v = v.clamp(lo, hi));
         }

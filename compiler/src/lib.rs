@@ -1,7 +1,10 @@
 //! diffdfq: a data-free, ultra-low-bit quantizing compiler for CNNs.
 //!
 //! Pipeline (data flows left to right): [`import`] reads ONNX into a [`graph::Graph`];
-//! [`calib`] holds the float reference on candle that calibration builds on.
+//! [`quant`] folds it into a [`quant::QuantGraph`] and quantizes it data-free (rtn); [`calib`]
+//! calibrates it with DiffDFQ or Genie; [`lower`] writes the `.dfq` blob; [`emit`] the
+//! outputs. [`reference`] is the float model on candle they all measure against. The module
+//! layers and what each may import: docs/design.md §2.
 
 pub mod calib;
 pub mod emit;
@@ -14,6 +17,8 @@ pub mod lower;
 pub mod mixed;
 pub mod npy;
 pub mod quant;
+pub mod reference;
+pub mod rng;
 pub mod tract;
 
 /// Failures, split by whose fault they are: bad input exits 2, everything else 1.

@@ -14,9 +14,9 @@
 use candle_core::{Device, Tensor};
 use serde::Serialize;
 
-use crate::calib::qmodel::{Mode, QModel};
 use crate::evaluate::{EvalOptions, HeldOut};
 use crate::graph::Graph;
+use crate::quant::qmodel::{Mode, QModel};
 use crate::quant::{rtn, Bits};
 use crate::Error;
 
@@ -48,7 +48,10 @@ pub struct Assignment {
 }
 
 fn choice(b: u8) -> usize {
-    CHOICES.iter().position(|&c| c == b).unwrap_or(CHOICES.len() - 1)
+    CHOICES
+        .iter()
+        .position(|&c| c == b)
+        .unwrap_or(CHOICES.len() - 1)
 }
 
 impl Assignment {

@@ -5,9 +5,9 @@
 use std::process::Command;
 
 use candle_core::Device;
-use diffdfq_compiler::calib::qmodel::QModel;
 use diffdfq_compiler::calib::{self, recon, CalibOptions, DeviceKind, Progress};
 use diffdfq_compiler::lower::lower;
+use diffdfq_compiler::quant::qmodel::QModel;
 use diffdfq_compiler::quant::{Bits, QuantGraph};
 
 mod common;

@@ -6,11 +6,11 @@ use std::path::Path;
 use std::process::Command;
 
 use candle_core::{Device, Tensor};
-use diffdfq_compiler::calib::FloatModel;
 use diffdfq_compiler::graph::{BatchNorm, Graph, Node, Op, Value};
 use diffdfq_compiler::lower::{lower, plan, plan_tensors};
 use diffdfq_compiler::npy;
 use diffdfq_compiler::quant::rtn::{self, RtnOptions};
+use diffdfq_compiler::reference::FloatModel;
 use diffdfq_runtime::Model;
 
 mod common;

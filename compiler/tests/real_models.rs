@@ -8,10 +8,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use candle_core::{Device, Tensor};
-use diffdfq_compiler::calib::FloatModel;
 use diffdfq_compiler::graph::Graph;
 use diffdfq_compiler::import::{import_path, ImportOptions};
 use diffdfq_compiler::npy;
+use diffdfq_compiler::reference::FloatModel;
 
 mod common;
 use common::*;

@@ -1,4 +1,4 @@
-//! Portable scalar integer kernels (DESIGN §4), callable on their own: the compiler's reference
+//! Portable scalar integer kernels (docs/design.md §4), callable on their own: the compiler's reference
 //! graph calls exactly these, and the executor ([`crate::run`]) binds them to arena slices.
 //!
 //! Every kernel checks its slices and shapes first and returns [`Error::BadArgument`] instead of

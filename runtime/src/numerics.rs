@@ -1,4 +1,4 @@
-//! Integer numerics shared by the runtime and the compiler (DESIGN §4): one definition of every
+//! Integer numerics shared by the runtime and the compiler (docs/design.md §4): one definition of every
 //! rounding step, so the compiler's reference graph and the device compute the same integers.
 //!
 //! * weight code `q ∈ [0, 2^b − 1]`, `w ≈ s_c·(q − z_c)` per output channel `c`;

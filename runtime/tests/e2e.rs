@@ -618,7 +618,7 @@ fn mixed_ops_model_tracks_the_float_network() {
     }
 }
 
-/// The same bytes on every target (DESIGN §6.3): a digest of the outputs of models at every
+/// The same bytes on every target (docs/design.md §6): a digest of the outputs of models at every
 /// width, pinned here, so the aarch64 run under qemu must reproduce the x86_64 bits.
 #[test]
 fn outputs_are_bit_identical_across_targets() {

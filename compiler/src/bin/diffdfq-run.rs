@@ -6,8 +6,8 @@ use std::process::ExitCode;
 
 use candle_core::{Device, Tensor};
 use clap::{Parser, ValueEnum};
-use diffdfq_compiler::calib::FloatModel;
 use diffdfq_compiler::import::{import_path, ImportOptions};
+use diffdfq_compiler::reference::FloatModel;
 use diffdfq_compiler::{npy, tract, Error};
 use diffdfq_runtime::Model;
 use tract_nnef::prelude::{TractResult, TypedFact, TypedModel};

@@ -5,26 +5,19 @@
 //! selection ([`recon`]), producing the same [`QuantGraph`] that rtn produces.
 
 pub mod budget;
-mod depthwise;
-pub mod float;
-mod im2col;
-mod pointwise;
-mod pool;
 pub mod progress;
-pub mod qmodel;
 pub mod recon;
-pub mod rng;
 pub mod synth;
 
 use std::time::Instant;
 
 use candle_core::Device;
 
-pub use float::{BnStats, FloatModel, Forward};
 pub use progress::Progress;
 
 use crate::graph::Graph;
-use crate::quant::{rtn, Bits, QuantGraph};
+use crate::quant::qmodel::QModel;
+use crate::quant::{ranges, rtn, Bits, QuantGraph};
 use crate::Error;
 
 /// Makes the allocator keep freed blocks instead of returning them to the system.
@@ -138,7 +131,7 @@ pub fn calibrate_on(
             input_range: opts
                 .synth
                 .input_range
-                .map(|(lo, hi)| (lo.min(-rtn::INPUT_RANGE), hi.max(rtn::INPUT_RANGE))),
+                .map(|(lo, hi)| (lo.min(-ranges::INPUT_RANGE), hi.max(ranges::INPUT_RANGE))),
             bias_correction: false,
             layer_bits: opts.layer_bits.clone(),
             ..Default::default()
@@ -149,7 +142,7 @@ pub fn calibrate_on(
             l.quantize_lp();
         }
     }
-    let mut model = qmodel::QModel::new(q, dev)?;
+    let mut model = QModel::new(q, dev)?;
     let t0 = Instant::now();
     let samples = match samples {
         Some(s) => s,

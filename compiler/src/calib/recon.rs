@@ -29,10 +29,10 @@ use candle_core::{Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 
 use super::progress::Progress;
-use super::qmodel::{Mode, Overrides, QModel};
-use super::rng::Rng;
 use super::synth::{noised, LEVELS};
+use crate::quant::qmodel::{Mode, Overrides, QModel};
 use crate::quant::{ActQuant, QOp, TensorId};
+use crate::rng::Rng;
 use crate::Error;
 
 const ZETA: f64 = 1.1;

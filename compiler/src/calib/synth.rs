@@ -15,12 +15,12 @@
 use candle_core::{Device, Tensor, Var, D};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 
-use super::float::channel_stats;
 use super::progress::Progress;
-use super::qmodel::{Mode, Overrides, QModel};
-use super::rng::Rng;
-use super::FloatModel;
 use crate::graph::{Graph, Op};
+use crate::quant::qmodel::{Mode, Overrides, QModel};
+use crate::reference::channel_stats;
+use crate::reference::FloatModel;
+use crate::rng::Rng;
 use crate::Error;
 
 /// Defaults: 64 samples × 400 iterations, for the 10-minute budget on 2 cores. Sample quality

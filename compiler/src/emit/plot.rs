@@ -55,9 +55,17 @@ fn bars(
 /// Sensitivity against bytes, log–log: one line per layer through its widths, 8 bits (no
 /// added error) drawn on the floor of the axis.
 fn tradeoff(area: &DrawingArea<SVGBackend<'_>, Shift>, m: &Assignment) -> Result<(), Error> {
-    let pos = m.layers.iter().flat_map(|l| l.sensitivity).filter(|&v| v > 0.0);
+    let pos = m
+        .layers
+        .iter()
+        .flat_map(|l| l.sensitivity)
+        .filter(|&v| v > 0.0);
     let (lo, hi) = pos.fold((f64::INFINITY, 0.0f64), |(a, b), v| (a.min(v), b.max(v)));
-    let (lo, hi) = if hi > 0.0 { (lo / 10.0, hi * 2.0) } else { (1e-9, 1.0) };
+    let (lo, hi) = if hi > 0.0 {
+        (lo / 10.0, hi * 2.0)
+    } else {
+        (1e-9, 1.0)
+    };
     let bytes = m.layers.iter().flat_map(|l| l.bytes);
     let (bmin, bmax) = bytes.fold((usize::MAX, 1), |(a, b), v| (a.min(v), b.max(v)));
     let mut c = ChartBuilder::on(area)

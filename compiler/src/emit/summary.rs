@@ -55,7 +55,11 @@ pub fn render(
         "{:<NAME_W$}  {:<16} {:<14} {:>2} {:>2} {:>9} {:>9} {:>7}",
         "layer", "op", "output", "W", "A", "weight B", "MACs", "SQNR dB"
     );
-    s.push_str(if mixed.is_some() { "  sensitivity\n" } else { "\n" });
+    s.push_str(if mixed.is_some() {
+        "  sensitivity\n"
+    } else {
+        "\n"
+    });
     let mut weighted = 0;
     for (i, x) in l.layers.iter().enumerate() {
         let w = x.weight_bits.map_or("-".to_string(), |b| b.to_string());

@@ -8,6 +8,9 @@
 //! round-to-nearest method; DiffDFQ/Genie will overwrite codes, scales and activation steps of
 //! the same structure.
 
+mod fakequant;
+pub mod qmodel;
+pub mod ranges;
 pub mod rtn;
 
 use crate::graph::{Graph, Op, PoolKind, ValueId};
@@ -367,7 +370,7 @@ pub struct Bits {
     pub weight: u8,
     /// Activations: 8 or 4. The model input and output tensors stay at 8 (see [`fold`]).
     pub act: u8,
-    /// Weights of the first and the last conv/linear (DESIGN §3; default 8).
+    /// Weights of the first and the last conv/linear (docs/design.md §3; default 8).
     pub first_last: u8,
 }
 
@@ -931,7 +934,7 @@ pub fn fold(g: &Graph, bits: Bits) -> Result<QuantGraph, Error> {
         input,
         output,
         bits,
-        input_range: (-rtn::INPUT_RANGE, rtn::INPUT_RANGE),
+        input_range: (-ranges::INPUT_RANGE, ranges::INPUT_RANGE),
     })
 }
 

@@ -113,7 +113,7 @@ pub fn argmax(v: &[f32]) -> usize {
 /// Top-1 classes of the fake-quantized candle model (calibration's view of `q`) on `x`.
 pub fn fake_quant_classes(q: &QuantGraph, x: &[f32]) -> Vec<usize> {
     use candle_core::{Device, Tensor};
-    use diffdfq_compiler::calib::qmodel::{Mode, QModel};
+    use diffdfq_compiler::quant::qmodel::{Mode, QModel};
     let m = QModel::new(q.clone(), &Device::Cpu).unwrap();
     let mut out = Vec::new();
     for chunk in x.chunks(784 * 500) {

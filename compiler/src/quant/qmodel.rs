@@ -7,10 +7,11 @@ use std::ops::Range;
 
 use candle_core::{Device, Tensor, D};
 
-use super::pointwise::{clamp, relu, FakeQuant, LsqQuant};
-use super::rng::Rng;
+use super::fakequant::{FakeQuant, LsqQuant};
+use super::{ActQuant, Activation, Fused, QOp, QuantGraph, TensorId};
 use crate::graph::{Pool, PoolKind};
-use crate::quant::{ActQuant, Activation, Fused, QOp, QuantGraph, TensorId};
+use crate::reference::pointwise::{clamp, relu};
+use crate::rng::Rng;
 use crate::Error;
 
 /// Float weights of one layer on the device, shaped for its op, and its bias.
@@ -264,11 +265,11 @@ impl QModel {
             };
             let mut y = match &n.op {
                 QOp::Conv { geom, fused, .. } => {
-                    let pre = super::float::conv(
+                    let pre = crate::reference::conv(
                         x,
                         &weight(i)?,
                         &Some(bias()?),
-                        &super::float::ConvArgs {
+                        &crate::reference::ConvArgs {
                             pads: [geom.pad_top, geom.pad_left, geom.pad_bottom, geom.pad_right],
                             strides: [geom.stride_h, geom.stride_w],
                             dil: geom.dilation_h,
@@ -306,7 +307,7 @@ impl QModel {
                         count_include_pad: cip,
                     };
                     let o = &self.q.tensors[n.output].shape;
-                    super::pool::pool2d(x, &p, [o[2], o[3]])?
+                    crate::reference::pool::pool2d(x, &p, [o[2], o[3]])?
                 }
                 QOp::GlobalAvgPool => {
                     let dims: Vec<usize> = (2..x.rank()).collect();

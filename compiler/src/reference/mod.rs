@@ -6,9 +6,14 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use super::pointwise::{clamp, clip, relu, ChannelAffine};
+mod depthwise;
+mod im2col;
+pub(crate) mod pointwise;
+pub(crate) mod pool;
+
 use crate::graph::{self, BinKind, Graph, Op};
 use crate::Error;
+use pointwise::{clamp, clip, relu, ChannelAffine};
 
 /// Batch statistics at the input of one BatchNorm, each of shape (C).
 #[derive(Debug, Clone)]
@@ -253,7 +258,7 @@ impl FloatModel {
                 }
                 (Op::Pool(p), _) => {
                     let o = g.shape(n.output);
-                    super::pool::pool2d(x, p, [o[2], o[3]])?
+                    pool::pool2d(x, p, [o[2], o[3]])?
                 }
                 (Op::GlobalAvgPool, _) => {
                     let dims: Vec<usize> = (2..x.rank()).collect();
@@ -386,10 +391,10 @@ fn conv_candle(
     }
 }
 
-/// 2-D convolution on the CPU: depthwise as a direct op ([`super::depthwise`]); ungrouped as
+/// 2-D convolution on the CPU: depthwise as a direct op ([`depthwise`]); ungrouped as
 /// one product of the kernel with every sample's im2col block (none for an unpadded 1×1),
 /// landing in (N, C_out, Ho·Wo); other grouped convs as im2col and one product per group (see
-/// [`super::im2col`]). Other devices use candle's `conv2d`.
+/// [`im2col`]). Other devices use candle's `conv2d`.
 pub fn conv(
     x: &Tensor,
     w: &Tensor,
@@ -410,10 +415,10 @@ pub fn conv(
     let y = if groups == c && o == c && cg == 1 && groups > 1 {
         x.contiguous()?.apply_op2(
             &w.contiguous()?,
-            super::depthwise::Depthwise { strides, dil, pads },
+            depthwise::Depthwise { strides, dil, pads },
         )?
     } else {
-        let op = super::im2col::Im2Col {
+        let op = im2col::Im2Col {
             kernel: [kh, kw],
             strides,
             dil,
@@ -447,12 +452,12 @@ pub fn conv(
 }
 
 /// Per-channel (axis 1) mean and biased variance over every other axis, each of shape (C):
-/// one fused op on the CPU ([`super::pointwise::ChannelStats`]). Elsewhere reduced along the
+/// one fused op on the CPU ([`pointwise::ChannelStats`]). Elsewhere reduced along the
 /// contiguous last axis first: candle's reductions over strided axes (0, 2, 3) are many times
 /// slower, forwards and backwards.
 pub fn channel_stats(x: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
     if x.device().is_cpu() {
-        let s = x.contiguous()?.apply_op1(super::pointwise::ChannelStats)?;
+        let s = x.contiguous()?.apply_op1(pointwise::ChannelStats)?;
         return Ok((s.get(0)?, s.get(1)?));
     }
     let (n, c) = (x.dim(0)?, x.dim(1)?);
