@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 use diffdfq_compiler::graph;
 use diffdfq_compiler::import::{
-    decode, import_model, tensor_from_proto, ImportOptions, CONST_OPS, NETWORK_OPS,
+    const_ops, decode, import_model, network_ops, tensor_from_proto, ImportOptions, OPS,
 };
 use diffdfq_compiler::reference::FloatModel;
 use prost::Message;
@@ -71,7 +71,7 @@ fn exclusion(name: &str, model: &pb::ModelProto) -> Option<String> {
         .node
         .iter()
         .map(|n| n.op_type.as_str())
-        .filter(|op| !NETWORK_OPS.contains(op) && !CONST_OPS.contains(op))
+        .filter(|op| !OPS.iter().any(|s| s.name == *op))
         .collect();
     if !others.is_empty() {
         let mut o = others.clone();
@@ -223,9 +223,8 @@ fn onnx_backend_node_tests() {
         // A test is ours when its name mentions one of our ops (test_add_bcast,
         // test_basic_conv_with_padding, test_hardswish_expanded, ...).
         let tokens: Vec<&str> = name.split('_').collect();
-        let ops: Vec<&'static str> = NETWORK_OPS
-            .iter()
-            .copied()
+        let ops: Vec<&'static str> = network_ops()
+            .into_iter()
             .filter(|op| tokens.contains(&token(op)))
             .collect();
         if ops.is_empty() {
@@ -269,7 +268,7 @@ fn onnx_backend_node_tests() {
         "{} node tests failed (see above)",
         failed.len()
     );
-    for op in NETWORK_OPS {
+    for op in &network_ops() {
         if *op == "Constant" {
             continue;
         }
@@ -278,4 +277,41 @@ fn onnx_backend_node_tests() {
             "no node test ran for supported op {op}"
         );
     }
+}
+
+/// The README's op list is the op table's: every network op is named in "Supported ONNX",
+/// and every op named there as an ONNX op is in the table.
+#[test]
+fn the_readme_lists_the_op_table() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let section = readme
+        .split("## Supported ONNX")
+        .nth(1)
+        .and_then(|s| s.split("\n## ").next())
+        .expect("README has a Supported ONNX section");
+    let words: Vec<&str> = section
+        .split(|c: char| !c.is_ascii_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .collect();
+    for op in network_ops() {
+        assert!(
+            words.contains(&op),
+            "README's Supported ONNX does not name {op}"
+        );
+    }
+    // Capitalized words of the section that look like ONNX op names must be supported ops
+    // (the section's two prose words are listed).
+    let prose = ["Opsets", "Network"];
+    for w in &words {
+        let op_like = w.chars().next().is_some_and(|c| c.is_ascii_uppercase())
+            && w.chars().skip(1).any(|c| c.is_ascii_lowercase());
+        if op_like && !prose.contains(w) {
+            assert!(
+                OPS.iter().any(|s| s.name == *w),
+                "README names {w} among supported ops, the op table does not have it"
+            );
+        }
+    }
+    assert!(const_ops().contains(&"Gather"));
 }

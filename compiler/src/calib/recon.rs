@@ -31,9 +31,10 @@ use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use super::progress::Progress;
 use super::synth::{noised, LEVELS};
 use crate::quant::qmodel::{Mode, Overrides, QModel};
-use crate::quant::{ActQuant, QOp, TensorId};
+use crate::quant::{lp_clip, ActQuant, QOp, TensorId};
 use crate::rng::Rng;
 use crate::Error;
+use diffdfq_runtime::numerics::code_max;
 
 const ZETA: f64 = 1.1;
 const GAMMA: f64 = -0.1;
@@ -173,23 +174,12 @@ pub fn blocks(m: &QModel) -> Vec<Range<usize>> {
 fn lp_act_quant(values: &[f32], bits: u8) -> ActQuant {
     let lo = values.iter().fold(0f32, |a, &v| a.min(v));
     let hi = values.iter().fold(0f32, |a, &v| a.max(v));
-    let mut best = (f64::INFINITY, ActQuant::from_range(lo, hi, bits));
-    for step in 0..100 {
-        let r = 1.0 - step as f32 * 0.01;
+    let max = code_max(bits) as f32;
+    lp_clip(values, max, 100, |r| {
         let aq = ActQuant::from_range(lo * r, hi * r, bits);
-        let max = ((1u32 << bits) - 1) as f32;
-        let err: f64 = values
-            .iter()
-            .map(|&v| {
-                let c = ((v / aq.scale).round() + aq.zero as f32).clamp(0.0, max);
-                ((v - aq.scale * (c - aq.zero as f32)).abs() as f64).powf(2.4)
-            })
-            .sum();
-        if err < best.0 {
-            best = (err, aq);
-        }
-    }
-    best.1
+        (aq.scale, aq.zero as f32, aq)
+    })
+    .unwrap_or(ActQuant::from_range(lo, hi, bits))
 }
 
 /// Tensors computed over all samples, which later nodes can start from.
@@ -494,7 +484,7 @@ pub fn reconstruct(
             let Some(l) = m.q.nodes[i].op.layer() else {
                 continue;
             };
-            let max = ((1u32 << l.bits) - 1) as f64;
+            let max = code_max(l.bits) as f64;
             let (mut fl, mut v) = (
                 Vec::with_capacity(l.weight.len()),
                 Vec::with_capacity(l.weight.len()),

@@ -154,12 +154,7 @@ pub fn synthesize(
         let Op::BatchNorm(bn) = &g.nodes[node].op else {
             return None;
         };
-        let a: Vec<f32> = bn
-            .scale
-            .iter()
-            .zip(&bn.var)
-            .map(|(s, v)| s / (v + bn.eps).sqrt())
-            .collect();
+        let a = bn.gain();
         Some((
             Tensor::new(a.as_slice(), &dev).ok()?,
             Tensor::new(bn.mean.as_slice(), &dev).ok()?,

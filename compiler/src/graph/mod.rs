@@ -83,6 +83,17 @@ pub struct BatchNorm {
     pub eps: f32,
 }
 
+impl BatchNorm {
+    /// Per-channel gain `γ/√(σ² + ε)`: the BN is `y = gain·(x − μ) + β`.
+    pub fn gain(&self) -> Vec<f32> {
+        self.scale
+            .iter()
+            .zip(&self.var)
+            .map(|(s, v)| s / (v + self.eps).sqrt())
+            .collect()
+    }
+}
+
 /// MaxPool / AveragePool over the two spatial axes of an NCHW tensor.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Pool {

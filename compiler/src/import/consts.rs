@@ -1,7 +1,7 @@
 //! Constant folding: the ops of exported shape computations, evaluated at import.
 
+use super::builder::{axis, bad};
 use super::proto::{self, Attrs};
-use super::{axis, bad};
 use crate::graph::{broadcast_index, broadcast_shape, strides, Data, Tensor};
 use crate::Error;
 

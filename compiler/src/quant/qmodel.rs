@@ -8,6 +8,8 @@ use std::ops::Range;
 use candle_core::{Device, Tensor, D};
 
 use super::fakequant::{FakeQuant, LsqQuant};
+use diffdfq_runtime::numerics::code_max;
+
 use super::{ActQuant, Activation, Fused, QOp, QuantGraph, TensorId};
 use crate::graph::{Pool, PoolKind};
 use crate::reference::pointwise::{clamp, relu};
@@ -67,7 +69,7 @@ fn weight_shape(op: &QOp) -> Option<Vec<usize>> {
 /// `x` fake-quantized with `aq`; `step` replaces the fixed scale by a (trainable) scalar. The
 /// rounding passes gradients straight through, so a trainable step gets LSQ's gradient.
 pub fn fake_quant(x: &Tensor, aq: &ActQuant, step: Option<&Tensor>) -> candle_core::Result<Tensor> {
-    let max = ((1u32 << aq.bits) - 1) as f64;
+    let max = code_max(aq.bits) as f64;
     let z = aq.zero as f64;
     match step {
         None if x.device().is_cpu() => x.detach().contiguous()?.apply_op1(FakeQuant {
@@ -336,7 +338,7 @@ impl QModel {
                         s,
                         LsqQuant {
                             zero: aq.zero as f32,
-                            max: ((1u32 << aq.bits) - 1) as f32,
+                            max: code_max(aq.bits) as f32,
                             keep,
                         },
                     )?,

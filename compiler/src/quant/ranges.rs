@@ -51,11 +51,9 @@ pub fn k_sigma(act_bits: u8) -> f32 {
 pub const INPUT_RANGE: f32 = 3.0;
 
 pub(super) fn apply_fused(r: (f32, f32), f: Fused) -> (f32, f32) {
-    match f {
-        Fused::None => r,
-        Fused::Relu => (r.0.max(0.0), r.1.max(0.0)),
-        Fused::Relu6 => (r.0.clamp(0.0, 6.0), r.1.clamp(0.0, 6.0)),
-    }
+    // Both maps are monotone and exact in f32 and f64: the interval's image is its ends'.
+    let g = fused_fn(f);
+    (g(r.0 as f64) as f32, g(r.1 as f64) as f32)
 }
 
 /// The image of `[lo, hi]` under `f`, sampled densely (all supported functions are piecewise

@@ -89,12 +89,7 @@ impl FloatModel {
                     let rank = graph.shape(n.inputs[0]).len();
                     let mut shape = vec![1; rank];
                     shape[1] = bn.mean.len();
-                    let mul: Vec<f32> = bn
-                        .scale
-                        .iter()
-                        .zip(&bn.var)
-                        .map(|(s, v)| s / (v + bn.eps).sqrt())
-                        .collect();
+                    let mul = bn.gain();
                     let add: Vec<f32> = bn
                         .bias
                         .iter()
