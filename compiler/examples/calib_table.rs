@@ -13,9 +13,7 @@
 //! settings) in DIR, so reconstruction experiments and the Genie ablation (which synthesizes
 //! the same samples) skip stage 1; their `compile s` then counts reconstruction only.
 
-#[path = "../tests/common/mod.rs"]
-mod common;
-use common::*;
+use diffdfq_support::*;
 
 use candle_core::Device;
 use diffdfq_compiler::calib::{calibrate_on, CalibOptions, Progress};

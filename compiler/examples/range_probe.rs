@@ -13,15 +13,12 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
+use diffdfq_compiler::host::argmax;
 use diffdfq_compiler::import::{import_path, ImportOptions};
 use diffdfq_compiler::quant::qmodel::{Mode, Overrides, QModel};
 use diffdfq_compiler::quant::rtn::{self, RtnOptions};
 use diffdfq_compiler::quant::{ActQuant, Bits, QOp};
 use diffdfq_compiler::reference::FloatModel;
-
-fn argmax(v: &[f32]) -> usize {
-    (0..v.len()).fold(0, |b, i| if v[i] > v[b] { i } else { b })
-}
 
 fn env<T: std::str::FromStr>(k: &str, d: T) -> T {
     std::env::var(k)

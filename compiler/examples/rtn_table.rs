@@ -4,9 +4,7 @@
 //!   cargo run --release -p diffdfq-compiler --example rtn_table
 //!   (DFQ_MEASURE_N=1000 for a quicker run, DFQ_OUT=DIR to keep the blobs)
 
-#[path = "../tests/common/mod.rs"]
-mod common;
-use common::*;
+use diffdfq_support::*;
 
 fn main() {
     let n: usize = std::env::var("DFQ_MEASURE_N").map_or(10_000, |v| v.parse().unwrap());

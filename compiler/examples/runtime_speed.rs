@@ -37,10 +37,8 @@ fn main() {
         );
         std::process::exit(2);
     }
-    let align = diffdfq_runtime::ARENA_ALIGN;
-    let mut buf = vec![0u8; model.arena_size() + align];
-    let at = buf.as_ptr().align_offset(align);
-    let arena = &mut buf[at..at + model.arena_size()];
+    let mut arena = diffdfq_compiler::host::Arena::for_model(&model);
+    let arena = arena.bytes();
     let mut y = vec![0f32; per_out];
     let mut times = Vec::new();
     for xs in x.chunks_exact(per_in) {

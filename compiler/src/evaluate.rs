@@ -10,6 +10,7 @@ use crate::calib::budget::ModelSize;
 use crate::calib::synth::{self, SynthOptions};
 use crate::calib::Progress;
 use crate::graph::{Graph, Op};
+use crate::host;
 use crate::quant::qmodel::{Mode, Overrides, QModel};
 use crate::quant::QuantGraph;
 use crate::Error;
@@ -132,7 +133,7 @@ pub fn evaluate(
                 .as_ref()
                 .ok_or_else(|| Error::Internal("evaluation: output not computed".into()))?;
             for row in logits.to_vec2::<f32>()? {
-                float_top.push(argmax(&row));
+                float_top.push(host::argmax(&row));
             }
         }
     }
@@ -207,33 +208,12 @@ pub fn held_out_samples(g: &Graph, opts: &EvalOptions) -> Result<HeldOut, Error>
     }
 }
 
-pub(crate) fn argmax(v: &[f32]) -> usize {
-    v.iter()
-        .enumerate()
-        .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &x)| {
-            if x > bv {
-                (i, x)
-            } else {
-                (bi, bv)
-            }
-        })
-        .0
-}
-
 /// Top-1 class of every sample through the integer runtime.
 fn runtime_top1(blob: &[u8], samples: &[f32], per: usize) -> Result<Vec<usize>, Error> {
-    let rt = |e: diffdfq_runtime::Error| Error::Internal(format!("evaluation: runtime: {e}"));
-    let model = diffdfq_runtime::Model::from_bytes(blob).map_err(rt)?;
+    let model = diffdfq_runtime::Model::from_bytes(blob)
+        .map_err(|e| Error::Internal(format!("evaluation: runtime: {e}")))?;
     let out_n = model.output().numel as usize;
-    let align = diffdfq_runtime::ARENA_ALIGN;
-    let mut buf = vec![0u8; model.arena_size() + align];
-    let at = buf.as_ptr().align_offset(align);
-    let arena = &mut buf[at..at + model.arena_size()];
-    let mut y = vec![0f32; out_n];
-    let mut top = Vec::new();
-    for x in samples.chunks_exact(per) {
-        diffdfq_runtime::run(&model, x, &mut y, arena).map_err(rt)?;
-        top.push(argmax(&y));
-    }
-    Ok(top)
+    debug_assert_eq!(model.input().numel as usize, per);
+    let y = host::run_batch(&model, samples).map_err(|e| e.context("evaluation"))?;
+    Ok(y.chunks_exact(out_n.max(1)).map(host::argmax).collect())
 }

@@ -10,6 +10,7 @@ pub mod calib;
 pub mod emit;
 pub mod evaluate;
 pub mod graph;
+pub mod host;
 pub mod import;
 pub mod inspect;
 pub mod interrupt;

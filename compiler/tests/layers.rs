@@ -7,6 +7,7 @@ use std::path::Path;
 /// Layer of every top-level module, as docs/design.md §2 lists them.
 const LAYERS: &[(&str, u32)] = &[
     ("graph", 0),
+    ("host", 0),
     ("rng", 0),
     ("npy", 0),
     ("interrupt", 0),

@@ -8,7 +8,7 @@ use candle_core::{Device, Tensor};
 use clap::{Parser, ValueEnum};
 use diffdfq_compiler::import::{import_path, ImportOptions};
 use diffdfq_compiler::reference::FloatModel;
-use diffdfq_compiler::{npy, tract, Error};
+use diffdfq_compiler::{host, npy, tract, Error};
 use diffdfq_runtime::Model;
 use tract_nnef::prelude::{TractResult, TypedFact, TypedModel};
 
@@ -228,38 +228,8 @@ fn run_dfq(
     };
     let (in_dims, out_dims) = (dims(model.input()), dims(model.output()));
     check_samples(a, &in_dims, shape)?;
-    let per_in: usize = in_dims.iter().product();
-    let per_out: usize = out_dims.iter().product();
-    let mut out = vec![0f32; shape[0] * per_out];
-    // Samples are independent: split them over the cores, each thread with its own arena.
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let per_thread = shape[0].div_ceil(threads.max(1));
-    let model = &model;
-    std::thread::scope(|sc| {
-        let jobs: Vec<_> = data
-            .chunks(per_thread * per_in)
-            .zip(out.chunks_mut(per_thread * per_out))
-            .map(|(xs, ys)| {
-                sc.spawn(move || -> Result<(), diffdfq_runtime::Error> {
-                    // A 16-byte-aligned window into a byte buffer (no unsafe).
-                    let align = diffdfq_runtime::ARENA_ALIGN;
-                    let mut buf = vec![0u8; model.arena_size() + align];
-                    let at = buf.as_ptr().align_offset(align);
-                    let arena = &mut buf[at..at + model.arena_size()];
-                    for (x, y) in xs.chunks_exact(per_in).zip(ys.chunks_exact_mut(per_out)) {
-                        diffdfq_runtime::run(model, x, y, arena)?;
-                    }
-                    Ok(())
-                })
-            })
-            .collect();
-        for j in jobs {
-            j.join()
-                .map_err(|_| Error::Internal("a runtime thread panicked".into()))?
-                .map_err(|e| Error::Internal(format!("{}: runtime: {e}", a.model.display())))?;
-        }
-        Ok::<(), Error>(())
-    })?;
+    let out =
+        host::run_batch(&model, data).map_err(|e| e.context(&a.model.display().to_string()))?;
     let mut s = out_dims;
     s[0] = shape[0];
     Ok((s, out))
@@ -270,16 +240,7 @@ fn finish(a: &Args, s: Vec<usize>, out: Vec<f32>) -> Result<(), Error> {
         let last = s.last().copied().unwrap_or(1).max(1);
         let classes: Vec<String> = out
             .chunks(last)
-            .map(|row| {
-                row.iter()
-                    .enumerate()
-                    .fold(
-                        (0, f32::NEG_INFINITY),
-                        |b, (i, &v)| if v > b.1 { (i, v) } else { b },
-                    )
-                    .0
-                    .to_string()
-            })
+            .map(|row| host::argmax(row).to_string())
             .collect();
         println!("{}", classes.join(" "));
     }
