@@ -871,3 +871,23 @@ fn hostile_models_are_one_line_errors_naming_the_node() {
         assert!(!out_dir.exists(), "{name}: output written");
     }
 }
+
+/// The README's CLI reference is what the binaries print for `-h`, block for block.
+#[test]
+fn the_readme_cli_reference_is_the_help() {
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"))
+            .unwrap();
+    let section = readme
+        .split("## CLI reference")
+        .nth(1)
+        .and_then(|s| s.split("\n## ").next())
+        .expect("README has a CLI reference");
+    let blocks: Vec<&str> = section.split("```").skip(1).step_by(2).collect();
+    assert_eq!(blocks.len(), 2, "two help blocks");
+    for (block, out) in blocks.iter().zip([compile(&["-h"]), run(&["-h"])]) {
+        assert!(out.status.success());
+        let help = String::from_utf8(out.stdout).unwrap();
+        assert_eq!(block.trim(), help.trim(), "README block differs from -h");
+    }
+}
