@@ -168,6 +168,34 @@ pub fn evaluate(
     })
 }
 
+/// Mean squared error of `q`'s fake-quantized output against its float network on `held`: how
+/// the CLI compares the candidates of a calibrated compile (with and without bias correction,
+/// and rtn's).
+pub fn output_mse(q: &QuantGraph, held: &HeldOut) -> Result<f64, Error> {
+    let dev = Device::Cpu;
+    let per: usize = q.tensors[q.input].shape[1..].iter().product();
+    let m = QModel::new(q.clone(), &dev)?;
+    let (mut se, mut count) = (0f64, 0usize);
+    for chunk in held.samples.chunks(CHUNK * per.max(1)) {
+        let mut shape = q.tensors[q.input].shape.clone();
+        shape[0] = chunk.len() / per.max(1);
+        let x = Tensor::from_vec(chunk.to_vec(), shape.as_slice(), &dev)?;
+        let f = m
+            .forward(&x, Mode::Float)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let y = m
+            .forward(&x, Mode::Quant)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        for (a, b) in f.iter().zip(&y) {
+            se += (*a as f64 - *b as f64).powi(2);
+        }
+        count += f.len();
+    }
+    Ok(se / count.max(1) as f64)
+}
+
 /// Held-out samples for `g` (flattened inputs): `("synthesized", …)` from the BN statistics,
 /// or `("gaussian", …)` for a model without BN.
 pub fn held_out_samples(g: &Graph, opts: &EvalOptions) -> Result<HeldOut, Error> {

@@ -669,3 +669,58 @@ fn flash_budgets_choose_per_layer_bits_that_fit() {
         .contains("--layer-bits: 2 widths for 21 conv/linear layers"));
     assert!(!dir("none").exists() && !dir("list").exists());
 }
+
+/// With held-out samples a calibrated compile ships whichever candidate has the least output
+/// MSE on them — the calibrated model, the same with bias correction (8-bit activations), or
+/// rtn's — records the comparison, and names the choice in the header; without them
+/// (`--eval-samples 0`) nothing is compared.
+#[test]
+fn calibrated_compiles_ship_the_candidate_the_held_out_samples_prefer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = fixture("resnet_fmnist.onnx");
+    let quick = [
+        "--method",
+        "diffdfq",
+        "--samples",
+        "2",
+        "--synth-iters",
+        "1",
+        "--recon-iters",
+        "1",
+        "--no-lib",
+        "--quiet",
+    ];
+    for (act, names) in [
+        ("8", vec!["calibrated+bias-correction", "calibrated", "rtn"]),
+        ("4", vec!["calibrated", "rtn"]),
+    ] {
+        let d = tmp.path().join(format!("a{act}"));
+        let mut args = vec![m.to_str().unwrap(), "--bits", "4", "--act-bits", act];
+        args.extend(quick);
+        args.extend(["--eval-samples", "8", "-o", d.to_str().unwrap()]);
+        let o = compile(&args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let (_, rep) = weight_bytes(&d, "resnet_fmnist");
+        let sel = &rep["calibration"]["selection"];
+        let cands = sel["candidates"].as_array().unwrap();
+        let got: Vec<&str> = cands.iter().map(|c| c["name"].as_str().unwrap()).collect();
+        assert_eq!(got, names);
+        let mse: Vec<f64> = cands
+            .iter()
+            .map(|c| c["output_mse"].as_f64().unwrap())
+            .collect();
+        assert!(mse.iter().all(|v| v.is_finite() && *v > 0.0), "{mse:?}");
+        let best = (0..mse.len()).fold(0, |b, i| if mse[i] < mse[b] { i } else { b });
+        let kept = sel["kept"].as_str().unwrap();
+        assert_eq!(kept, names[best], "{sel}");
+        let h = std::fs::read_to_string(d.join("resnet_fmnist.h")).unwrap();
+        assert!(h.contains(&format!("(kept: {kept})")), "{h}");
+    }
+    let d = tmp.path().join("none");
+    let mut args = vec![m.to_str().unwrap(), "--bits", "4"];
+    args.extend(quick);
+    args.extend(["--eval-samples", "0", "-o", d.to_str().unwrap()]);
+    assert!(compile(&args).status.success());
+    let (_, rep) = weight_bytes(&d, "resnet_fmnist");
+    assert!(rep["calibration"].get("selection").is_none());
+}

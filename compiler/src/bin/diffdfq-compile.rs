@@ -7,7 +7,7 @@ use clap::{Parser, ValueEnum};
 use diffdfq_compiler::calib::{self, budget, CalibOptions, DeviceKind, Progress};
 use diffdfq_compiler::emit::{self, header, report};
 use diffdfq_compiler::import::{import_path, ImportOptions};
-use diffdfq_compiler::quant::{rtn, Bits};
+use diffdfq_compiler::quant::{rtn, Bits, QuantGraph};
 use diffdfq_compiler::{evaluate, inspect, lower, mixed, Error};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -259,6 +259,8 @@ fn run(a: &Args) -> Result<(), Error> {
         }
         (None, m) => m.as_ref().map(|m| m.bits.clone()),
     };
+    // Which candidate a calibrated compile shipped (see `select_candidate`).
+    let mut shipped = "";
     // Quantizer errors name the node; the file goes in front, as for import errors.
     let model_name = a.model.display().to_string();
     let (q, method, calibration) = match a.method {
@@ -329,6 +331,10 @@ fn run(a: &Args) -> Result<(), Error> {
             co.recon.batch = s.recon_batch;
             co.recon.eval_samples = s.eval_samples;
             co.layer_bits = layer_bits.clone();
+            // With held-out samples, bias correction after reconstruction is not applied
+            // blindly: the candidates below are compared on them.
+            let select = a.eval_samples.unwrap_or(eval_n) > 0;
+            co.bias_correction = !select;
             let (q, rep) = calib::calibrate(&graph, &co, &dev, Progress::new(quiet))
                 .map_err(|e| e.context(&model_name))?;
             stages.push(("synthesis", rep.synthesis_s));
@@ -353,6 +359,34 @@ fn run(a: &Args) -> Result<(), Error> {
                     .map_err(|e| Error::Internal(format!("report: {e}")))?;
                 o.insert("budget".into(), b);
             }
+            let q = if select {
+                let t0 = std::time::Instant::now();
+                if held_out.is_none() {
+                    held_out = Some(
+                        evaluate::held_out_samples(&graph, &eval_opts)
+                            .map_err(|e| e.context(&model_name))?,
+                    );
+                }
+                let Some(held) = held_out.as_ref() else {
+                    return Err(Error::Internal("held-out samples".into()));
+                };
+                let (kept, q, sel) = select_candidate(&graph, q, &co, input_range, held)
+                    .map_err(|e| e.context(&model_name))?;
+                let secs = t0.elapsed().as_secs_f64();
+                stages.push(("selection", secs));
+                if !quiet {
+                    eprintln!(
+                        "kept: {kept} (lowest output MSE on the held-out samples, {secs:.1} s)"
+                    );
+                }
+                if let Some(o) = json.as_object_mut() {
+                    o.insert("selection".into(), sel);
+                }
+                shipped = kept;
+                q
+            } else {
+                q
+            };
             (q, if diffusion { "diffdfq" } else { "genie" }, Some(json))
         }
     };
@@ -392,7 +426,11 @@ fn run(a: &Args) -> Result<(), Error> {
         ),
     };
     let summary = format!(
-        "Method {method}, {weights}, activations {}-bit, seed {}{}.",
+        "Method {method}{}, {weights}, activations {}-bit, seed {}{}.",
+        match shipped {
+            "" => String::new(),
+            k => format!(" (kept: {k})"),
+        },
         bits.act,
         a.seed,
         input_range
@@ -494,4 +532,51 @@ fn main() -> ExitCode {
             ExitCode::from(e.exit_code() as u8)
         }
     }
+}
+
+/// The candidate of a calibrated compile with the least output MSE against FP32 on the
+/// held-out samples: the calibrated model, the same with bias correction (where it applies),
+/// and what `--method rtn` gives for the same bits, so that calibration never ships a model
+/// these samples say is worse than rtn's. Ties keep the earlier candidate.
+fn select_candidate(
+    g: &diffdfq_compiler::graph::Graph,
+    calibrated: QuantGraph,
+    co: &CalibOptions,
+    input_range: Option<(f32, f32)>,
+    held: &evaluate::HeldOut,
+) -> Result<(&'static str, QuantGraph, serde_json::Value), Error> {
+    let mut cands: Vec<(&'static str, QuantGraph)> = Vec::new();
+    if calib::corrects_biases(co) {
+        cands.push((
+            "calibrated+bias-correction",
+            calib::bias_corrected(&calibrated)?,
+        ));
+    }
+    cands.push(("calibrated", calibrated));
+    let rq = rtn::quantize(
+        g,
+        &rtn::RtnOptions {
+            bits: co.bits,
+            seed: co.seed,
+            input_range,
+            layer_bits: co.layer_bits.clone(),
+            ..Default::default()
+        },
+    )?;
+    cands.push(("rtn", rq));
+    let mut mse = Vec::with_capacity(cands.len());
+    for (_, c) in &cands {
+        mse.push(evaluate::output_mse(c, held)?);
+    }
+    let best = (0..cands.len()).fold(0, |b, i| if mse[i] < mse[b] { i } else { b });
+    let json = serde_json::json!({
+        "metric": "output MSE against FP32 on the held-out samples",
+        "candidates": cands.iter().zip(&mse).map(|((n, _), m)| serde_json::json!({
+            "name": n,
+            "output_mse": m,
+        })).collect::<Vec<_>>(),
+        "kept": cands[best].0,
+    });
+    let (kept, q) = cands.swap_remove(best);
+    Ok((kept, q, json))
 }

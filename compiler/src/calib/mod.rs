@@ -68,6 +68,10 @@ pub struct CalibOptions {
     pub recon: recon::ReconOptions,
     /// Weight bits per conv/linear layer (see [`rtn::RtnOptions::layer_bits`]).
     pub layer_bits: Option<Vec<u8>>,
+    /// Moves the biases against the final codes' mean shift after reconstruction (at 8-bit
+    /// activations, as rtn does). The CLI turns it off and chooses on held-out samples
+    /// whether to apply it (see `evaluate::output_mse`).
+    pub bias_correction: bool,
 }
 
 impl CalibOptions {
@@ -86,6 +90,7 @@ impl CalibOptions {
                 ..Default::default()
             },
             layer_bits: None,
+            bias_correction: true,
         }
     }
 }
@@ -153,7 +158,7 @@ pub fn calibrate_on(
     let recon = recon::reconstruct(&mut model, &samples, &opts.recon, progress)?;
     // Reconstruction leaves biases at their float values (unless it learned them): move
     // them against the mean shift the final codes cause, as rtn does.
-    if opts.recon.lr_bias == 0.0 && rtn::corrects_biases(opts.bits) {
+    if opts.bias_correction && corrects_biases(opts) {
         rtn::correct_biases(&mut model.q)?;
     }
     // Learned activation steps change `s_x`: refit the bound on the final scales.
@@ -168,4 +173,19 @@ pub fn calibrate_on(
         },
         samples,
     ))
+}
+
+/// Whether bias correction after reconstruction applies to `opts`: biases not learned, 8-bit
+/// activations (see [`rtn::corrects_biases`]).
+pub fn corrects_biases(opts: &CalibOptions) -> bool {
+    opts.recon.lr_bias == 0.0 && rtn::corrects_biases(opts.bits)
+}
+
+/// `q` with its biases moved against its codes' mean shift, as calibration does after
+/// reconstruction.
+pub fn bias_corrected(q: &QuantGraph) -> Result<QuantGraph, Error> {
+    let mut c = q.clone();
+    rtn::correct_biases(&mut c)?;
+    c.fit_accumulators();
+    Ok(c)
 }
