@@ -71,6 +71,24 @@ impl Conv {
     pub fn kernel(&self) -> [usize; 2] {
         [self.weight.shape[2], self.weight.shape[3]]
     }
+
+    /// The window as the runtime's kernels take it.
+    pub fn geom(&self) -> diffdfq_runtime::kernels::ConvGeom {
+        let [kh, kw] = self.kernel();
+        diffdfq_runtime::kernels::ConvGeom {
+            kernel_h: kh,
+            kernel_w: kw,
+            stride_h: self.strides[0],
+            stride_w: self.strides[1],
+            dilation_h: self.dilations[0],
+            dilation_w: self.dilations[1],
+            pad_top: self.pads[0],
+            pad_left: self.pads[1],
+            pad_bottom: self.pads[2],
+            pad_right: self.pads[3],
+            groups: self.groups,
+        }
+    }
 }
 
 /// Inference-form BatchNormalization over axis 1; keeps the statistics synthesis matches.
@@ -104,6 +122,40 @@ pub struct Pool {
     /// top, left, bottom, right; ceil_mode shows up as an output larger than these pads give.
     pub pads: [usize; 4],
     pub count_include_pad: bool,
+}
+
+impl Pool {
+    /// The window as the runtime's kernels take it.
+    pub fn geom(&self) -> diffdfq_runtime::kernels::PoolGeom {
+        diffdfq_runtime::kernels::PoolGeom {
+            kernel_h: self.kernel[0],
+            kernel_w: self.kernel[1],
+            stride_h: self.strides[0],
+            stride_w: self.strides[1],
+            dilation_h: self.dilations[0],
+            dilation_w: self.dilations[1],
+            pad_top: self.pads[0],
+            pad_left: self.pads[1],
+            pad_bottom: self.pads[2],
+            pad_right: self.pads[3],
+        }
+    }
+
+    /// The pool of window `g` (the inverse of [`Pool::geom`]).
+    pub fn from_geom(
+        kind: PoolKind,
+        g: &diffdfq_runtime::kernels::PoolGeom,
+        count_include_pad: bool,
+    ) -> Pool {
+        Pool {
+            kind,
+            kernel: [g.kernel_h, g.kernel_w],
+            strides: [g.stride_h, g.stride_w],
+            dilations: [g.dilation_h, g.dilation_w],
+            pads: [g.pad_top, g.pad_left, g.pad_bottom, g.pad_right],
+            count_include_pad,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -259,20 +259,7 @@ pub fn fold(g: &Graph, bits: Bits) -> Result<QuantGraph, Error> {
                 let mut layer = QLayer::new(c_out, k, w, bias, bits.weight);
                 let bn = take_bn(&mut out_v, &mut layer, &mut done);
                 let fused = take_act(&mut out_v, &mut done);
-                let [kh, kw] = c.kernel();
-                let geom = ConvGeom {
-                    kernel_h: kh,
-                    kernel_w: kw,
-                    stride_h: c.strides[0],
-                    stride_w: c.strides[1],
-                    dilation_h: c.dilations[0],
-                    dilation_w: c.dilations[1],
-                    pad_top: c.pads[0],
-                    pad_left: c.pads[1],
-                    pad_bottom: c.pads[2],
-                    pad_right: c.pads[3],
-                    groups: c.groups,
-                };
+                let geom = c.geom();
                 (QOp::Conv { geom, layer, fused }, bn)
             }
             Op::MatMul { b, bias, trans_a } => {
@@ -348,18 +335,7 @@ pub fn fold(g: &Graph, bits: Bits) -> Result<QuantGraph, Error> {
             Op::HardSwish => (QOp::Act(Activation::HardSwish), None),
             Op::Sigmoid => (QOp::Act(Activation::Sigmoid), None),
             Op::Pool(p) => {
-                let geom = PoolGeom {
-                    kernel_h: p.kernel[0],
-                    kernel_w: p.kernel[1],
-                    stride_h: p.strides[0],
-                    stride_w: p.strides[1],
-                    dilation_h: p.dilations[0],
-                    dilation_w: p.dilations[1],
-                    pad_top: p.pads[0],
-                    pad_left: p.pads[1],
-                    pad_bottom: p.pads[2],
-                    pad_right: p.pads[3],
-                };
+                let geom = p.geom();
                 match p.kind {
                     PoolKind::Max => (QOp::MaxPool { geom }, None),
                     PoolKind::Avg => (

@@ -101,11 +101,9 @@ fn activation(x: &Tensor, a: Activation) -> candle_core::Result<Tensor> {
     match a {
         Activation::Relu => relu(x),
         Activation::Relu6 => clamp(x, 0.0, 6.0),
-        Activation::HardSigmoid { alpha, beta } => {
-            clamp(&x.affine(alpha as f64, beta as f64)?, 0.0, 1.0)
-        }
-        Activation::HardSwish => x * clamp(&x.affine(1.0 / 6.0, 0.5)?, 0.0, 1.0)?,
-        Activation::Sigmoid => candle_nn::ops::sigmoid(x),
+        Activation::HardSigmoid { alpha, beta } => crate::reference::hard_sigmoid(x, alpha, beta),
+        Activation::HardSwish => crate::reference::hard_swish(x),
+        Activation::Sigmoid => crate::reference::sigmoid(x),
     }
 }
 
@@ -300,14 +298,7 @@ impl QModel {
                         } => (PoolKind::Avg, *count_include_pad),
                         _ => (PoolKind::Max, false),
                     };
-                    let p = Pool {
-                        kind,
-                        kernel: [geom.kernel_h, geom.kernel_w],
-                        strides: [geom.stride_h, geom.stride_w],
-                        dilations: [geom.dilation_h, geom.dilation_w],
-                        pads: [geom.pad_top, geom.pad_left, geom.pad_bottom, geom.pad_right],
-                        count_include_pad: cip,
-                    };
+                    let p = Pool::from_geom(kind, geom, cip);
                     let o = &self.q.tensors[n.output].shape;
                     crate::reference::pool::pool2d(x, &p, [o[2], o[3]])?
                 }

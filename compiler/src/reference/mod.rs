@@ -224,11 +224,9 @@ impl FloatModel {
                     Some(*min).filter(|v| v.is_finite()),
                     Some(*max).filter(|v| v.is_finite()),
                 )?,
-                (Op::HardSigmoid { alpha, beta }, _) => {
-                    clamp(&x.affine(*alpha as f64, *beta as f64)?, 0.0, 1.0)?
-                }
-                (Op::HardSwish, _) => (x * clamp(&x.affine(1.0 / 6.0, 0.5)?, 0.0, 1.0)?)?,
-                (Op::Sigmoid, _) => (x.neg()?.exp()? + 1.0)?.recip()?,
+                (Op::HardSigmoid { alpha, beta }, _) => hard_sigmoid(x, *alpha, *beta)?,
+                (Op::HardSwish, _) => hard_swish(x)?,
+                (Op::Sigmoid, _) => sigmoid(x)?,
                 (Op::Add, _) => x.broadcast_add(get(1)?)?,
                 (Op::Mul, _) => x.broadcast_mul(get(1)?)?,
                 (
@@ -384,6 +382,21 @@ fn conv_candle(
         Some(b) => y.broadcast_add(b),
         None => Ok(y),
     }
+}
+
+/// `clamp(αx + β, 0, 1)`; the float reference and the fake-quantized model both use it.
+pub fn hard_sigmoid(x: &Tensor, alpha: f32, beta: f32) -> candle_core::Result<Tensor> {
+    clamp(&x.affine(alpha as f64, beta as f64)?, 0.0, 1.0)
+}
+
+/// `x·clamp(x/6 + 1/2, 0, 1)`.
+pub fn hard_swish(x: &Tensor) -> candle_core::Result<Tensor> {
+    x * hard_sigmoid(x, 1.0 / 6.0, 0.5)?
+}
+
+/// The logistic function, candle's op (which has a backward pass for synthesis).
+pub fn sigmoid(x: &Tensor) -> candle_core::Result<Tensor> {
+    candle_nn::ops::sigmoid(x)
 }
 
 /// 2-D convolution on the CPU: depthwise as a direct op ([`depthwise`]); ungrouped as
