@@ -86,11 +86,11 @@ fn firmware(dir: &Path, name: &str, cc: &str) -> PathBuf {
     app
 }
 
-/// The float32 payload of a C-order .npy written by diffdfq-run.
+/// The float32 values of a .npy written by diffdfq-run, as the raw little-endian bytes the
+/// firmware writes.
 fn npy_payload(p: &Path) -> Vec<u8> {
-    let bytes = std::fs::read(p).unwrap();
-    let header_len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
-    bytes[10 + header_len..].to_vec()
+    let (_, v) = diffdfq_compiler::npy::read_f32(p).unwrap();
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
 #[test]
