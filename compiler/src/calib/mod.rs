@@ -4,6 +4,7 @@
 //! forward diffusion series ([`synth::noised`]) and block reconstruction with progressive
 //! selection ([`recon`]), producing the same [`QuantGraph`] that rtn produces.
 
+mod blocks;
 pub mod budget;
 pub mod progress;
 pub mod recon;

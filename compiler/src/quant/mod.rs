@@ -8,6 +8,7 @@
 //! round-to-nearest method; DiffDFQ/Genie will overwrite codes, scales and activation steps of
 //! the same structure.
 
+mod chain;
 mod fakequant;
 mod fold;
 mod layer;
