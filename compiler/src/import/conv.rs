@@ -1,22 +1,14 @@
 //! Conv, a zero Pad read by a Conv (it becomes the conv's padding), BatchNormalization.
 
-use tract_onnx::pb;
-
 use super::builder::{bad, Builder};
-use super::proto::Attrs;
+use super::ops::Site;
 use super::window::spatial;
-use crate::graph::{BatchNorm, Conv, Op, Tensor, ValueId};
+use crate::graph::{BatchNorm, Conv, Op, Tensor};
 use crate::Error;
 
 impl Builder {
-    pub(super) fn conv(
-        &mut self,
-        n: &pb::NodeProto,
-        name: &str,
-        x: ValueId,
-        xs: &[usize],
-        a: &Attrs,
-    ) -> Result<(), Error> {
+    pub(super) fn conv(&mut self, s: &Site) -> Result<(), Error> {
+        let (n, name, x, xs, a) = (s.n, s.name, s.x, s.xs.as_slice(), &s.a);
         if xs.len() != 4 {
             return bad(format!(
                 "only 2-D convolution (4-D NCHW input) is supported, input shape is {xs:?}"
@@ -91,13 +83,8 @@ impl Builder {
 
     /// A constant-mode Pad with value 0 over the spatial axes of a 4-D activation: recorded
     /// for the Conv that reads it (see [`Builder::padded`]).
-    pub(super) fn pad(
-        &mut self,
-        n: &pb::NodeProto,
-        x: ValueId,
-        xs: &[usize],
-        a: &Attrs,
-    ) -> Result<(), Error> {
+    pub(super) fn pad(&mut self, s: &Site) -> Result<(), Error> {
+        let (n, x, xs, a) = (s.n, s.x, s.xs.as_slice(), &s.a);
         let mode = a.string("mode").unwrap_or_else(|| "constant".into());
         if mode != "constant" {
             return bad(format!(
@@ -146,14 +133,8 @@ impl Builder {
         Ok(())
     }
 
-    pub(super) fn batchnorm(
-        &mut self,
-        n: &pb::NodeProto,
-        name: &str,
-        x: ValueId,
-        xs: &[usize],
-        a: &Attrs,
-    ) -> Result<(), Error> {
+    pub(super) fn batchnorm(&mut self, s: &Site) -> Result<(), Error> {
+        let (n, name, x, xs, a) = (s.n, s.name, s.x, s.xs.as_slice(), &s.a);
         self.single_output(n)?;
         if a.int("training_mode", 0) != 0 {
             return bad("training-mode BatchNormalization is not supported");

@@ -1,7 +1,5 @@
 //! Activation functions and the binary arithmetic ops.
 
-use tract_onnx::pb;
-
 use super::builder::{bad, Builder, Val};
 use super::ops::Site;
 use crate::graph::{BinKind, Op, Tensor};
@@ -51,7 +49,8 @@ impl Builder {
         self.unary(s, Op::Clip { min, max })
     }
 
-    pub(super) fn binary(&mut self, n: &pb::NodeProto, name: &str, op: &str) -> Result<(), Error> {
+    pub(super) fn binary(&mut self, s: &Site) -> Result<(), Error> {
+        let (n, name, op) = (s.n, s.name, s.n.op_type.as_str());
         let kind = match op {
             "Add" => BinKind::Add,
             "Sub" => BinKind::Sub,

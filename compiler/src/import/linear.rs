@@ -1,23 +1,14 @@
 //! Gemm, MatMul with a constant right operand, Softmax.
 
-use tract_onnx::pb;
-
 use super::builder::{axis, bad, Builder};
 use super::ops::Site;
-use super::proto::Attrs;
 use super::window::matmul_shape;
-use crate::graph::{Op, Tensor, ValueId};
+use crate::graph::{Op, Tensor};
 use crate::Error;
 
 impl Builder {
-    pub(super) fn gemm(
-        &mut self,
-        n: &pb::NodeProto,
-        name: &str,
-        x: ValueId,
-        xs: &[usize],
-        a: &Attrs,
-    ) -> Result<(), Error> {
+    pub(super) fn gemm(&mut self, s: &Site) -> Result<(), Error> {
+        let (n, name, x, xs, a) = (s.n, s.name, s.x, s.xs.as_slice(), &s.a);
         if xs.len() != 2 {
             return bad(format!("A must be 2-D, got {xs:?}"));
         }

@@ -1,23 +1,14 @@
 //! MaxPool, AveragePool, GlobalAveragePool.
 
-use tract_onnx::pb;
-
 use super::builder::{bad, Builder};
 use super::ops::Site;
-use super::proto::Attrs;
 use super::window::spatial;
-use crate::graph::{Op, Pool, PoolKind, ValueId};
+use crate::graph::{Op, Pool, PoolKind};
 use crate::Error;
 
 impl Builder {
-    pub(super) fn pool(
-        &mut self,
-        n: &pb::NodeProto,
-        name: &str,
-        x: ValueId,
-        xs: &[usize],
-        a: &Attrs,
-    ) -> Result<(), Error> {
+    pub(super) fn pool(&mut self, s: &Site) -> Result<(), Error> {
+        let (n, name, x, xs, a) = (s.n, s.name, s.x, s.xs.as_slice(), &s.a);
         self.single_output(n)?;
         if xs.len() != 4 {
             return bad(format!(
