@@ -28,6 +28,17 @@ fn compile(args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// [`compile`] that must succeed.
+fn compile_ok(args: &[&str]) -> Output {
+    let out = compile(args);
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 fn run(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_diffdfq-run"))
         .args(args)
@@ -44,6 +55,8 @@ fn assert_bad_input(out: &Output, needles: &[&str]) {
     for n in needles {
         assert!(err.contains(n), "{err:?} lacks {n:?}");
     }
+    // The README's hostile-input table quotes these lines (`--nocapture`).
+    print!("hostile: {err}");
 }
 
 fn tensor(name: &str, dims: &[i64], v: &[f32]) -> pb::TensorProto {
@@ -465,7 +478,7 @@ fn a_per_channel_constant_after_conv_and_bn_folds_and_a_dead_channel_compiles() 
     let float = run_one(dir.path(), &p, &x);
     for bits in ["8", "4"] {
         let o = dir.path().join(format!("w{bits}"));
-        let out = compile(&[
+        compile_ok(&[
             &p,
             "--method",
             "rtn",
@@ -478,11 +491,6 @@ fn a_per_channel_constant_after_conv_and_bn_folds_and_a_dead_channel_compiles() 
             "-o",
             o.to_str().unwrap(),
         ]);
-        assert!(
-            out.status.success(),
-            "W{bits}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
         let q = run_one(dir.path(), o.join("paddle_bias.dfq").to_str().unwrap(), &x);
         // Channel 1 is the bias alone; channel 0 within a few output steps.
         for i in 0..16 {
@@ -869,6 +877,144 @@ fn hostile_models_are_one_line_errors_naming_the_node() {
         all.push(&path);
         assert_bad_input(&out, &all);
         assert!(!out_dir.exists(), "{name}: output written");
+    }
+}
+
+/// The rest of the hostile-input table (README "Reliability"): declared shapes, graph
+/// structure, flags and outputs; exit 2, one line naming the culprit, nothing written.
+#[test]
+fn hostile_structure_flags_and_outputs_are_one_line_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = tensor("w", &[2, 2, 1, 1], &[1.0, 0.5, -0.5, 1.0]);
+    let cycle = graph_model(
+        vec![
+            node("a", "Relu", &["b_out"], "a_out"),
+            node("b", "Relu", &["a_out"], "b_out"),
+            node("conv", "Conv", &["x", "w"], "y"),
+        ],
+        vec![w.clone()],
+    );
+    let dangling = {
+        let mut m = pb::ModelProto::decode(&*graph_model(
+            vec![node("conv", "Conv", &["x", "w"], "c")],
+            vec![w.clone()],
+        ))
+        .unwrap();
+        m.graph.as_mut().unwrap().output[0].name = "nowhere".into();
+        m.encode_to_vec()
+    };
+    let twice = graph_model(
+        vec![
+            node("conv", "Conv", &["x", "w"], "c"),
+            node("again", "Relu", &["x"], "c"),
+            node("relu", "Relu", &["c"], "y"),
+        ],
+        vec![w.clone()],
+    );
+    let fixture_path = fixture("resnet_fmnist.onnx").display().to_string();
+    let files = [
+        ("zero_dim", model_with_input(&["1", "0", "4", "4"])),
+        (
+            "absurd_dim",
+            model_with_input(&["1", "2", "1099511627776", "4"]),
+        ),
+        ("cycle", cycle),
+        ("dangling_output", dangling),
+        ("duplicate_name", twice),
+    ];
+    let mut cases: Vec<(Vec<String>, Vec<String>)> = files
+        .iter()
+        .map(|(name, bytes)| {
+            let p = write(dir.path(), &format!("{name}.onnx"), bytes);
+            (vec![p.clone()], vec![p])
+        })
+        .collect();
+    let needles = [
+        vec!["axis 1 has no fixed size"],
+        vec!["too large"],
+        vec!["cycle"],
+        vec!["'nowhere'"],
+        vec!["'c'", "more than once"],
+    ];
+    for ((_, n), extra) in cases.iter_mut().zip(needles) {
+        n.extend(extra.into_iter().map(String::from));
+    }
+    let file = write(dir.path(), "a_file", b"x");
+    let flag_cases: [(&[&str], &[&str]); 7] = [
+        (
+            &["--input-shape", "1,3,28,28"],
+            &["--input-shape", "[1, 3, 28, 28]"],
+        ),
+        (&["--bits", "9"], &["--bits 9"]),
+        (&["--bits", "1"], &["--bits 1"]),
+        (&["--act-bits", "5"], &["--act-bits 5"]),
+        (&["--layer-bits", "5"], &["--layer-bits", "5"]),
+        (&["--target", "mips-nowhere"], &["mips-nowhere"]),
+        (&["-o", "a_file/sub"], &["a_file"]),
+    ];
+    for (flags, needles) in flag_cases {
+        let mut args = vec![fixture_path.clone()];
+        for f in flags {
+            args.push(f.replace("a_file", &file));
+        }
+        let mut n: Vec<String> = needles.iter().map(|s| s.to_string()).collect();
+        if flags[0] == "-o" {
+            n[0] = file.clone();
+        }
+        cases.push((args, n));
+    }
+    for (args, needles) in cases {
+        let out_dir = dir.path().join("out");
+        let mut a: Vec<&str> = args.iter().map(String::as_str).collect();
+        if !a.contains(&"-o") {
+            a.extend(["-o", out_dir.to_str().unwrap()]);
+        }
+        a.push("--no-lib");
+        if !a.contains(&"--bits") && !a.contains(&"--layer-bits") {
+            a.extend(["--bits", "4"]);
+        }
+        let out = compile(&a);
+        let n: Vec<&str> = needles.iter().map(String::as_str).collect();
+        assert_bad_input(&out, &n);
+        assert!(!out_dir.exists(), "{args:?}: output written");
+    }
+}
+
+/// `diffdfq-run` on a corrupted `.dfq` and on `.npy` inputs of the wrong dtype or truncated.
+#[test]
+fn run_rejects_corrupted_models_and_inputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = dir.path().join("m");
+    compile_ok(&[
+        fixture("resnet_fmnist.onnx").to_str().unwrap(),
+        "--bits",
+        "4",
+        "--no-lib",
+        "--quiet",
+        "-o",
+        o.to_str().unwrap(),
+    ]);
+    let mut blob = std::fs::read(o.join("resnet_fmnist.dfq")).unwrap();
+    let mid = blob.len() / 2;
+    blob[mid] ^= 0x40;
+    let bad = write(dir.path(), "bad.dfq", &blob);
+    let good = o.join("resnet_fmnist.dfq").display().to_string();
+    let x = diffdfq_compiler::npy::to_bytes(&[1, 1, 28, 28], &[0.0; 784]).unwrap();
+    let xs = write(dir.path(), "x.npy", &x);
+    let mut int_bytes = x.clone();
+    let at = int_bytes.iter().position(|&b| b == b'<').unwrap();
+    int_bytes[at + 1..at + 3].copy_from_slice(b"i4");
+    let wrong_dtype = write(dir.path(), "int.npy", &int_bytes);
+    let truncated = write(dir.path(), "short.npy", &x[..x.len() - 10]);
+    let y = dir.path().join("y.npy");
+    for (model, input, needles) in [
+        (&bad, &xs, &["bad.dfq", "checksum"][..]),
+        (&good, &wrong_dtype, &["int.npy", "dtype <i4"][..]),
+        (&good, &truncated, &["short.npy", "data bytes"][..]),
+    ] {
+        let out = run(&[model, "--input", input, "--output", y.to_str().unwrap()]);
+        assert_bad_input(&out, needles);
+        assert!(!y.exists());
     }
 }
 

@@ -173,13 +173,34 @@ fn run(a: &Args) -> Result<(), Error> {
         act: a.act_bits,
         first_last: a.first_last_bits,
     };
-    if whole.is_some() || a.flash.is_some() {
-        bits.check()?;
-    } else if !(a.bits > 2.0 && a.bits < 8.0) {
+    let wb = diffdfq_runtime::format::WEIGHT_BITS;
+    if a.act_bits != 8 && a.act_bits != 4 {
+        return Err(Error::Input(format!(
+            "--act-bits {}: takes 8 or 4",
+            a.act_bits
+        )));
+    }
+    if !wb.contains(&a.first_last_bits) {
+        return Err(Error::Input(format!(
+            "--first-last-bits {}: takes 2, 3, 4 or 8",
+            a.first_last_bits
+        )));
+    }
+    if let Some(b) = a.layer_bits.iter().flatten().find(|b| !wb.contains(b)) {
+        return Err(Error::Input(format!(
+            "--layer-bits: {b} is not a weight width (takes 2, 3, 4 or 8)"
+        )));
+    }
+    let whole_ok = whole.is_some_and(|b| wb.contains(&b));
+    let fraction_ok = whole.is_none() && a.bits > 2.0 && a.bits < 8.0;
+    if a.flash.is_none() && !whole_ok && !fraction_ok {
         return Err(Error::Input(format!(
             "--bits {}: takes 2, 3, 4 or 8, or a fraction between 2 and 8 for mixed precision",
             a.bits
         )));
+    }
+    if whole.is_some() || a.flash.is_some() {
+        bits.check()?;
     }
     let input_range = match a.input_range.as_deref() {
         None => None,

@@ -146,7 +146,12 @@ pub fn import_model(model: &pb::ModelProto, opts: &ImportOptions) -> Result<Grap
         let t = proto::tensor(init)
             .map_err(|e| Error::Input(format!("initializer '{}': {e}", init.name)))?;
         check_finite(&init.name, &t)?;
-        b.env.insert(init.name.clone(), Val::Const(t));
+        if b.env.insert(init.name.clone(), Val::Const(t)).is_some() {
+            return Err(Error::Input(format!(
+                "initializer '{}' is defined more than once",
+                init.name
+            )));
+        }
     }
     for (name, t) in &opts.bind {
         b.env.insert(name.clone(), Val::Const(t.clone()));
@@ -172,8 +177,18 @@ pub fn import_model(model: &pb::ModelProto, opts: &ImportOptions) -> Result<Grap
     }
     for (i, n) in g.node.iter().enumerate() {
         let name = n.display_name(i);
-        b.node(n, &name)
-            .map_err(|e| e.context(&format!("node '{name}' ({})", n.op_type)))?;
+        let at = |e: Error| e.context(&format!("node '{name}' ({})", n.op_type));
+        // Values are single-assignment: a second producer would silently replace the first.
+        if let Some(o) = n
+            .output
+            .iter()
+            .find(|o| !o.is_empty() && b.env.contains_key(*o))
+        {
+            return Err(at(Error::Input(format!(
+                "value '{o}' is produced more than once"
+            ))));
+        }
+        b.node(n, &name).map_err(at)?;
     }
     for o in &g.output {
         match b.env.get(&o.name) {

@@ -28,6 +28,21 @@ pub(super) fn input_shape(
                 "--input-shape {s:?} has a zero dimension"
             )));
         }
+        // Spatial sizes may be overridden (a fully convolutional model deployed at another
+        // resolution); the rank and a fixed channel count may not.
+        let dims = tt.shape.as_ref().map(|s| s.dim.as_slice()).unwrap_or(&[]);
+        let fixed = |d: &pb::tensor_shape_proto::Dimension| match d.value {
+            Some(D::DimValue(v)) if v > 0 => Some(v as usize),
+            _ => None,
+        };
+        let channels = dims.get(1).and_then(fixed);
+        if !dims.is_empty() && (dims.len() != s.len() || channels.is_some_and(|c| c != s[1])) {
+            return Err(Error::Input(format!(
+                "--input-shape {s:?} contradicts input '{}' declared {}",
+                vi.name,
+                declared_shape(dims)
+            )));
+        }
         return Ok(s.to_vec());
     }
     let dims = tt.shape.as_ref().map(|s| s.dim.as_slice()).unwrap_or(&[]);

@@ -34,6 +34,14 @@ int main(int argc, char **argv) {
     if (dfq_run_f32(model, len, x, 128, y, 10, arena + 1, need) != DFQ_ERR_ARENA_MISALIGNED) return 15;
     if (dfq_run_f32(model, len, x, 127, y, 10, arena, need) != DFQ_ERR_INPUT_SIZE) return 16;
     if (dfq_run_f32(model, len, x, 128, y, 10, arena, need - 1) != DFQ_ERR_ARENA_TOO_SMALL) return 17;
+    /* Misuse: every case is a status, never a crash (README "Reliability"). */
+    if (dfq_run_f32(model, len - 1, x, 128, y, 10, arena, need) != DFQ_ERR_TRUNCATED) return 30;
+    if (dfq_run_f32(model, len, x, 128, y, 9, arena, need) != DFQ_ERR_OUTPUT_SIZE) return 31;
+    if (dfq_run_f32(model, len, NULL, 128, y, 10, arena, need) != DFQ_ERR_NULL_POINTER) return 32;
+    if (dfq_run_f32(model, len, x, 128, NULL, 10, arena, need) != DFQ_ERR_NULL_POINTER) return 33;
+    if (dfq_run_f32(model, len, x, 128, y, 10, NULL, need) != DFQ_ERR_NULL_POINTER) return 34;
+    if (dfq_prepare(NULL, model, len) != DFQ_ERR_NULL_POINTER) return 35;
+    if (dfq_run_prepared(NULL, x, 128, y, 10, arena, need) != DFQ_ERR_NULL_POINTER) return 36;
     /* Validate once, run many: the same bits as dfq_run_f32. */
     dfq_model prepared;
     float yp[10];
@@ -42,6 +50,10 @@ int main(int argc, char **argv) {
         if (dfq_run_prepared(&prepared, x, 128, yp, 10, arena, need) != DFQ_OK) return 21;
         if (memcmp(y, yp, sizeof y) != 0) return 22;
     }
+    /* Another model in the prepared buffer (its checksum differs): refused, not run. */
+    model[12] ^= 1;
+    if (dfq_run_prepared(&prepared, x, 128, yp, 10, arena, need) != DFQ_ERR_CHECKSUM) return 25;
+    model[12] ^= 1;
     model[len / 2] ^= 1;
     if (dfq_run_f32(model, len, x, 128, y, 10, arena, need) != DFQ_ERR_CHECKSUM) return 18;
     dfq_model failed;
