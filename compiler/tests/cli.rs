@@ -911,6 +911,19 @@ fn hostile_structure_flags_and_outputs_are_one_line_errors() {
         ],
         vec![w.clone()],
     );
+    // Nine activations of 2^26 elements: each under the per-tensor limit, together over the
+    // importer's memory cap (2^29); refused while importing, before anything is allocated.
+    let big = {
+        let mut nodes = vec![node("conv", "Conv", &["x", "w"], "r0")];
+        for i in 1..=8 {
+            let (a, b) = (format!("r{}", i - 1), format!("r{i}"));
+            nodes.push(node(&format!("relu{i}"), "Relu", &[&a], &b));
+        }
+        nodes.push(node("last", "Relu", &["r8"], "y"));
+        let mut m = pb::ModelProto::decode(&*graph_model(nodes, vec![w.clone()])).unwrap();
+        m.graph.as_mut().unwrap().input[0] = value("x", &[1, 2, 4096, 8192]);
+        m.encode_to_vec()
+    };
     let fixture_path = fixture("resnet_fmnist.onnx").display().to_string();
     let files = [
         ("zero_dim", model_with_input(&["1", "0", "4", "4"])),
@@ -921,6 +934,7 @@ fn hostile_structure_flags_and_outputs_are_one_line_errors() {
         ("cycle", cycle),
         ("dangling_output", dangling),
         ("duplicate_name", twice),
+        ("over_memory_cap", big),
     ];
     let mut cases: Vec<(Vec<String>, Vec<String>)> = files
         .iter()
@@ -935,6 +949,7 @@ fn hostile_structure_flags_and_outputs_are_one_line_errors() {
         vec!["cycle"],
         vec!["'nowhere'"],
         vec!["'c'", "more than once"],
+        vec!["node 'relu8'", "the importer's memory cap"],
     ];
     for ((_, n), extra) in cases.iter_mut().zip(needles) {
         n.extend(extra.into_iter().map(String::from));

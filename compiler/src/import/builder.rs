@@ -8,7 +8,7 @@ use tract_onnx::pb;
 use super::consts;
 use super::ops::{Build, Site};
 use super::proto::Attrs;
-use super::MAX_ELEMENTS;
+use super::{MAX_ELEMENTS, MAX_TOTAL_ELEMENTS};
 use crate::graph::{Graph, Node, Op, Tensor, Value, ValueId};
 use crate::Error;
 
@@ -24,6 +24,8 @@ pub(super) struct Builder {
     /// Outputs of zero Pads (exporters' "same" padding): the unpadded value and the pads
     /// (top, left, bottom, right); only a Conv may read them, as its own padding.
     pub(super) padded: HashMap<String, (ValueId, [usize; 4])>,
+    /// Elements of the activations and folded constants made so far ([`MAX_TOTAL_ELEMENTS`]).
+    pub(super) held: usize,
 }
 
 pub(super) fn bad<T>(msg: impl Into<String>) -> Result<T, Error> {
@@ -103,7 +105,7 @@ impl Builder {
         // Activations live in a device arena: a shape this large is a malformed model (absurd
         // pads, say), refused before anything is allocated for it.
         match shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)) {
-            Some(n) if n <= MAX_ELEMENTS => {}
+            Some(n) if n <= MAX_ELEMENTS => self.hold(n)?,
             _ => return bad(format!("output shape {shape:?} is too large")),
         }
         let out_name = n
@@ -121,7 +123,22 @@ impl Builder {
         Ok(())
     }
 
+    /// Counts `elements` more against the importer's memory cap.
+    fn hold(&mut self, elements: usize) -> Result<(), Error> {
+        self.held = self.held.saturating_add(elements);
+        if self.held > MAX_TOTAL_ELEMENTS {
+            return bad(format!(
+                "the model's activations and folded constants exceed {MAX_TOTAL_ELEMENTS} \
+                 elements (2 GiB of f32) in all, the importer's memory cap"
+            ));
+        }
+        Ok(())
+    }
+
     pub(super) fn set_output(&mut self, n: &pb::NodeProto, v: Val) -> Result<(), Error> {
+        if let Val::Const(t) = &v {
+            self.hold(t.len())?;
+        }
         let out = n
             .output
             .first()

@@ -37,6 +37,10 @@ use shapes::input_shape;
 
 /// The most elements an activation or folded constant may hold (2^28: 1 GiB of f32).
 pub(crate) const MAX_ELEMENTS: usize = 1 << 28;
+/// The importer's memory cap: the most elements a model's activations (batch 1) and folded
+/// constants may hold together (2^29: 2 GiB of f32). Checked as each is made, so a small file
+/// asking for more is refused before it is allocated.
+pub const MAX_TOTAL_ELEMENTS: usize = 1 << 29;
 
 /// What import needs to know beyond the file.
 #[derive(Debug, Clone, Default)]
@@ -140,6 +144,7 @@ pub fn import_model(model: &pb::ModelProto, opts: &ImportOptions) -> Result<Grap
         },
         env: HashMap::new(),
         padded: HashMap::new(),
+        held: 0,
     };
 
     for init in &g.initializer {
