@@ -7,6 +7,7 @@
 //! layers and what each may import: docs/design.md §2.
 
 pub mod calib;
+pub mod cli;
 pub mod emit;
 pub mod evaluate;
 pub mod graph;

@@ -391,11 +391,11 @@ fn decomposed_hardsigmoid_and_hardswish_become_one_op() {
         // HardSigmoid(h) = Clip(h + 3, 0, 6) / 6
         node("a1", "Add", &["h", "three"], "a1"),
         node("c1", "Clip", &["a1", "zero", "six"], "c1"),
-        node("hsig", "Div", &["c1", "six"], "s"),
-        // HardSwish(s) = s · Clip(s + 3, 0, 6) / 6
-        node("a2", "Add", &["s", "three"], "a2"),
+        node("hsig", "Div", &["c1", "six"], "hs"),
+        // HardSwish(hs) = hs · Clip(hs + 3, 0, 6) / 6
+        node("a2", "Add", &["hs", "three"], "a2"),
         node("c2", "Clip", &["a2", "zero", "six"], "c2"),
-        node("m2", "Mul", &["s", "c2"], "m2"),
+        node("m2", "Mul", &["hs", "c2"], "m2"),
         node("hswish", "Div", &["m2", "six"], "y"),
     ];
     let p = write(
@@ -463,8 +463,8 @@ fn a_per_channel_constant_after_conv_and_bn_folds_and_a_dead_channel_compiles() 
     // the bias in accumulator units overflow the runtime's i32 bound).
     let dir = tempfile::tempdir().unwrap();
     let nodes = vec![
-        tensor_constant("c", &[1, 2, 1, 1], &[0.5, 3.0]),
-        node("bias", "Add", &["h", "c"], "y"),
+        tensor_constant("k", &[1, 2, 1, 1], &[0.5, 3.0]),
+        node("bias", "Add", &["h", "k"], "y"),
     ];
     let p = write(
         dir.path(),
@@ -955,7 +955,13 @@ fn hostile_structure_flags_and_outputs_are_one_line_errors() {
         n.extend(extra.into_iter().map(String::from));
     }
     let file = write(dir.path(), "a_file", b"x");
-    let flag_cases: [(&[&str], &[&str]); 7] = [
+    let flag_cases: [(&[&str], &[&str]); 9] = [
+        // clap's own errors too: one line, no usage block.
+        (
+            &["--cpu", "native"],
+            &["unexpected argument '--cpu' found", "(see --help)"],
+        ),
+        (&["--bits", "x"], &["invalid value 'x' for '--bits <BITS>'"]),
         (
             &["--input-shape", "1,3,28,28"],
             &["--input-shape", "[1, 3, 28, 28]"],

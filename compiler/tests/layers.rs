@@ -11,6 +11,7 @@ const LAYERS: &[(&str, u32)] = &[
     ("rng", 0),
     ("npy", 0),
     ("interrupt", 0),
+    ("cli", 0),
     ("tract", 0),
     ("import", 1),
     ("reference", 1),

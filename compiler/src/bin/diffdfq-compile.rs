@@ -533,7 +533,10 @@ fn run(a: &Args) -> Result<(), Error> {
 
 fn main() -> ExitCode {
     diffdfq_compiler::calib::keep_freed_memory();
-    let args = Args::parse();
+    let args: Args = match diffdfq_compiler::cli::parse("diffdfq-compile") {
+        Ok(a) => a,
+        Err(code) => return code,
+    };
     if let Err(e) = diffdfq_compiler::interrupt::install("diffdfq-compile") {
         eprintln!("diffdfq-compile: error: {e}");
         return ExitCode::from(e.exit_code() as u8);

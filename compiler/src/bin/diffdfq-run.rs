@@ -248,7 +248,10 @@ fn finish(a: &Args, s: Vec<usize>, out: Vec<f32>) -> Result<(), Error> {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let args: Args = match diffdfq_compiler::cli::parse("diffdfq-run") {
+        Ok(a) => a,
+        Err(code) => return code,
+    };
     match run(&args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
