@@ -924,6 +924,10 @@ fn hostile_structure_flags_and_outputs_are_one_line_errors() {
         m.graph.as_mut().unwrap().input[0] = value("x", &[1, 2, 4096, 8192]);
         m.encode_to_vec()
     };
+    let two_ws = graph_model(
+        vec![node("conv", "Conv", &["x", "w"], "y")],
+        vec![w.clone(), w.clone()],
+    );
     let fixture_path = fixture("resnet_fmnist.onnx").display().to_string();
     let files = [
         ("zero_dim", model_with_input(&["1", "0", "4", "4"])),
@@ -935,6 +939,7 @@ fn hostile_structure_flags_and_outputs_are_one_line_errors() {
         ("dangling_output", dangling),
         ("duplicate_name", twice),
         ("over_memory_cap", big),
+        ("duplicate_initializer", two_ws),
     ];
     let mut cases: Vec<(Vec<String>, Vec<String>)> = files
         .iter()
@@ -950,6 +955,7 @@ fn hostile_structure_flags_and_outputs_are_one_line_errors() {
         vec!["'nowhere'"],
         vec!["'c'", "more than once"],
         vec!["node 'relu8'", "the importer's memory cap"],
+        vec!["initializer 'w' is defined more than once"],
     ];
     for ((_, n), extra) in cases.iter_mut().zip(needles) {
         n.extend(extra.into_iter().map(String::from));
