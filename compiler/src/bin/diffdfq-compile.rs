@@ -191,16 +191,14 @@ fn run(a: &Args) -> Result<(), Error> {
             "--layer-bits: {b} is not a weight width (takes 2, 3, 4 or 8)"
         )));
     }
+    // --flash conflicts with --bits, which then keeps its valid default.
     let whole_ok = whole.is_some_and(|b| wb.contains(&b));
     let fraction_ok = whole.is_none() && a.bits > 2.0 && a.bits < 8.0;
-    if a.flash.is_none() && !whole_ok && !fraction_ok {
+    if !whole_ok && !fraction_ok {
         return Err(Error::Input(format!(
             "--bits {}: takes 2, 3, 4 or 8, or a fraction between 2 and 8 for mixed precision",
             a.bits
         )));
-    }
-    if whole.is_some() || a.flash.is_some() {
-        bits.check()?;
     }
     let input_range = match a.input_range.as_deref() {
         None => None,
