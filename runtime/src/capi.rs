@@ -206,6 +206,12 @@ pub extern "C" fn dfq_status_str(status: c_int) -> *const c_char {
     status_message_nul(status).as_ptr() as *const c_char
 }
 
+/// The SIMD kernels this build holds ([`crate::kernels::KERNELS`]), NUL-terminated.
+#[no_mangle]
+pub extern "C" fn dfq_kernels() -> *const c_char {
+    crate::kernels::KERNELS_NUL.as_ptr() as *const c_char
+}
+
 /// The arena size a model needs, or 0 if the model is NULL or invalid.
 ///
 /// # Safety

@@ -27,6 +27,10 @@
     )
 )]
 
+// Host tools and tests only: run-time CPU detection for `kernels::use_kernels`.
+#[cfg(feature = "std")]
+extern crate std;
+
 pub mod capi;
 pub mod error;
 pub mod exec;

@@ -95,6 +95,12 @@ impl ChannelRequant {
         }
     }
 
+    /// `(mult, n, half, zero, lo, hi)`: the constants, for the SIMD forms of [`Self::apply`].
+    #[inline(always)]
+    pub(crate) fn constants(&self) -> (i64, u32, i64, i64, i64, i64) {
+        (self.mult, self.n, self.half, self.zero, self.lo, self.hi)
+    }
+
     #[inline(always)]
     pub fn apply(&self, acc: i32) -> u8 {
         let p = acc as i64 * self.mult;

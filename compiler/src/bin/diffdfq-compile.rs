@@ -72,6 +72,11 @@ struct Args {
     /// Target: a short name or a triple (x86_64, aarch64, ...); default: this machine
     #[arg(long)]
     target: Option<String>,
+    /// CPU libNAME.a is built for, which decides its SIMD kernels: `native` (this machine) or
+    /// a name the target's rustc knows (x86-64-v3, x86-64-v4, cortex-a55, neoverse-n1, ...);
+    /// default: the target's baseline (x86_64: SSE2)
+    #[arg(long)]
+    cpu: Option<String>,
     /// Output directory
     #[arg(short = 'o', long = "out-dir", default_value = "out")]
     out_dir: PathBuf,
@@ -156,6 +161,28 @@ fn run(a: &Args) -> Result<(), Error> {
                 diffdfq_targets::known_names()
             ))
         })?,
+    };
+    // Checked before calibration, so that a wrong name costs no minutes.
+    let cpu = match (&a.cpu, a.no_lib) {
+        (Some(_), true) => {
+            return Err(Error::Input(
+                "--cpu chooses the kernels of libNAME.a, which --no-lib skips".into(),
+            ))
+        }
+        (Some(c), false) => Some(emit::runtime_lib::Cpu::resolve(target, c)?),
+        (None, _) => None,
+    };
+    let kernels = emit::runtime_lib::kernels(target, cpu.as_ref());
+    let kernels_line = match &cpu {
+        Some(c) => format!(
+            "{kernels} (--cpu {}{})",
+            c.name,
+            c.resolved
+                .as_deref()
+                .map(|r| format!(" = {r}"))
+                .unwrap_or_default()
+        ),
+        None => format!("{kernels} (the target's baseline; --cpu chooses others)"),
     };
     let name = match &a.name {
         Some(n) => n.clone(),
@@ -459,11 +486,13 @@ fn run(a: &Args) -> Result<(), Error> {
     let e = emit::Emission {
         name: &name,
         target,
+        cpu: cpu.as_ref(),
         blob: &low.blob,
         header: header::HeaderInfo {
             name: &name,
             source: &file,
             target: target.triple,
+            kernels: &kernels_line,
             summary: &summary,
             arena_size: low.arena_size,
             model_len: low.blob.len(),
@@ -475,6 +504,8 @@ fn run(a: &Args) -> Result<(), Error> {
                 model: &file,
                 name: &name,
                 target: target.triple,
+                cpu: a.cpu.as_deref(),
+                kernels,
                 method,
                 seed: a.seed,
                 bits,

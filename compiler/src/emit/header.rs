@@ -13,6 +13,8 @@ pub struct HeaderInfo<'a> {
     pub name: &'a str,
     pub source: &'a str,
     pub target: &'a str,
+    /// The SIMD kernels libNAME.a holds, and the `--cpu` that chose them.
+    pub kernels: &'a str,
     pub summary: &'a str,
     pub arena_size: usize,
     pub model_len: usize,
@@ -34,6 +36,7 @@ pub fn render(h: &HeaderInfo) -> String {
         h.source
     );
     let _ = writeln!(o, " * Target: {}. {}", h.target, h.summary);
+    let _ = writeln!(o, " * Runtime kernels in lib{}.a: {}.", h.name, h.kernels);
     let _ = writeln!(o, " *");
     let _ = writeln!(
         o,

@@ -21,6 +21,8 @@ use crate::Error;
 pub struct Emission<'a> {
     pub name: &'a str,
     pub target: &'static Target,
+    /// `--cpu`: the CPU libNAME.a is built for (else the target's baseline).
+    pub cpu: Option<&'a runtime_lib::Cpu>,
     pub blob: &'a [u8],
     pub header: header::HeaderInfo<'a>,
     /// NAME.report.json contents.
@@ -71,7 +73,7 @@ pub fn write_outputs(dir: &Path, e: &Emission) -> Result<Vec<PathBuf>, Error> {
         std::fs::write(t.join(f), bytes).map_err(|err| io(&dir.join(f), err))?;
     }
     if e.with_lib {
-        let device = runtime_lib::device_library(e.target)?;
+        let device = runtime_lib::device_library(e.target, e.cpu)?;
         let lib = format!("lib{name}.a");
         let obj = files[1].1.clone();
         std::fs::write(t.join(&lib), archive(&device, &format!("{name}.o"), obj)?)

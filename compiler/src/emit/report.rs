@@ -59,6 +59,10 @@ struct Report<'a> {
     model: &'a str,
     name: &'a str,
     target: &'a str,
+    /// `--cpu` as given (absent: the target's baseline) and the SIMD kernels libNAME.a holds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cpu: Option<&'a str>,
+    kernels: &'a str,
     method: &'a str,
     seed: u64,
     bits: BitsOut,
@@ -83,6 +87,8 @@ pub struct ReportInfo<'a> {
     pub model: &'a str,
     pub name: &'a str,
     pub target: &'a str,
+    pub cpu: Option<&'a str>,
+    pub kernels: &'a str,
     pub method: &'a str,
     pub seed: u64,
     pub bits: Bits,
@@ -109,6 +115,8 @@ pub fn render(info: &ReportInfo, l: &Lowered) -> String {
         model: info.model,
         name: info.name,
         target: info.target,
+        cpu: info.cpu,
+        kernels: info.kernels,
         method: info.method,
         seed: info.seed,
         bits: BitsOut {

@@ -3,8 +3,12 @@
 //! The runtime's sources are embedded in the compiler, so the library a firmware links always
 //! matches the integers the compiler checked. They are built with a Rust toolchain that has
 //! the target's `core`: rustup's (`rustup target add TRIPLE`) or Debian's rustc-web
-//! (`/usr/bin/cargo` with `libstd-rust-web-dev:ARCH`). The cache key is the hash of the sources
-//! and the target, so a cached library is reused byte for byte (deterministic libNAME.a).
+//! (`/usr/bin/cargo` with `libstd-rust-web-dev:ARCH`). The cache key is the hash of the sources,
+//! the target and the CPU, so a cached library is reused byte for byte (deterministic libNAME.a).
+//!
+//! `--cpu NAME` builds it with `-C target-cpu=NAME`: the runtime picks its SIMD kernels from
+//! the target features at compile time (`diffdfq_runtime::kernels::KERNELS`), so the CPU decides
+//! which kernels libNAME.a holds. [`Cpu`] checks the name against the toolchain's own list.
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -29,8 +33,12 @@ const SOURCES: &[(&str, &str)] = &[
         include_str!("../../../runtime/src/format.rs"),
     ),
     (
-        "src/kernels.rs",
-        include_str!("../../../runtime/src/kernels.rs"),
+        "src/kernels/mod.rs",
+        include_str!("../../../runtime/src/kernels/mod.rs"),
+    ),
+    (
+        "src/kernels/x86.rs",
+        include_str!("../../../runtime/src/kernels/x86.rs"),
     ),
     (
         "src/numerics.rs",
@@ -116,21 +124,8 @@ fn find_toolchain(triple: &str) -> Option<Toolchain> {
         .find(|t| t.cargo.is_file() && sysroot_has(&t.rustc, triple))
 }
 
-/// Path of `libdiffdfq_device.a` for `target`, building it if the cache lacks it.
-pub fn device_library(target: &Target) -> Result<PathBuf, Error> {
-    let parts: Vec<&[u8]> = SOURCES
-        .iter()
-        .flat_map(|(p, s)| [p.as_bytes(), s.as_bytes()])
-        .chain([target.triple.as_bytes()])
-        .collect();
-    let key = format!("runtime-{}-{:016x}", env!("CARGO_PKG_VERSION"), fnv(&parts));
-    let dir = cache_root().join(&key).join(target.triple);
-    let lib = dir.join("libdiffdfq_device.a");
-    if lib.is_file() {
-        return Ok(lib);
-    }
-    let tc = find_toolchain(target.triple).ok_or_else(|| {
-        Error::Input(format!(
+fn no_toolchain(target: &Target) -> Error {
+    Error::Input(format!(
             "no Rust toolchain can build the runtime for {t}: run `rustup target add {t}`, or install Debian's \
              rustc-web cargo-web libstd-rust-web-dev:{arch} (see README); or pass --no-lib",
             t = target.triple,
@@ -139,7 +134,137 @@ pub fn device_library(target: &Target) -> Result<PathBuf, Error> {
                 diffdfq_targets::Arch::Aarch64 => "arm64",
             }
         ))
-    })?;
+}
+
+/// The CPU libNAME.a is built for (`--cpu`), checked against the toolchain that builds it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cpu {
+    /// As given, passed to `-C target-cpu`.
+    pub name: String,
+    /// What `native` stands for on this machine (rustc's own words), else `None`.
+    pub resolved: Option<String>,
+    /// The target features the CPU enables (`rustc --print cfg`), sorted.
+    pub features: Vec<String>,
+}
+
+impl Cpu {
+    /// Checks `name` against `rustc --print target-cpus --target TRIPLE`; `native` only where
+    /// the target is this machine's architecture.
+    pub fn resolve(target: &Target, name: &str) -> Result<Cpu, Error> {
+        let tc = find_toolchain(target.triple).ok_or_else(|| no_toolchain(target))?;
+        let run = |args: &[&str]| -> Result<String, Error> {
+            let out = Command::new(&tc.rustc)
+                .args(args)
+                .output()
+                .map_err(|e| Error::Internal(format!("running {}: {e}", tc.rustc.display())))?;
+            if !out.status.success() {
+                return Err(Error::Internal(format!(
+                    "{} {}: {}",
+                    tc.rustc.display(),
+                    args.join(" "),
+                    String::from_utf8_lossy(&out.stderr)
+                        .lines()
+                        .next()
+                        .unwrap_or("")
+                )));
+            }
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        };
+        let list = run(&["--print", "target-cpus", "--target", target.triple])?;
+        // "    name   - description" under a title line.
+        let known: Vec<(&str, &str)> = list
+            .lines()
+            .skip(1)
+            .filter_map(|l| {
+                let mut it = l.trim().splitn(2, " - ");
+                let n = it.next()?.trim();
+                (!n.is_empty()).then(|| (n, it.next().unwrap_or("").trim()))
+            })
+            .collect();
+        let Some(&(_, about)) = known.iter().find(|(n, _)| *n == name) else {
+            let mut near: Vec<&str> = known
+                .iter()
+                .map(|(n, _)| *n)
+                .filter(|n| n.contains(name) || name.contains(*n))
+                .take(6)
+                .collect();
+            if near.is_empty() {
+                near = known.iter().map(|(n, _)| *n).take(4).collect();
+            }
+            return Err(Error::Input(format!(
+                "--cpu {name}: not a CPU {} knows for {} (e.g. {}; `rustc --print target-cpus --target {}` lists all)",
+                tc.rustc.display(),
+                target.triple,
+                near.join(", "),
+                target.triple
+            )));
+        };
+        let host = diffdfq_targets::host();
+        if name == "native" && host.map(|h| h.arch) != Some(target.arch) {
+            return Err(Error::Input(format!(
+                "--cpu native means this machine's CPU, which cannot run {}; name the device's CPU (e.g. cortex-a55)",
+                target.triple
+            )));
+        }
+        let resolved = (name == "native").then(|| {
+            about
+                .split("currently ")
+                .nth(1)
+                .map(|r| r.trim_end_matches(['.', ')']).to_string())
+                .unwrap_or_default()
+        });
+        let cfg = run(&[
+            "--print",
+            "cfg",
+            "--target",
+            target.triple,
+            "-C",
+            &format!("target-cpu={name}"),
+        ])?;
+        let mut features: Vec<String> = cfg
+            .lines()
+            .filter_map(|l| l.strip_prefix("target_feature=\""))
+            .map(|f| f.trim_end_matches('"').to_string())
+            .collect();
+        features.sort();
+        Ok(Cpu {
+            name: name.to_string(),
+            resolved,
+            features,
+        })
+    }
+}
+
+/// The SIMD kernels a runtime built with these target features holds: the same choice as
+/// `diffdfq_runtime::kernels::KERNELS` makes with `cfg(target_feature)` (checked end to end by
+/// compiler/tests/compile.rs, which links libNAME.a and asks it).
+pub fn kernels(target: &Target, cpu: Option<&Cpu>) -> &'static str {
+    let has = |f: &str| cpu.is_some_and(|c| c.features.iter().any(|x| x == f));
+    match target.arch {
+        diffdfq_targets::Arch::X86_64 if has("avx2") => "avx2",
+        diffdfq_targets::Arch::X86_64 => "sse2",
+        diffdfq_targets::Arch::Aarch64 => "portable",
+    }
+}
+
+/// Path of `libdiffdfq_device.a` for `target` (and `cpu`, else the target's baseline),
+/// building it if the cache lacks it.
+pub fn device_library(target: &Target, cpu: Option<&Cpu>) -> Result<PathBuf, Error> {
+    let cpu_name = cpu.map_or("", |c| c.name.as_str());
+    // `native` is a different CPU on another machine: key it by what it stands for here.
+    let cpu_key = cpu.and_then(|c| c.resolved.as_deref()).unwrap_or(cpu_name);
+    let parts: Vec<&[u8]> = SOURCES
+        .iter()
+        .flat_map(|(p, s)| [p.as_bytes(), s.as_bytes()])
+        .chain([target.triple.as_bytes(), cpu_key.as_bytes()])
+        .collect();
+    let key = format!("runtime-{}-{:016x}", env!("CARGO_PKG_VERSION"), fnv(&parts));
+    let dir = cache_root().join(&key).join(target.triple);
+    let lib = dir.join("libdiffdfq_device.a");
+    if lib.is_file() {
+        return Ok(lib);
+    }
+    let tc = find_toolchain(target.triple).ok_or_else(|| no_toolchain(target))?;
     std::fs::create_dir_all(&dir)
         .map_err(|e| Error::Internal(format!("{}: {e}", dir.display())))?;
     // Build in a private directory, then publish the library with a rename: concurrent
@@ -181,8 +306,10 @@ pub fn device_library(target: &Target) -> Result<PathBuf, Error> {
             // The whole private build directory maps to one fixed path, so builds in
             // different directories give the same bytes.
             format!(
-                "--remap-path-prefix={}=/diffdfq-runtime -C debuginfo=0",
-                work.path().display()
+                "--remap-path-prefix={}=/diffdfq-runtime -C debuginfo=0{}",
+                work.path().display(),
+                cpu.map(|c| format!(" -C target-cpu={}", c.name))
+                    .unwrap_or_default()
             ),
         )
         .env_remove("CARGO_BUILD_TARGET")

@@ -1,14 +1,95 @@
-//! Portable scalar integer kernels (docs/design.md §4), callable on their own: the compiler's reference
-//! graph calls exactly these, and the executor ([`crate::run`]) binds them to arena slices.
+//! Integer kernels (docs/design.md §4), callable on their own: the compiler's reference graph
+//! calls exactly these, and the executor ([`crate::run`]) binds them to arena slices.
 //!
 //! Every kernel checks its slices and shapes first and returns [`Error::BadArgument`] instead of
 //! panicking; inner loops use iterators or `get`, never raw indexing. Activations are NCHW with
 //! batch 1, given as 4 right-aligned dims (`[1, C, H, W]`; a rank-2 `[1, N]` is `[1, 1, 1, N]`).
-//! The hot inner loop of conv and fully-connected is [`dot_packed`]: a SIMD path replaces that
-//! function (and the patch gather) without touching the rest.
+//! The portable loops here are the reference; an ISA's SIMD kernels (`x86.rs`) replace inner
+//! loops only, over the prefix of a slice they can take in whole vectors, and equal the
+//! portable loops bit for bit (`runtime/tests/simd.rs`). Which run is fixed at compile time
+//! ([`COMPILED`]); see [`Isa`].
 
 use crate::error::Error;
 use crate::format::{unpack_group, unpack_row, ChannelRecord, Weights};
+
+/// The SIMD kernels this build holds, chosen at compile time from the target's features (the
+/// compiler's `--cpu` sets `-C target-cpu`; no run-time detection in `no_std`): `avx2` (x86_64
+/// with AVX2: 1×1 and depthwise convolutions, requantization), `sse2` (x86_64 baseline: the
+/// 1×1 convolution), else `portable` (loops the compiler vectorizes for the target). The
+/// compiler's `emit::runtime_lib::kernels` makes the same choice for the header and report.
+pub const KERNELS: &str = KERNELS_NUL.split_at(KERNELS_NUL.len() - 1).0;
+
+/// A set of kernels: the portable loops, or an ISA's SIMD kernels on top of them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[repr(u8)]
+pub enum Isa {
+    /// The portable loops only: the reference every SIMD kernel equals bit for bit.
+    Portable = 0,
+    /// x86_64's baseline: the SSE2 1×1 convolution.
+    Sse2 = 1,
+    /// x86_64 with AVX2: 1×1 and depthwise/general convolution taps, requantization.
+    Avx2 = 2,
+}
+
+/// The kernels this build holds, named by [`KERNELS`].
+pub const COMPILED: Isa = if cfg!(all(target_arch = "x86_64", target_feature = "avx2")) {
+    Isa::Avx2
+} else if cfg!(target_arch = "x86_64") {
+    Isa::Sse2
+} else {
+    Isa::Portable
+};
+
+/// With `std` (host tools and tests only): the kernels in use, switched by [`use_kernels`].
+#[cfg(feature = "std")]
+static ACTIVE: core::sync::atomic::AtomicU8 = core::sync::atomic::AtomicU8::new(COMPILED as u8);
+
+/// The kernels in use: [`COMPILED`], fixed at compile time on a device.
+#[inline(always)]
+fn active() -> Isa {
+    #[cfg(feature = "std")]
+    {
+        match ACTIVE.load(core::sync::atomic::Ordering::Relaxed) {
+            2 => Isa::Avx2,
+            1 => Isa::Sse2,
+            _ => Isa::Portable,
+        }
+    }
+    #[cfg(not(feature = "std"))]
+    {
+        COMPILED
+    }
+}
+
+/// Host tools and tests (`std` feature): run `isa`'s kernels from now on, in every thread, if
+/// this CPU has them (checked at run time); returns whether it switched. The SIMD kernels are
+/// compiled into every x86_64 build, so the tests compare them with the portable loops without
+/// a special build.
+#[cfg(feature = "std")]
+pub fn use_kernels(isa: Isa) -> bool {
+    let ok = match isa {
+        Isa::Portable => true,
+        #[cfg(target_arch = "x86_64")]
+        Isa::Sse2 => true,
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => std::is_x86_feature_detected!("avx2"),
+        #[cfg(not(target_arch = "x86_64"))]
+        _ => false,
+    };
+    if ok {
+        ACTIVE.store(isa as u8, core::sync::atomic::Ordering::Relaxed);
+    }
+    ok
+}
+
+/// [`KERNELS`] with a NUL, for the C API.
+pub(crate) const KERNELS_NUL: &str = if cfg!(all(target_arch = "x86_64", target_feature = "avx2")) {
+    "avx2\0"
+} else if cfg!(target_arch = "x86_64") {
+    "sse2\0"
+} else {
+    "portable\0"
+};
 use crate::numerics::{self, clamp_code, mul_round, ADD_LEFT_SHIFT};
 
 /// A quantized activation to read: codes, 4 right-aligned dims, zero point.
@@ -273,7 +354,21 @@ pub fn conv2d(
         let in_group = input
             .get(g * s.c_in_g * plane..(g + 1) * s.c_in_g * plane)
             .ok_or(Error::BadArgument)?;
-        for co in g * s.c_out_g..(g + 1) * s.c_out_g {
+        let mut first = g * s.c_out_g;
+        #[cfg(target_arch = "x86_64")]
+        if pointwise && active() == Isa::Avx2 {
+            first = x86::pointwise_quads(
+                weights,
+                in_group,
+                plane,
+                z,
+                (y.zero, y.lo, y.hi),
+                out,
+                first,
+                s.c_out_g,
+            )?;
+        }
+        for co in first..(g + 1) * s.c_out_g {
             let ch = weights.channel(co).ok_or(Error::BadArgument)?;
             let row = weights.row(co).ok_or(Error::BadArgument)?;
             unpack_row(weights.bits, row, codes)?;
@@ -305,9 +400,7 @@ pub fn conv2d(
                     }
                 }
                 let dst = out_c.get_mut(p0..p0 + n).ok_or(Error::BadArgument)?;
-                for (o, &a) in dst.iter_mut().zip(acc.iter()) {
-                    *o = req.apply(a);
-                }
+                requant_tile(&req, acc, dst);
                 p0 += n;
             }
         }
@@ -327,85 +420,58 @@ fn pointwise_block(
     acc: &mut [i32],
 ) -> Result<(), Error> {
     #[cfg(target_arch = "x86_64")]
-    {
+    if active() >= Isa::Sse2 {
         let done = acc.len() / 16 * 16;
         let (head, tail) = acc.split_at_mut(done);
         // SAFETY: SSE2 is part of every x86_64 CPU (the target's base ISA).
         unsafe { x86::pointwise_sse2(in_group, plane, codes, zw, p0, head)? };
-        pointwise_tile(in_group, plane, codes, zw, p0 + done, tail)
+        return pointwise_tile(in_group, plane, codes, zw, p0 + done, tail);
     }
-    #[cfg(not(target_arch = "x86_64"))]
     pointwise_tile(in_group, plane, codes, zw, p0, acc)
 }
 
-#[cfg(target_arch = "x86_64")]
-mod x86 {
-    use core::arch::x86_64::*;
-
-    use crate::error::Error;
-
-    /// [`super::pointwise_tile`] for `acc.len()` a multiple of 16, 16 pixels × all input
-    /// channels per block with the accumulators in registers. Two channels at a time:
-    /// `pmaddwd` multiplies interleaved pairs `(a_c, a_{c+1})` by `(w_c, w_{c+1})` and adds
-    /// the two products into one i32 lane. Exact: `|w| ≤ 255` and `a ≤ 255` are valid i16,
-    /// the pair sum `≤ 2·255·255` fits i32, and the lane additions wrap as the portable
-    /// loop's do.
-    #[target_feature(enable = "sse2")]
-    pub(super) fn pointwise_sse2(
-        in_group: &[u8],
-        plane: usize,
-        codes: &[u8],
-        zw: i32,
-        p0: usize,
-        acc: &mut [i32],
-    ) -> Result<(), Error> {
-        let w = |c: usize| codes.get(c).map_or(0, |&q| (q as i32 - zw) as u16 as i32);
-        let row = |c: usize, p: usize| -> Result<__m128i, Error> {
-            let xs = in_group
-                .get(c * plane + p..c * plane + p + 16)
-                .ok_or(Error::BadArgument)?;
-            // SAFETY: `xs` holds exactly the 16 bytes the unaligned load reads.
-            Ok(unsafe { _mm_loadu_si128(xs.as_ptr().cast()) })
-        };
-        let zero = _mm_setzero_si128();
-        for (b, a16) in acc.chunks_exact_mut(16).enumerate() {
-            let p = p0 + 16 * b;
-            let mut s = [zero; 4];
-            let mut c = 0;
-            while c < codes.len() {
-                let x0 = row(c, p)?;
-                // An odd last channel pairs with a zero weight (and reads its own row again).
-                let (x1, w1) = if c + 1 < codes.len() {
-                    (row(c + 1, p)?, w(c + 1))
-                } else {
-                    (x0, 0)
-                };
-                let wv = _mm_set1_epi32(w1 << 16 | w(c));
-                let (l0, h0) = (_mm_unpacklo_epi8(x0, zero), _mm_unpackhi_epi8(x0, zero));
-                let (l1, h1) = (_mm_unpacklo_epi8(x1, zero), _mm_unpackhi_epi8(x1, zero));
-                let pairs = [
-                    _mm_unpacklo_epi16(l0, l1),
-                    _mm_unpackhi_epi16(l0, l1),
-                    _mm_unpacklo_epi16(h0, h1),
-                    _mm_unpackhi_epi16(h0, h1),
-                ];
-                for (sum, pair) in s.iter_mut().zip(pairs) {
-                    *sum = _mm_add_epi32(*sum, _mm_madd_epi16(pair, wv));
-                }
-                c += 2;
-            }
-            let mut out = [0i32; 16];
-            for (chunk, sum) in out.chunks_exact_mut(4).zip(s) {
-                // SAFETY: `chunk` holds exactly the 4 i32 the unaligned store writes.
-                unsafe { _mm_storeu_si128(chunk.as_mut_ptr().cast(), sum) };
-            }
-            for (a, o) in a16.iter_mut().zip(out) {
-                *a = a.wrapping_add(o);
-            }
-        }
-        Ok(())
+/// `out[i] = req.apply(acc[i])`: AVX2 eight at a time where it runs.
+#[inline]
+fn requant_tile(req: &numerics::ChannelRequant, acc: &[i32], out: &mut [u8]) {
+    #[allow(unused_mut)]
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if active() == Isa::Avx2 {
+        // SAFETY: `active()` is Avx2 only where the CPU has AVX2 (compiled for it, or
+        // detected by `use_kernels`).
+        done = unsafe { x86::requant_avx2(req, acc, out) };
+    }
+    for (o, &a) in out.iter_mut().zip(acc).skip(done) {
+        *o = req.apply(a);
     }
 }
+
+/// `acc[i] += wv · xs[i · sw]` for every `i < acc.len()` (`xs` holds at least
+/// `(acc.len() − 1)·sw + 1` codes): one kernel tap along an output row segment.
+#[inline]
+fn tap_row(acc: &mut [i32], xs: &[u8], sw: usize, wv: i32) {
+    #[allow(unused_mut)]
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if active() == Isa::Avx2 {
+        // SAFETY: as in `requant_tile`.
+        done = unsafe { x86::tap_row_avx2(acc, xs, sw, wv) };
+    }
+    let rest = acc.get_mut(done..).unwrap_or_default();
+    let xs = xs.get(done * sw..).unwrap_or_default();
+    if sw == 1 {
+        for (a, &v) in rest.iter_mut().zip(xs) {
+            *a = a.wrapping_add(wv * v as i32);
+        }
+    } else {
+        for (a, &v) in rest.iter_mut().zip(xs.iter().step_by(sw)) {
+            *a = a.wrapping_add(wv * v as i32);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86;
 
 /// The 1×1 case of [`conv2d`]: `acc[i] += Σ_c (q_c − z_w)·x_c[p0 + i]` over the input
 /// channels. Both factors fit `i16` (`|q − z_w| ≤ 255`, `a ≤ 255`), written so that the
@@ -496,19 +562,10 @@ fn conv_tap(
         // Input column of output column v0.
         let ix0 = (v0 * sw) as isize + off;
         let xs = xrow.get(ix0 as usize..).ok_or(Error::BadArgument)?;
-        if sw == 1 {
-            let xs = xs.get(..mid.len()).ok_or(Error::BadArgument)?;
-            for (a, &v) in mid.iter_mut().zip(xs) {
-                *a = a.wrapping_add(wv * v as i32);
-            }
-        } else {
-            let xs = xs
-                .get(..(mid.len() - 1) * sw + 1)
-                .ok_or(Error::BadArgument)?;
-            for (a, &v) in mid.iter_mut().zip(xs.iter().step_by(sw)) {
-                *a = a.wrapping_add(wv * v as i32);
-            }
-        }
+        let xs = xs
+            .get(..(mid.len() - 1) * sw + 1)
+            .ok_or(Error::BadArgument)?;
+        tap_row(mid, xs, sw, wv);
     }
     Ok(())
 }

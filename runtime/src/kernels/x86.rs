@@ -1,0 +1,323 @@
+//! x86_64 SIMD kernels, each bit-identical to its portable twin in [`super`].
+
+use core::arch::x86_64::*;
+
+use crate::error::Error;
+
+/// [`super::pointwise_tile`] for `acc.len()` a multiple of 16, 16 pixels × all input
+/// channels per block with the accumulators in registers. Two channels at a time:
+/// `pmaddwd` multiplies interleaved pairs `(a_c, a_{c+1})` by `(w_c, w_{c+1})` and adds
+/// the two products into one i32 lane. Exact: `|w| ≤ 255` and `a ≤ 255` are valid i16,
+/// the pair sum `≤ 2·255·255` fits i32, and the lane additions wrap as the portable
+/// loop's do.
+#[target_feature(enable = "sse2")]
+pub(super) fn pointwise_sse2(
+    in_group: &[u8],
+    plane: usize,
+    codes: &[u8],
+    zw: i32,
+    p0: usize,
+    acc: &mut [i32],
+) -> Result<(), Error> {
+    let w = |c: usize| codes.get(c).map_or(0, |&q| (q as i32 - zw) as u16 as i32);
+    let row = |c: usize, p: usize| -> Result<__m128i, Error> {
+        let xs = in_group
+            .get(c * plane + p..c * plane + p + 16)
+            .ok_or(Error::BadArgument)?;
+        // SAFETY: `xs` holds exactly the 16 bytes the unaligned load reads.
+        Ok(unsafe { _mm_loadu_si128(xs.as_ptr().cast()) })
+    };
+    let zero = _mm_setzero_si128();
+    for (b, a16) in acc.chunks_exact_mut(16).enumerate() {
+        let p = p0 + 16 * b;
+        let mut s = [zero; 4];
+        let mut c = 0;
+        while c < codes.len() {
+            let x0 = row(c, p)?;
+            // An odd last channel pairs with a zero weight (and reads its own row again).
+            let (x1, w1) = if c + 1 < codes.len() {
+                (row(c + 1, p)?, w(c + 1))
+            } else {
+                (x0, 0)
+            };
+            let wv = _mm_set1_epi32(w1 << 16 | w(c));
+            let (l0, h0) = (_mm_unpacklo_epi8(x0, zero), _mm_unpackhi_epi8(x0, zero));
+            let (l1, h1) = (_mm_unpacklo_epi8(x1, zero), _mm_unpackhi_epi8(x1, zero));
+            let pairs = [
+                _mm_unpacklo_epi16(l0, l1),
+                _mm_unpackhi_epi16(l0, l1),
+                _mm_unpacklo_epi16(h0, h1),
+                _mm_unpackhi_epi16(h0, h1),
+            ];
+            for (sum, pair) in s.iter_mut().zip(pairs) {
+                *sum = _mm_add_epi32(*sum, _mm_madd_epi16(pair, wv));
+            }
+            c += 2;
+        }
+        let mut out = [0i32; 16];
+        for (chunk, sum) in out.chunks_exact_mut(4).zip(s) {
+            // SAFETY: `chunk` holds exactly the 4 i32 the unaligned store writes.
+            unsafe { _mm_storeu_si128(chunk.as_mut_ptr().cast(), sum) };
+        }
+        for (a, o) in a16.iter_mut().zip(out) {
+            *a = a.wrapping_add(o);
+        }
+    }
+    Ok(())
+}
+
+/// [`super::tap_row`] for strides 1 and 2, eight output pixels per step: the codes widen to
+/// i32 lanes and `vpmulld` multiplies them by the tap's weight. Exact: `|wv| ≤ 255` and
+/// `a ≤ 255`, so every product fits i32, and the lane additions wrap as the portable loop's
+/// do. Returns how many leading pixels it did (whole steps whose loads stay inside `xs`).
+#[target_feature(enable = "avx2")]
+pub(super) fn tap_row_avx2(acc: &mut [i32], xs: &[u8], sw: usize, wv: i32) -> usize {
+    let w = _mm256_set1_epi32(wv);
+    // Stride 2: the even bytes of 16 into the low 8.
+    let even = _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, -1, -1, -1, -1, -1, -1, -1, -1);
+    let mut i = 0;
+    while let Some(dst) = acc.get_mut(i..i + 8) {
+        let x = match sw {
+            1 => match xs.get(i..i + 8) {
+                // SAFETY: `src` holds exactly the 8 bytes the load reads.
+                Some(src) => unsafe { _mm_loadl_epi64(src.as_ptr().cast()) },
+                None => break,
+            },
+            2 => match xs.get(2 * i..2 * i + 16) {
+                // SAFETY: `src` holds exactly the 16 bytes the load reads.
+                Some(src) => {
+                    _mm_shuffle_epi8(unsafe { _mm_loadu_si128(src.as_ptr().cast()) }, even)
+                }
+                None => break,
+            },
+            _ => break,
+        };
+        let prod = _mm256_mullo_epi32(_mm256_cvtepu8_epi32(x), w);
+        // SAFETY: `dst` holds exactly the 8 i32 loaded and stored.
+        unsafe {
+            let a = _mm256_loadu_si256(dst.as_ptr().cast());
+            _mm256_storeu_si256(dst.as_mut_ptr().cast(), _mm256_add_epi32(a, prod));
+        }
+        i += 8;
+    }
+    i
+}
+
+/// [`crate::numerics::ChannelRequant::apply`] on eight accumulators per step, in 64-bit lanes
+/// as the scalar form computes: `vpmuldq` forms `acc · mult` exactly (even and odd lanes
+/// apart), the magnitude is rounded half away from zero with a logical shift, the sign given
+/// back, the zero point added and the clamp applied before narrowing (`hi` wins when
+/// `lo > hi`, as in `clamp_code`). Returns how many leading accumulators it did.
+#[target_feature(enable = "avx2")]
+pub(super) fn requant_avx2(
+    req: &crate::numerics::ChannelRequant,
+    acc: &[i32],
+    out: &mut [u8],
+) -> usize {
+    let (mult, n, half, zero, lo, hi) = req.constants();
+    let multv = _mm256_set1_epi64x(mult);
+    let halfv = _mm256_set1_epi64x(half);
+    let zerov = _mm256_set1_epi64x(zero);
+    let (lov, hiv) = (_mm256_set1_epi64x(lo), _mm256_set1_epi64x(hi));
+    // `n ≤ 62`: a shift count the instruction takes as is.
+    let count = _mm_cvtsi32_si128(n as i32);
+    let zero64 = _mm256_setzero_si256();
+    let round_clamp = |p: __m256i| {
+        let neg = _mm256_cmpgt_epi64(zero64, p);
+        let mag = _mm256_sub_epi64(_mm256_xor_si256(p, neg), neg);
+        let r = _mm256_srl_epi64(_mm256_add_epi64(mag, halfv), count);
+        let v = _mm256_add_epi64(_mm256_sub_epi64(_mm256_xor_si256(r, neg), neg), zerov);
+        let v = _mm256_blendv_epi8(v, lov, _mm256_cmpgt_epi64(lov, v));
+        _mm256_blendv_epi8(v, hiv, _mm256_cmpgt_epi64(v, hiv))
+    };
+    let mut i = 0;
+    while let (Some(src), Some(dst)) = (acc.get(i..i + 8), out.get_mut(i..i + 8)) {
+        // SAFETY: `src` holds exactly the 8 i32 the load reads.
+        let a = unsafe { _mm256_loadu_si256(src.as_ptr().cast()) };
+        // `vpmuldq` multiplies the low (signed) 32 bits of each 64-bit lane: lanes 0, 2, 4, 6,
+        // then the odd ones shifted down.
+        let even = round_clamp(_mm256_mul_epi32(a, multv));
+        let odd = round_clamp(_mm256_mul_epi32(_mm256_srli_epi64(a, 32), multv));
+        // Codes in 0..=255: back into eight 32-bit lanes in order, then bytes.
+        let v = _mm256_or_si256(even, _mm256_slli_epi64(odd, 32));
+        let w = _mm256_packus_epi32(v, v);
+        let b = _mm256_packus_epi16(w, w);
+        let bytes = _mm_unpacklo_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1));
+        // SAFETY: `dst` holds exactly the 8 bytes the store writes.
+        unsafe { _mm_storel_epi64(dst.as_mut_ptr().cast(), bytes) };
+        i += 8;
+    }
+    i
+}
+
+/// Input channels whose weights [`pointwise_quads`] prepares at a time (8 groups of 8 codes).
+const QUAD_KC: usize = 64;
+
+/// The 1×1 convolution of [`super::conv2d`] (stride 1, no pads) for output channels
+/// `first .. first + 4·m` of a group, four at a time: each pair of input channels is loaded
+/// and widened once and multiplied into the accumulators of four output channels, 16 pixels
+/// per block, `vpmaddwd` forming `(q_c − z)·a_c + (q_{c+1} − z)·a_{c+1}` per i32 lane. Exact:
+/// `|q − z| ≤ 255` and `a ≤ 255` are valid i16, a pair sum `≤ 2·255²` fits i32, and the lane
+/// additions wrap as the portable loop's do. Weights are unpacked from the packed rows
+/// [`QUAD_KC`] input channels at a time into a stack buffer (no scratch). Returns the first
+/// output channel it left to the portable path (fewer than four remain).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn pointwise_quads(
+    weights: &crate::format::Weights<'_>,
+    in_group: &[u8],
+    plane: usize,
+    z: i32,
+    (y_zero, y_lo, y_hi): (u8, u8, u8),
+    out: &mut [u8],
+    first: usize,
+    count: usize,
+) -> Result<usize, Error> {
+    let k = weights.k;
+    if in_group.len() < k.checked_mul(plane).ok_or(Error::BadArgument)? {
+        return Err(Error::BadArgument);
+    }
+    let mut co = first;
+    while co + 4 <= first + count {
+        let mut reqs = [crate::numerics::ChannelRequant::new(0, 0, 0, 0, 0); 4];
+        let mut c0 = [0i32; 4];
+        let mut zw = [0i32; 4];
+        let mut rows: [&[u8]; 4] = [&[]; 4];
+        for j in 0..4 {
+            let ch = weights.channel(co + j).ok_or(Error::BadArgument)?;
+            rows[j] = weights.row(co + j).ok_or(Error::BadArgument)?;
+            zw[j] = ch.w_zero as i32;
+            reqs[j] =
+                crate::numerics::ChannelRequant::new(ch.mult, ch.shift, y_zero as i32, y_lo, y_hi);
+            c0[j] = ch.bias.wrapping_sub(
+                z.wrapping_mul(ch.sum_q.wrapping_sub((k as i32).wrapping_mul(zw[j]))),
+            );
+        }
+        let mut p0 = 0;
+        while p0 < plane {
+            let n = super::CONV_TILE.min(plane - p0);
+            let mut acc = [[0i32; super::CONV_TILE]; 4];
+            for (a, &c) in acc.iter_mut().zip(&c0) {
+                a.fill(c);
+            }
+            let mut c = 0;
+            while c < k {
+                let kc = QUAD_KC.min(k - c);
+                // (w_{c+1} << 16 | w_c as u16) per pair and output channel; 0 past K.
+                let mut wp = [[0i32; 4]; QUAD_KC / 2];
+                for (j, row) in rows.iter().enumerate() {
+                    let mut codes = [0u8; 8];
+                    for gi in 0..kc.div_ceil(8) {
+                        let g0 = (c / 8 + gi) * weights.bits as usize;
+                        let group = row
+                            .get(g0..g0 + weights.bits as usize)
+                            .ok_or(Error::BadArgument)?;
+                        crate::format::unpack_group(weights.bits, group, &mut codes);
+                        for (t, &q) in codes.iter().enumerate() {
+                            let ci = gi * 8 + t;
+                            if ci < kc {
+                                let w = (q as i32 - zw[j]) as u16 as i32;
+                                if let Some(pair) = wp.get_mut(ci / 2) {
+                                    pair[j] |= if ci % 2 == 0 { w } else { w << 16 };
+                                }
+                            }
+                        }
+                    }
+                }
+                // SAFETY: AVX2 is available: the caller runs this only when `active()` says so.
+                unsafe { quad_block_avx2(in_group, plane, c, kc, &wp, p0, n, &mut acc)? };
+                c += kc;
+            }
+            for (j, a) in acc.iter().enumerate() {
+                let dst = out
+                    .get_mut((co + j) * plane + p0..(co + j) * plane + p0 + n)
+                    .ok_or(Error::BadArgument)?;
+                let a = a.get(..n).ok_or(Error::BadArgument)?;
+                super::requant_tile(&reqs[j], a, dst);
+            }
+            p0 += n;
+        }
+        co += 4;
+    }
+    Ok(co)
+}
+
+/// One [`QUAD_KC`]-channel slice of [`pointwise_quads`]: input channels `c .. c + kc` into
+/// the accumulators of pixels `p0 .. p0 + n` of four output channels. Whole blocks of 16
+/// pixels in registers; the last `n % 16` pixels with the same pair sums in plain code.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2")]
+fn quad_block_avx2(
+    in_group: &[u8],
+    plane: usize,
+    c: usize,
+    kc: usize,
+    wp: &[[i32; 4]; QUAD_KC / 2],
+    p0: usize,
+    n: usize,
+    acc: &mut [[i32; super::CONV_TILE]; 4],
+) -> Result<(), Error> {
+    let pairs = kc.div_ceil(2);
+    // An odd last channel pairs with itself; its weight pair's high half is 0.
+    let chan = |ci: usize| in_group.get((c + ci.min(kc - 1)) * plane..);
+    let mut b = 0;
+    while b + 16 <= n {
+        let p = p0 + b;
+        let mut lo = [_mm256_setzero_si256(); 4];
+        let mut hi = [_mm256_setzero_si256(); 4];
+        for (pi, wq) in wp.iter().enumerate().take(pairs) {
+            let (Some(r0), Some(r1)) = (chan(2 * pi), chan(2 * pi + 1)) else {
+                return Err(Error::BadArgument);
+            };
+            let (Some(x0), Some(x1)) = (r0.get(p..p + 16), r1.get(p..p + 16)) else {
+                return Err(Error::BadArgument);
+            };
+            // SAFETY: `x0` and `x1` hold exactly the 16 bytes each load reads.
+            let (x0, x1) = unsafe {
+                (
+                    _mm256_cvtepu8_epi16(_mm_loadu_si128(x0.as_ptr().cast())),
+                    _mm256_cvtepu8_epi16(_mm_loadu_si128(x1.as_ptr().cast())),
+                )
+            };
+            // Per 128-bit lane: pixels 0–3 | 8–11 (lo) and 4–7 | 12–15 (hi), channel pairs.
+            let (pl, ph) = (_mm256_unpacklo_epi16(x0, x1), _mm256_unpackhi_epi16(x0, x1));
+            for j in 0..4 {
+                let w = _mm256_set1_epi32(wq[j]);
+                lo[j] = _mm256_add_epi32(lo[j], _mm256_madd_epi16(pl, w));
+                hi[j] = _mm256_add_epi32(hi[j], _mm256_madd_epi16(ph, w));
+            }
+        }
+        for j in 0..4 {
+            let dst = acc[j].get_mut(b..b + 16).ok_or(Error::BadArgument)?;
+            // Back to pixel order: 0–7 and 8–15.
+            let first = _mm256_permute2x128_si256(lo[j], hi[j], 0x20);
+            let second = _mm256_permute2x128_si256(lo[j], hi[j], 0x31);
+            // SAFETY: `dst` holds exactly the 16 i32 the two loads and stores touch.
+            unsafe {
+                let d = dst.as_mut_ptr().cast::<__m256i>();
+                _mm256_storeu_si256(d, _mm256_add_epi32(_mm256_loadu_si256(d), first));
+                let d1 = dst.as_mut_ptr().add(8).cast::<__m256i>();
+                _mm256_storeu_si256(d1, _mm256_add_epi32(_mm256_loadu_si256(d1), second));
+            }
+        }
+        b += 16;
+    }
+    for i in b..n {
+        let p = p0 + i;
+        for (pi, wq) in wp.iter().enumerate().take(pairs) {
+            let a0 = chan(2 * pi)
+                .and_then(|r| r.get(p))
+                .ok_or(Error::BadArgument)?;
+            let a1 = chan(2 * pi + 1)
+                .and_then(|r| r.get(p))
+                .ok_or(Error::BadArgument)?;
+            for j in 0..4 {
+                let (w0, w1) = (wq[j] as i16 as i32, wq[j] >> 16);
+                let a = acc[j].get_mut(i).ok_or(Error::BadArgument)?;
+                *a = a
+                    .wrapping_add(w0 * *a0 as i32)
+                    .wrapping_add(w1 * *a1 as i32);
+            }
+        }
+    }
+    Ok(())
+}
