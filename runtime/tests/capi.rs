@@ -42,17 +42,22 @@ fn status_strings_are_static_and_distinct() {
 
 #[test]
 fn header_matches_the_rust_side() {
-    // Exactly the five entry points.
+    // Exactly the six entry points.
     for proto in [
         "int dfq_prepare(dfq_model *out, const uint8_t *model, size_t model_len);",
         "int dfq_run_prepared(const dfq_model *m, const float *input, size_t input_len, float *output,\n                     size_t output_len, uint8_t *arena, size_t arena_len);",
         "int dfq_run_f32(const uint8_t *model, size_t model_len, const float *input, size_t input_len,\n                float *output, size_t output_len, uint8_t *arena, size_t arena_len);",
         "const char *dfq_status_str(int status);",
         "size_t dfq_arena_size(const uint8_t *model, size_t model_len);",
+        "const char *dfq_kernels(void);",
     ] {
         assert!(HEADER.contains(proto), "missing {proto}");
     }
-    assert_eq!(HEADER.matches(");\n").count(), 5);
+    assert_eq!(HEADER.matches(");\n").count(), 6);
+    // dfq_kernels names the kernels this build holds.
+    let k = unsafe { CStr::from_ptr(diffdfq_runtime::capi::dfq_kernels()) };
+    assert_eq!(k.to_str().unwrap(), diffdfq_runtime::kernels::KERNELS);
+    assert!(["avx2", "sse2", "portable"].contains(&diffdfq_runtime::kernels::KERNELS));
     // The caller allocates dfq_model: its C layout is the Rust one.
     assert!(HEADER.contains(
         "typedef struct {\n    const uint8_t *model;\n    size_t model_len;\n    uint32_t checksum;\n    uint32_t tag;\n} dfq_model;"

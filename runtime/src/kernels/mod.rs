@@ -380,6 +380,11 @@ pub fn conv2d(
             let out_c = out
                 .get_mut(co * out_plane..(co + 1) * out_plane)
                 .ok_or(Error::BadArgument)?;
+            #[cfg(target_arch = "x86_64")]
+            if !pointwise && active() == Isa::Avx2 && x86::direct_fits(geom, &s) {
+                x86::direct_conv(geom, &s, in_group, codes, (zw, z, c0), &req, out_c)?;
+                continue;
+            }
             let mut p0 = 0;
             while p0 < out_plane {
                 let n = CONV_TILE.min(out_plane - p0);
@@ -447,7 +452,8 @@ fn requant_tile(req: &numerics::ChannelRequant, acc: &[i32], out: &mut [u8]) {
 }
 
 /// `acc[i] += wv · xs[i · sw]` for every `i < acc.len()` (`xs` holds at least
-/// `(acc.len() − 1)·sw + 1` codes): one kernel tap along an output row segment.
+/// `(acc.len() − 1)·sw + 1` codes; more are read but unused): one kernel tap along an output
+/// row segment.
 #[inline]
 fn tap_row(acc: &mut [i32], xs: &[u8], sw: usize, wv: i32) {
     #[allow(unused_mut)]
@@ -561,10 +567,14 @@ fn conv_tap(
         }
         // Input column of output column v0.
         let ix0 = (v0 * sw) as isize + off;
-        let xs = xrow.get(ix0 as usize..).ok_or(Error::BadArgument)?;
-        let xs = xs
-            .get(..(mid.len() - 1) * sw + 1)
-            .ok_or(Error::BadArgument)?;
+        let need = (mid.len() - 1) * sw + 1;
+        if xrow.get(ix0 as usize..).is_none_or(|r| r.len() < need) {
+            return Err(Error::BadArgument);
+        }
+        // The rest of the channel from there: a SIMD kernel may load past the row's end (never
+        // past the channel's) for a last, partial vector whose extra lanes it discards.
+        let start = (iy as usize * w).checked_add(ix0 as usize);
+        let xs = start.and_then(|i| chan.get(i..)).ok_or(Error::BadArgument)?;
         tap_row(mid, xs, sw, wv);
     }
     Ok(())

@@ -69,14 +69,18 @@ pub(super) fn pointwise_sse2(
 /// [`super::tap_row`] for strides 1 and 2, eight output pixels per step: the codes widen to
 /// i32 lanes and `vpmulld` multiplies them by the tap's weight. Exact: `|wv| ≤ 255` and
 /// `a ≤ 255`, so every product fits i32, and the lane additions wrap as the portable loop's
-/// do. Returns how many leading pixels it did (whole steps whose loads stay inside `xs`).
+/// do. A last step of fewer than eight pixels (a short row: 7 or 14 wide) loads whole
+/// vectors from `xs`, which runs on past the row, and masks the accumulators it adds to.
+/// Returns how many leading pixels it did (steps whose loads stay inside `xs`).
 #[target_feature(enable = "avx2")]
 pub(super) fn tap_row_avx2(acc: &mut [i32], xs: &[u8], sw: usize, wv: i32) -> usize {
     let w = _mm256_set1_epi32(wv);
     // Stride 2: the even bytes of 16 into the low 8.
     let even = _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, -1, -1, -1, -1, -1, -1, -1, -1);
+    let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     let mut i = 0;
-    while let Some(dst) = acc.get_mut(i..i + 8) {
+    while i < acc.len() {
+        let r = (acc.len() - i).min(8);
         let x = match sw {
             1 => match xs.get(i..i + 8) {
                 // SAFETY: `src` holds exactly the 8 bytes the load reads.
@@ -93,12 +97,25 @@ pub(super) fn tap_row_avx2(acc: &mut [i32], xs: &[u8], sw: usize, wv: i32) -> us
             _ => break,
         };
         let prod = _mm256_mullo_epi32(_mm256_cvtepu8_epi32(x), w);
-        // SAFETY: `dst` holds exactly the 8 i32 loaded and stored.
-        unsafe {
-            let a = _mm256_loadu_si256(dst.as_ptr().cast());
-            _mm256_storeu_si256(dst.as_mut_ptr().cast(), _mm256_add_epi32(a, prod));
+        let Some(dst) = acc.get_mut(i..i + r) else {
+            break;
+        };
+        if r == 8 {
+            // SAFETY: `dst` holds exactly the 8 i32 loaded and stored.
+            unsafe {
+                let a = _mm256_loadu_si256(dst.as_ptr().cast());
+                _mm256_storeu_si256(dst.as_mut_ptr().cast(), _mm256_add_epi32(a, prod));
+            }
+        } else {
+            let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(r as i32), lanes);
+            // SAFETY: the mask enables lanes 0..r, exactly the `r` i32 `dst` holds; masked-off
+            // lanes are neither read nor written.
+            unsafe {
+                let a = _mm256_maskload_epi32(dst.as_ptr(), mask);
+                _mm256_maskstore_epi32(dst.as_mut_ptr(), mask, _mm256_add_epi32(a, prod));
+            }
         }
-        i += 8;
+        i += r;
     }
     i
 }
@@ -212,14 +229,16 @@ pub(super) fn pointwise_quads(
                             .get(g0..g0 + weights.bits as usize)
                             .ok_or(Error::BadArgument)?;
                         crate::format::unpack_group(weights.bits, group, &mut codes);
-                        for (t, &q) in codes.iter().enumerate() {
-                            let ci = gi * 8 + t;
-                            if ci < kc {
-                                let w = (q as i32 - zw[j]) as u16 as i32;
-                                if let Some(pair) = wp.get_mut(ci / 2) {
-                                    pair[j] |= if ci % 2 == 0 { w } else { w << 16 };
-                                }
+                        // Channels past K (a row's zero padding) get weight 0.
+                        let w = |t: usize| {
+                            if gi * 8 + t < kc {
+                                (codes[t] as i32 - zw[j]) as u16 as i32
+                            } else {
+                                0
                             }
+                        };
+                        for (t, pair) in wp.iter_mut().skip(gi * 4).take(4).enumerate() {
+                            pair[j] = w(2 * t) | w(2 * t + 1) << 16;
                         }
                     }
                 }
@@ -317,6 +336,158 @@ fn quad_block_avx2(
                     .wrapping_add(w0 * *a0 as i32)
                     .wrapping_add(w1 * *a1 as i32);
             }
+        }
+    }
+    Ok(())
+}
+
+/// Largest `K` [`direct_conv`] takes (its weights live on the stack).
+const DIRECT_MAX_K: usize = 64;
+
+/// Bytes of the stack buffer holding [`direct_conv`]'s padded input rows.
+const DIRECT_ROWS: usize = 8192;
+
+/// Codes a padded row holds past its right pad: the loads of a last, partial step of sixteen
+/// pixels at stride 2 read that far.
+const ROW_SLACK: usize = 32;
+
+/// Length of one padded input row of [`direct_conv`].
+fn padded_row(geom: &super::ConvGeom, s: &super::ConvShape) -> usize {
+    geom.pad_left + s.w + geom.pad_right + ROW_SLACK
+}
+
+/// Whether [`direct_conv`] runs this convolution: strides 1 or 2 along rows, `K` ≤
+/// [`DIRECT_MAX_K`] and the padded input rows of one output row within [`DIRECT_ROWS`]
+/// (depthwise and small stems; wider reductions take the tap path).
+pub(super) fn direct_fits(geom: &super::ConvGeom, s: &super::ConvShape) -> bool {
+    (geom.stride_w == 1 || geom.stride_w == 2)
+        && s.k <= DIRECT_MAX_K
+        && s.c_in_g * geom.kernel_h * padded_row(geom, s) <= DIRECT_ROWS
+}
+
+/// One output channel of [`super::conv2d`] with every tap's weight in registers. For each
+/// output row, the input rows its taps read are copied into a stack buffer with their pads
+/// (and rows above or below the input) filled with `z`, the value padding reads in the tap
+/// path; then every output pixel takes all `K` multiply–adds from that buffer, sixteen pixels
+/// per step (`vpmulld` on widened codes, one store; a last partial step masks its lanes).
+/// Exact: every product `|q − z_c|·a ≤ 255²` fits i32 and the sums wrap like the portable
+/// loops', so the order of summation does not matter.
+pub(super) fn direct_conv(
+    geom: &super::ConvGeom,
+    s: &super::ConvShape,
+    in_group: &[u8],
+    codes: &[u8],
+    (zw, z, c0): (i32, i32, i32),
+    req: &crate::numerics::ChannelRequant,
+    out_c: &mut [u8],
+) -> Result<(), Error> {
+    let (kh, kw) = (geom.kernel_h, geom.kernel_w);
+    let (sh, sw, dh, dw) = (geom.stride_h, geom.stride_w, geom.dilation_h, geom.dilation_w);
+    let plane = s.h * s.w;
+    let row_len = padded_row(geom, s);
+    let n_rows = s.c_in_g * kh;
+    let mut buf = [0u8; DIRECT_ROWS];
+    let rows = buf.get_mut(..n_rows * row_len).ok_or(Error::BadArgument)?;
+    // (offset in `rows` of the tap's input for output column 0, weight)
+    let mut taps = [(0usize, 0i32); DIRECT_MAX_K];
+    for (t, (tap, &q)) in taps
+        .iter_mut()
+        .zip(codes.get(..s.k).ok_or(Error::BadArgument)?)
+        .enumerate()
+    {
+        let (r, kx) = (t / kw, t % kw);
+        *tap = (r * row_len + kx * dw, q as i32 - zw);
+    }
+    let taps = taps.get(..s.k).ok_or(Error::BadArgument)?;
+    let mut acc = [0i32; super::CONV_TILE];
+    for oy in 0..s.out_h {
+        for (r, row) in rows.chunks_exact_mut(row_len).enumerate() {
+            let (ci, ky) = (r / kh, r % kh);
+            row.fill(z as u8);
+            let iy = (oy * sh + ky * dh).checked_sub(geom.pad_top).filter(|&v| v < s.h);
+            if let Some(iy) = iy {
+                let src = in_group
+                    .get(ci * plane + iy * s.w..ci * plane + (iy + 1) * s.w)
+                    .ok_or(Error::BadArgument)?;
+                row.get_mut(geom.pad_left..geom.pad_left + s.w)
+                    .ok_or(Error::BadArgument)?
+                    .copy_from_slice(src);
+            }
+        }
+        let row_out = out_c
+            .get_mut(oy * s.out_w..(oy + 1) * s.out_w)
+            .ok_or(Error::BadArgument)?;
+        let mut x0 = 0;
+        while x0 < s.out_w {
+            let n = super::CONV_TILE.min(s.out_w - x0);
+            let a = acc.get_mut(..n).ok_or(Error::BadArgument)?;
+            for (i, step) in a.chunks_mut(16).enumerate() {
+                let start = (x0 + 16 * i) * sw;
+                // SAFETY: AVX2 is available: the caller runs this only when `active()` says so.
+                unsafe { direct_step_avx2(rows, sw, taps, c0, start, step)? };
+            }
+            let dst = row_out.get_mut(x0..x0 + n).ok_or(Error::BadArgument)?;
+            super::requant_tile(req, a, dst);
+            x0 += n;
+        }
+    }
+    Ok(())
+}
+
+/// `dst.len()` (1–16) output pixels of one row: `c0` plus every tap's product, in two
+/// registers of eight lanes; `start` is the first pixel's input column in the padded rows.
+#[target_feature(enable = "avx2")]
+fn direct_step_avx2(
+    rows: &[u8],
+    sw: usize,
+    taps: &[(usize, i32)],
+    c0: i32,
+    start: usize,
+    dst: &mut [i32],
+) -> Result<(), Error> {
+    let r = dst.len().min(16);
+    // Codes one tap's loads read: eight or sixteen pixels, every `sw`-th code used.
+    let span = if r > 8 { 16 } else { 8 } * sw;
+    let even = _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, -1, -1, -1, -1, -1, -1, -1, -1);
+    let (mut v0, mut v1) = (_mm256_set1_epi32(c0), _mm256_set1_epi32(c0));
+    for &(off, w) in taps {
+        let w = _mm256_set1_epi32(w);
+        let src = rows
+            .get(off + start..off + start + span)
+            .ok_or(Error::BadArgument)?;
+        // SAFETY: `src` holds exactly the `span` bytes the loads read.
+        let (x0, x1) = unsafe {
+            let p = src.as_ptr();
+            match (sw, r > 8) {
+                (1, false) => (_mm_loadl_epi64(p.cast()), _mm_setzero_si128()),
+                (1, true) => {
+                    let x = _mm_loadu_si128(p.cast());
+                    (x, _mm_srli_si128(x, 8))
+                }
+                (_, false) => (
+                    _mm_shuffle_epi8(_mm_loadu_si128(p.cast()), even),
+                    _mm_setzero_si128(),
+                ),
+                (_, true) => (
+                    _mm_shuffle_epi8(_mm_loadu_si128(p.cast()), even),
+                    _mm_shuffle_epi8(_mm_loadu_si128(p.add(16).cast()), even),
+                ),
+            }
+        };
+        v0 = _mm256_add_epi32(v0, _mm256_mullo_epi32(_mm256_cvtepu8_epi32(x0), w));
+        if r > 8 {
+            v1 = _mm256_add_epi32(v1, _mm256_mullo_epi32(_mm256_cvtepu8_epi32(x1), w));
+        }
+    }
+    let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for (v, part) in [v0, v1].into_iter().zip(dst.chunks_mut(8)) {
+        if part.len() == 8 {
+            // SAFETY: `part` holds exactly the 8 i32 the store writes.
+            unsafe { _mm256_storeu_si256(part.as_mut_ptr().cast(), v) };
+        } else {
+            let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(part.len() as i32), lanes);
+            // SAFETY: the mask enables lanes 0..len, exactly the i32 `part` holds.
+            unsafe { _mm256_maskstore_epi32(part.as_mut_ptr(), mask, v) };
         }
     }
     Ok(())
