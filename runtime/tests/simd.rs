@@ -34,6 +34,15 @@ fn problem() -> impl Strategy<Value = Problem> {
         // 1×1, stride 1, no pads: the pointwise kernels.
         (1usize..3, 1usize..150, 1usize..10, 1usize..40, 1usize..40)
             .prop_map(|(g, ci, co, h, w)| (g, ci, co, h, w, (1, 1, 1, 1, [0; 4]))),
+        // 1×1 over more input channels than the kernels hold weights for at once.
+        (1000usize..1100, 4usize..9, 1usize..6, 1usize..20).prop_map(|(ci, co, h, w)| (
+            1,
+            ci,
+            co,
+            h,
+            w,
+            (1, 1, 1, 1, [0; 4])
+        )),
         // Depthwise 3×3 / 5×5, strides 1–2, pads 0–2.
         (
             1usize..12,

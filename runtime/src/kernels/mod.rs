@@ -574,7 +574,9 @@ fn conv_tap(
         // The rest of the channel from there: a SIMD kernel may load past the row's end (never
         // past the channel's) for a last, partial vector whose extra lanes it discards.
         let start = (iy as usize * w).checked_add(ix0 as usize);
-        let xs = start.and_then(|i| chan.get(i..)).ok_or(Error::BadArgument)?;
+        let xs = start
+            .and_then(|i| chan.get(i..))
+            .ok_or(Error::BadArgument)?;
         tap_row(mid, xs, sw, wv);
     }
     Ok(())

@@ -66,6 +66,57 @@ pub(super) fn pointwise_sse2(
     Ok(())
 }
 
+/// [`requant_avx2`] for the common case `shift ≥ 0` (a factor below one): the rounded
+/// magnitude `(|acc|·mult + half) >> n` is below `2^31` (`|acc| ≤ 2^31`, `mult < 2^31`,
+/// `n ≥ 31`), so everything after the 64-bit products runs in 32-bit lanes, eight at a time:
+/// the sign comes back from `acc`'s own, and the result is first clamped to `[−256, 511]` —
+/// which changes no final code, every code being in `[0, 255]` and `zero` too — so adding
+/// the zero point cannot wrap. `|i32::MIN|` is taken as the unsigned `2^31` by `vpabsd` and
+/// the unsigned `vpmuludq`.
+#[target_feature(enable = "avx2")]
+fn requant_narrow_avx2(
+    req: &crate::numerics::ChannelRequant,
+    acc: &[i32],
+    out: &mut [u8],
+) -> usize {
+    let (mult, n, half, zero, lo, hi) = req.constants();
+    let multv = _mm256_set1_epi64x(mult);
+    let halfv = _mm256_set1_epi64x(half);
+    let count = _mm_cvtsi32_si128(n as i32);
+    let (zerov, lov, hiv) = (
+        _mm256_set1_epi32(zero as i32),
+        _mm256_set1_epi32(lo as i32),
+        _mm256_set1_epi32(hi as i32),
+    );
+    let (floor, ceil) = (_mm256_set1_epi32(-256), _mm256_set1_epi32(511));
+    let mut i = 0;
+    while let (Some(src), Some(dst)) = (acc.get(i..i + 8), out.get_mut(i..i + 8)) {
+        // SAFETY: `src` holds exactly the 8 i32 the load reads.
+        let a = unsafe { _mm256_loadu_si256(src.as_ptr().cast()) };
+        let mag = _mm256_abs_epi32(a);
+        let even = _mm256_srl_epi64(_mm256_add_epi64(_mm256_mul_epu32(mag, multv), halfv), count);
+        let odd = _mm256_srl_epi64(
+            _mm256_add_epi64(_mm256_mul_epu32(_mm256_srli_epi64(mag, 32), multv), halfv),
+            count,
+        );
+        // Magnitudes below 2^31 in the low half of each 64-bit lane: back into eight lanes.
+        let r = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0b1010_1010);
+        let sign = _mm256_srai_epi32(a, 31);
+        let r = _mm256_sub_epi32(_mm256_xor_si256(r, sign), sign);
+        let r = _mm256_min_epi32(_mm256_max_epi32(r, floor), ceil);
+        let v = _mm256_add_epi32(r, zerov);
+        // `.max(lo).min(hi)`: `hi` wins when `lo > hi`, as in the scalar form.
+        let v = _mm256_min_epi32(_mm256_max_epi32(v, lov), hiv);
+        let w = _mm256_packus_epi32(v, v);
+        let b = _mm256_packus_epi16(w, w);
+        let bytes = _mm_unpacklo_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1));
+        // SAFETY: `dst` holds exactly the 8 bytes the store writes.
+        unsafe { _mm_storel_epi64(dst.as_mut_ptr().cast(), bytes) };
+        i += 8;
+    }
+    i
+}
+
 /// [`super::tap_row`] for strides 1 and 2, eight output pixels per step: the codes widen to
 /// i32 lanes and `vpmulld` multiplies them by the tap's weight. Exact: `|wv| ≤ 255` and
 /// `a ≤ 255`, so every product fits i32, and the lane additions wrap as the portable loop's
@@ -147,6 +198,9 @@ pub(super) fn requant_avx2(
         let v = _mm256_blendv_epi8(v, lov, _mm256_cmpgt_epi64(lov, v));
         _mm256_blendv_epi8(v, hiv, _mm256_cmpgt_epi64(v, hiv))
     };
+    if n >= 31 && mult >= 0 {
+        return requant_narrow_avx2(req, acc, out);
+    }
     let mut i = 0;
     while let (Some(src), Some(dst)) = (acc.get(i..i + 8), out.get_mut(i..i + 8)) {
         // SAFETY: `src` holds exactly the 8 i32 the load reads.
@@ -167,7 +221,7 @@ pub(super) fn requant_avx2(
     i
 }
 
-/// Input channels whose weights [`pointwise_quads`] prepares at a time (8 groups of 8 codes).
+/// Input channels [`pointwise_quads`] sums per pass over a tile (8 groups of 8 codes).
 const QUAD_KC: usize = 64;
 
 /// The 1×1 convolution of [`super::conv2d`] (stride 1, no pads) for output channels
@@ -219,29 +273,9 @@ pub(super) fn pointwise_quads(
             let mut c = 0;
             while c < k {
                 let kc = QUAD_KC.min(k - c);
-                // (w_{c+1} << 16 | w_c as u16) per pair and output channel; 0 past K.
+                // Made again per tile: making them once per channel quad measured no faster.
                 let mut wp = [[0i32; 4]; QUAD_KC / 2];
-                for (j, row) in rows.iter().enumerate() {
-                    let mut codes = [0u8; 8];
-                    for gi in 0..kc.div_ceil(8) {
-                        let g0 = (c / 8 + gi) * weights.bits as usize;
-                        let group = row
-                            .get(g0..g0 + weights.bits as usize)
-                            .ok_or(Error::BadArgument)?;
-                        crate::format::unpack_group(weights.bits, group, &mut codes);
-                        // Channels past K (a row's zero padding) get weight 0.
-                        let w = |t: usize| {
-                            if gi * 8 + t < kc {
-                                (codes[t] as i32 - zw[j]) as u16 as i32
-                            } else {
-                                0
-                            }
-                        };
-                        for (t, pair) in wp.iter_mut().skip(gi * 4).take(4).enumerate() {
-                            pair[j] = w(2 * t) | w(2 * t + 1) << 16;
-                        }
-                    }
-                }
+                weight_pairs(weights.bits, &rows, &zw, c, kc, &mut wp)?;
                 // SAFETY: AVX2 is available: the caller runs this only when `active()` says so.
                 unsafe { quad_block_avx2(in_group, plane, c, kc, &wp, p0, n, &mut acc)? };
                 c += kc;
@@ -260,6 +294,39 @@ pub(super) fn pointwise_quads(
     Ok(co)
 }
 
+/// `(w_{c+1} << 16 | w_c as u16)` of input channels `c .. c + kc` (`c` a multiple of 8) for
+/// the four rows, one pair per element of `out`; weights of channels past `kc` (a row's zero
+/// padding) are 0.
+fn weight_pairs(
+    bits: u8,
+    rows: &[&[u8]; 4],
+    zw: &[i32; 4],
+    c: usize,
+    kc: usize,
+    out: &mut [[i32; 4]],
+) -> Result<(), Error> {
+    let b = bits as usize;
+    for (j, row) in rows.iter().enumerate() {
+        let mut codes = [0u8; 8];
+        for gi in 0..kc.div_ceil(8) {
+            let g0 = (c / 8 + gi) * b;
+            let group = row.get(g0..g0 + b).ok_or(Error::BadArgument)?;
+            crate::format::unpack_group(bits, group, &mut codes);
+            let w = |t: usize| {
+                if gi * 8 + t < kc {
+                    (codes[t] as i32 - zw[j]) as u16 as i32
+                } else {
+                    0
+                }
+            };
+            for (t, pair) in out.iter_mut().skip(gi * 4).take(4).enumerate() {
+                pair[j] = w(2 * t) | w(2 * t + 1) << 16;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// One [`QUAD_KC`]-channel slice of [`pointwise_quads`]: input channels `c .. c + kc` into
 /// the accumulators of pixels `p0 .. p0 + n` of four output channels. Whole blocks of 16
 /// pixels in registers; the last `n % 16` pixels with the same pair sums in plain code.
@@ -270,7 +337,7 @@ fn quad_block_avx2(
     plane: usize,
     c: usize,
     kc: usize,
-    wp: &[[i32; 4]; QUAD_KC / 2],
+    wp: &[[i32; 4]],
     p0: usize,
     n: usize,
     acc: &mut [[i32; super::CONV_TILE]; 4],
@@ -382,7 +449,12 @@ pub(super) fn direct_conv(
     out_c: &mut [u8],
 ) -> Result<(), Error> {
     let (kh, kw) = (geom.kernel_h, geom.kernel_w);
-    let (sh, sw, dh, dw) = (geom.stride_h, geom.stride_w, geom.dilation_h, geom.dilation_w);
+    let (sh, sw, dh, dw) = (
+        geom.stride_h,
+        geom.stride_w,
+        geom.dilation_h,
+        geom.dilation_w,
+    );
     let plane = s.h * s.w;
     let row_len = padded_row(geom, s);
     let n_rows = s.c_in_g * kh;
@@ -404,7 +476,9 @@ pub(super) fn direct_conv(
         for (r, row) in rows.chunks_exact_mut(row_len).enumerate() {
             let (ci, ky) = (r / kh, r % kh);
             row.fill(z as u8);
-            let iy = (oy * sh + ky * dh).checked_sub(geom.pad_top).filter(|&v| v < s.h);
+            let iy = (oy * sh + ky * dh)
+                .checked_sub(geom.pad_top)
+                .filter(|&v| v < s.h);
             if let Some(iy) = iy {
                 let src = in_group
                     .get(ci * plane + iy * s.w..ci * plane + (iy + 1) * s.w)
