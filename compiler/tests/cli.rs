@@ -961,12 +961,23 @@ fn hostile_structure_flags_and_outputs_are_one_line_errors() {
         n.extend(extra.into_iter().map(String::from));
     }
     let file = write(dir.path(), "a_file", b"x");
-    let flag_cases: [(&[&str], &[&str]); 9] = [
+    let flag_cases: [(&[&str], &[&str]); 12] = [
         // clap's own errors too: one line, no usage block.
         (
-            &["--cpu", "native"],
-            &["unexpected argument '--cpu' found", "(see --help)"],
+            &["--speed", "max"],
+            &["unexpected argument '--speed' found", "(see --help)"],
         ),
+        // A CPU the target's rustc does not know, `native` for another architecture, and a
+        // CPU for a library that is not built: refused before any work.
+        (
+            &["--cpu", "pentium9"],
+            &["--cpu pentium9", "rustc --print target-cpus"],
+        ),
+        (
+            &["--cpu", "native", "--target", "aarch64"],
+            &["--cpu native", "aarch64-unknown-linux-gnu"],
+        ),
+        (&["--cpu", "x86-64-v3", "--no-lib"], &["--cpu", "--no-lib"]),
         (&["--bits", "x"], &["invalid value 'x' for '--bits <BITS>'"]),
         (
             &["--input-shape", "1,3,28,28"],
@@ -996,7 +1007,10 @@ fn hostile_structure_flags_and_outputs_are_one_line_errors() {
         if !a.contains(&"-o") {
             a.extend(["-o", out_dir.to_str().unwrap()]);
         }
-        a.push("--no-lib");
+        // `--cpu` cases check the flag itself, which needs the library built.
+        if !a.contains(&"--cpu") {
+            a.push("--no-lib");
+        }
         if !a.contains(&"--bits") && !a.contains(&"--layer-bits") {
             a.extend(["--bits", "4"]);
         }

@@ -724,3 +724,90 @@ fn calibrated_compiles_ship_the_candidate_the_held_out_samples_prefer() {
     let (_, rep) = weight_bytes(&d, "resnet_fmnist");
     assert!(rep["calibration"].get("selection").is_none());
 }
+
+/// `--cpu x86-64-v3` builds libNAME.a with the AVX2 kernels: the header, the report and the
+/// library itself (`dfq_kernels()`) say so, and the firmware's outputs are byte-identical to
+/// the baseline library's and to `diffdfq-run`'s, on the depthwise fixture and the ResNet.
+#[test]
+fn a_library_built_for_a_cpu_holds_its_kernels_and_gives_the_same_outputs() {
+    if !std::arch::is_x86_feature_detected!("avx2") {
+        println!("this CPU has no AVX2: the x86-64-v3 library cannot run here, not checked");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    for model in ["mobilenet_fmnist", "resnet_fmnist"] {
+        let npy = fixture(&format!("{model}.sample.npy"));
+        let (_, x) = diffdfq_compiler::npy::read_f32(&npy).unwrap();
+        let raw = tmp.path().join(format!("{model}.f32"));
+        std::fs::write(
+            &raw,
+            x.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>(),
+        )
+        .unwrap();
+        let mut outputs = Vec::new();
+        for cpu in [None, Some("x86-64-v3")] {
+            let dir = tmp
+                .path()
+                .join(format!("{model}-{}", cpu.unwrap_or("baseline")));
+            let m = fixture(&format!("{model}.onnx"));
+            let mut args = vec![m.to_str().unwrap(), "--bits", "3", "--target", "x86_64"];
+            args.extend(["-o", dir.to_str().unwrap(), "--quiet"]);
+            if let Some(c) = cpu {
+                args.extend(["--cpu", c]);
+            }
+            let out = compile(&args);
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let kernels = if cpu.is_some() { "avx2" } else { "sse2" };
+            let header = std::fs::read_to_string(dir.join(format!("{model}.h"))).unwrap();
+            assert!(
+                header.contains(&format!("Runtime kernels in lib{model}.a: {kernels} (")),
+                "{header}"
+            );
+            let report: serde_json::Value = serde_json::from_slice(
+                &std::fs::read(dir.join(format!("{model}.report.json"))).unwrap(),
+            )
+            .unwrap();
+            assert_eq!(report["kernels"], kernels);
+            assert_eq!(report["cpu"].as_str(), cpu);
+            // The library's own answer.
+            let probe = dir.join("probe.c");
+            std::fs::write(
+                &probe,
+                format!(
+                    "#include <stdio.h>\n#include \"{model}.h\"\nint main(void) {{ puts(dfq_kernels()); return 0; }}\n"
+                ),
+            )
+            .unwrap();
+            let exe = dir.join("probe");
+            ok(Command::new("gcc")
+                .arg("-I")
+                .arg(&dir)
+                .arg(&probe)
+                .arg(dir.join(format!("lib{model}.a")))
+                .arg("-o")
+                .arg(&exe));
+            let said = ok(&mut Command::new(&exe)).stdout;
+            assert_eq!(String::from_utf8_lossy(&said).trim(), kernels);
+            let app = firmware(&dir, model, "gcc");
+            let y = dir.join("y.f32");
+            ok(Command::new(&app).arg(&raw).arg(&y));
+            outputs.push(std::fs::read(&y).unwrap());
+            let yn = dir.join("y.npy");
+            ok(Command::new(env!("CARGO_BIN_EXE_diffdfq-run"))
+                .arg(dir.join(format!("{model}.dfq")))
+                .arg("--input")
+                .arg(&npy)
+                .arg("--output")
+                .arg(&yn));
+            outputs.push(npy_payload(&yn));
+        }
+        assert!(!outputs[0].is_empty());
+        for o in &outputs[1..] {
+            assert!(o == &outputs[0], "{model}: outputs differ");
+        }
+    }
+}

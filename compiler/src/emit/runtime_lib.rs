@@ -151,6 +151,13 @@ impl Cpu {
     /// Checks `name` against `rustc --print target-cpus --target TRIPLE`; `native` only where
     /// the target is this machine's architecture.
     pub fn resolve(target: &Target, name: &str) -> Result<Cpu, Error> {
+        let host = diffdfq_targets::host();
+        if name == "native" && host.map(|h| h.arch) != Some(target.arch) {
+            return Err(Error::Input(format!(
+                "--cpu native means this machine's CPU, which cannot run {}; name the device's CPU (e.g. cortex-a55)",
+                target.triple
+            )));
+        }
         let tc = find_toolchain(target.triple).ok_or_else(|| no_toolchain(target))?;
         let run = |args: &[&str]| -> Result<String, Error> {
             let out = Command::new(&tc.rustc)
@@ -199,13 +206,6 @@ impl Cpu {
                 target.triple
             )));
         };
-        let host = diffdfq_targets::host();
-        if name == "native" && host.map(|h| h.arch) != Some(target.arch) {
-            return Err(Error::Input(format!(
-                "--cpu native means this machine's CPU, which cannot run {}; name the device's CPU (e.g. cortex-a55)",
-                target.triple
-            )));
-        }
         let resolved = (name == "native").then(|| {
             about
                 .split("currently ")

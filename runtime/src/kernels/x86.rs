@@ -436,7 +436,7 @@ pub(super) fn direct_fits(geom: &super::ConvGeom, s: &super::ConvShape) -> bool 
 /// output row, the input rows its taps read are copied into a stack buffer with their pads
 /// (and rows above or below the input) filled with `z`, the value padding reads in the tap
 /// path; then every output pixel takes all `K` multiply–adds from that buffer, sixteen pixels
-/// per step (`vpmulld` on widened codes, one store; a last partial step masks its lanes).
+/// per step (taps paired into `vpmaddwd`, one store; a last partial step masks its lanes).
 /// Exact: every product `|q − z_c|·a ≤ 255²` fits i32 and the sums wrap like the portable
 /// loops', so the order of summation does not matter.
 pub(super) fn direct_conv(
@@ -510,6 +510,9 @@ pub(super) fn direct_conv(
 
 /// `dst.len()` (1–16) output pixels of one row: `c0` plus every tap's product, in two
 /// registers of eight lanes; `start` is the first pixel's input column in the padded rows.
+/// Taps go two at a time: their codes interleaved per pixel, `vpmaddwd` forms
+/// `w_a·a + w_b·b` in one i32 lane (exact: `|w| ≤ 255`, `a ≤ 255` are valid i16 and the pair
+/// sum fits i32); an odd last tap multiplies alone.
 #[target_feature(enable = "avx2")]
 fn direct_step_avx2(
     rows: &[u8],
@@ -519,37 +522,26 @@ fn direct_step_avx2(
     start: usize,
     dst: &mut [i32],
 ) -> Result<(), Error> {
-    let r = dst.len().min(16);
-    // Codes one tap's loads read: eight or sixteen pixels, every `sw`-th code used.
-    let span = if r > 8 { 16 } else { 8 } * sw;
-    let even = _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, -1, -1, -1, -1, -1, -1, -1, -1);
+    let wide = dst.len() > 8;
     let (mut v0, mut v1) = (_mm256_set1_epi32(c0), _mm256_set1_epi32(c0));
-    for &(off, w) in taps {
+    let mut pairs = taps.chunks_exact(2);
+    for pair in &mut pairs {
+        let [(oa, wa), (ob, wb)] = [pair[0], pair[1]];
+        let (a0, a1) = direct_codes(rows, sw, wide, oa + start)?;
+        let (b0, b1) = direct_codes(rows, sw, wide, ob + start)?;
+        let w = _mm256_set1_epi32(wb << 16 | (wa as u16 as i32));
+        let ab0 = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(a0, b0));
+        v0 = _mm256_add_epi32(v0, _mm256_madd_epi16(ab0, w));
+        if wide {
+            let ab1 = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(a1, b1));
+            v1 = _mm256_add_epi32(v1, _mm256_madd_epi16(ab1, w));
+        }
+    }
+    for &(off, w) in pairs.remainder() {
         let w = _mm256_set1_epi32(w);
-        let src = rows
-            .get(off + start..off + start + span)
-            .ok_or(Error::BadArgument)?;
-        // SAFETY: `src` holds exactly the `span` bytes the loads read.
-        let (x0, x1) = unsafe {
-            let p = src.as_ptr();
-            match (sw, r > 8) {
-                (1, false) => (_mm_loadl_epi64(p.cast()), _mm_setzero_si128()),
-                (1, true) => {
-                    let x = _mm_loadu_si128(p.cast());
-                    (x, _mm_srli_si128(x, 8))
-                }
-                (_, false) => (
-                    _mm_shuffle_epi8(_mm_loadu_si128(p.cast()), even),
-                    _mm_setzero_si128(),
-                ),
-                (_, true) => (
-                    _mm_shuffle_epi8(_mm_loadu_si128(p.cast()), even),
-                    _mm_shuffle_epi8(_mm_loadu_si128(p.add(16).cast()), even),
-                ),
-            }
-        };
+        let (x0, x1) = direct_codes(rows, sw, wide, off + start)?;
         v0 = _mm256_add_epi32(v0, _mm256_mullo_epi32(_mm256_cvtepu8_epi32(x0), w));
-        if r > 8 {
+        if wide {
             v1 = _mm256_add_epi32(v1, _mm256_mullo_epi32(_mm256_cvtepu8_epi32(x1), w));
         }
     }
@@ -565,4 +557,38 @@ fn direct_step_avx2(
         }
     }
     Ok(())
+}
+
+/// The codes one tap reads for eight pixels (and, when `wide`, the next eight) from
+/// `rows[at..]`, every `sw`-th code (`sw` 1 or 2), in the low 8 bytes of each register.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn direct_codes(
+    rows: &[u8],
+    sw: usize,
+    wide: bool,
+    at: usize,
+) -> Result<(__m128i, __m128i), Error> {
+    let span = if wide { 16 } else { 8 } * sw;
+    let src = rows.get(at..at + span).ok_or(Error::BadArgument)?;
+    let even = _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, -1, -1, -1, -1, -1, -1, -1, -1);
+    // SAFETY: `src` holds exactly the `span` bytes the loads read.
+    Ok(unsafe {
+        let p = src.as_ptr();
+        match (sw, wide) {
+            (1, false) => (_mm_loadl_epi64(p.cast()), _mm_setzero_si128()),
+            (1, true) => {
+                let x = _mm_loadu_si128(p.cast());
+                (x, _mm_srli_si128(x, 8))
+            }
+            (_, false) => (
+                _mm_shuffle_epi8(_mm_loadu_si128(p.cast()), even),
+                _mm_setzero_si128(),
+            ),
+            (_, true) => (
+                _mm_shuffle_epi8(_mm_loadu_si128(p.cast()), even),
+                _mm_shuffle_epi8(_mm_loadu_si128(p.add(16).cast()), even),
+            ),
+        }
+    })
 }
