@@ -423,22 +423,33 @@ fn padded_row(geom: &super::ConvGeom, s: &super::ConvShape) -> usize {
     geom.pad_left + s.w + geom.pad_right + ROW_SLACK
 }
 
+/// Padded input rows (per input channel) a band of `rows` output rows reads.
+fn band_input_rows(geom: &super::ConvGeom, rows: usize) -> usize {
+    (rows - 1) * geom.stride_h + (geom.kernel_h - 1) * geom.dilation_h + 1
+}
+
 /// Whether [`direct_conv`] runs this convolution: strides 1 or 2 along rows, `K` ≤
-/// [`DIRECT_MAX_K`] and the padded input rows of one output row within [`DIRECT_ROWS`]
+/// [`DIRECT_MAX_K`], output rows of at most [`super::CONV_TILE`] pixels, and the padded input
+/// rows of one output row within [`DIRECT_ROWS`]
 /// (depthwise and small stems; wider reductions take the tap path).
 pub(super) fn direct_fits(geom: &super::ConvGeom, s: &super::ConvShape) -> bool {
     (geom.stride_w == 1 || geom.stride_w == 2)
         && s.k <= DIRECT_MAX_K
-        && s.c_in_g * geom.kernel_h * padded_row(geom, s) <= DIRECT_ROWS
+        && s.out_w <= super::CONV_TILE
+        && s.c_in_g
+            .checked_mul(band_input_rows(geom, 1))
+            .and_then(|r| r.checked_mul(padded_row(geom, s)))
+            .is_some_and(|b| b <= DIRECT_ROWS)
 }
 
-/// One output channel of [`super::conv2d`] with every tap's weight in registers. For each
-/// output row, the input rows its taps read are copied into a stack buffer with their pads
+/// One output channel of [`super::conv2d`] with every tap's weight in registers, a band of
+/// output rows at a time (as many as fit [`super::CONV_TILE`] accumulators and their input
+/// rows [`DIRECT_ROWS`]). The band's input rows are copied into a stack buffer with their pads
 /// (and rows above or below the input) filled with `z`, the value padding reads in the tap
 /// path; then every output pixel takes all `K` multiply–adds from that buffer, sixteen pixels
-/// per step (taps paired into `vpmaddwd`, one store; a last partial step masks its lanes).
-/// Exact: every product `|q − z_c|·a ≤ 255²` fits i32 and the sums wrap like the portable
-/// loops', so the order of summation does not matter.
+/// per step (taps paired into `vpmaddwd`, one store; a last partial step masks its lanes),
+/// and the band is requantized in one pass. Exact: every product `|q − z_c|·a ≤ 255²` fits
+/// i32 and the sums wrap like the portable loops', so the order of summation does not matter.
 pub(super) fn direct_conv(
     geom: &super::ConvGeom,
     s: &super::ConvShape,
@@ -457,29 +468,36 @@ pub(super) fn direct_conv(
     );
     let plane = s.h * s.w;
     let row_len = padded_row(geom, s);
-    let n_rows = s.c_in_g * kh;
+    // Output rows per band: their accumulators and their input rows fit the buffers.
+    let mut band = (super::CONV_TILE / s.out_w).clamp(1, s.out_h);
+    while band > 1 && s.c_in_g * band_input_rows(geom, band) * row_len > DIRECT_ROWS {
+        band -= 1;
+    }
+    let n_in = band_input_rows(geom, band);
     let mut buf = [0u8; DIRECT_ROWS];
-    let rows = buf.get_mut(..n_rows * row_len).ok_or(Error::BadArgument)?;
-    // (offset in `rows` of the tap's input for output column 0, weight)
+    let rows = buf
+        .get_mut(..s.c_in_g * n_in * row_len)
+        .ok_or(Error::BadArgument)?;
+    // (offset in `rows` of the tap's input for output pixel (0, 0) of the band, weight)
     let mut taps = [(0usize, 0i32); DIRECT_MAX_K];
     for (t, (tap, &q)) in taps
         .iter_mut()
         .zip(codes.get(..s.k).ok_or(Error::BadArgument)?)
         .enumerate()
     {
-        let (r, kx) = (t / kw, t % kw);
-        *tap = (r * row_len + kx * dw, q as i32 - zw);
+        let (ci, ky, kx) = (t / (kh * kw), t / kw % kh, t % kw);
+        *tap = ((ci * n_in + ky * dh) * row_len + kx * dw, q as i32 - zw);
     }
     let taps = taps.get(..s.k).ok_or(Error::BadArgument)?;
     let mut acc = [0i32; super::CONV_TILE];
-    for oy in 0..s.out_h {
+    let mut oy0 = 0;
+    while oy0 < s.out_h {
+        let oy1 = (oy0 + band).min(s.out_h);
+        // Padded input row `py` is input row `py − pad_top`.
         for (r, row) in rows.chunks_exact_mut(row_len).enumerate() {
-            let (ci, ky) = (r / kh, r % kh);
+            let (ci, py) = (r / n_in, oy0 * sh + r % n_in);
             row.fill(z as u8);
-            let iy = (oy * sh + ky * dh)
-                .checked_sub(geom.pad_top)
-                .filter(|&v| v < s.h);
-            if let Some(iy) = iy {
+            if let Some(iy) = py.checked_sub(geom.pad_top).filter(|&v| v < s.h) {
                 let src = in_group
                     .get(ci * plane + iy * s.w..ci * plane + (iy + 1) * s.w)
                     .ok_or(Error::BadArgument)?;
@@ -488,22 +506,20 @@ pub(super) fn direct_conv(
                     .copy_from_slice(src);
             }
         }
-        let row_out = out_c
-            .get_mut(oy * s.out_w..(oy + 1) * s.out_w)
-            .ok_or(Error::BadArgument)?;
-        let mut x0 = 0;
-        while x0 < s.out_w {
-            let n = super::CONV_TILE.min(s.out_w - x0);
-            let a = acc.get_mut(..n).ok_or(Error::BadArgument)?;
-            for (i, step) in a.chunks_mut(16).enumerate() {
-                let start = (x0 + 16 * i) * sw;
+        let n = (oy1 - oy0) * s.out_w;
+        let a = acc.get_mut(..n).ok_or(Error::BadArgument)?;
+        for (i, out_row) in a.chunks_mut(s.out_w).enumerate() {
+            for (j, step) in out_row.chunks_mut(16).enumerate() {
+                let start = i * sh * row_len + 16 * j * sw;
                 // SAFETY: AVX2 is available: the caller runs this only when `active()` says so.
                 unsafe { direct_step_avx2(rows, sw, taps, c0, start, step)? };
             }
-            let dst = row_out.get_mut(x0..x0 + n).ok_or(Error::BadArgument)?;
-            super::requant_tile(req, a, dst);
-            x0 += n;
         }
+        let dst = out_c
+            .get_mut(oy0 * s.out_w..oy0 * s.out_w + n)
+            .ok_or(Error::BadArgument)?;
+        super::requant_tile(req, a, dst);
+        oy0 = oy1;
     }
     Ok(())
 }
