@@ -343,25 +343,29 @@ fn quad_block_avx2(
     acc: &mut [[i32; super::CONV_TILE]; 4],
 ) -> Result<(), Error> {
     let pairs = kc.div_ceil(2);
-    // An odd last channel pairs with itself; its weight pair's high half is 0.
-    let chan = |ci: usize| in_group.get((c + ci.min(kc - 1)) * plane..);
+    // Every load below reads 16 codes of a channel `c .. c + kc` at a pixel `< p0 + n`.
+    if kc == 0
+        || wp.len() < pairs
+        || p0 + n > plane
+        || in_group.len() < (c + kc).checked_mul(plane).ok_or(Error::BadArgument)?
+    {
+        return Err(Error::BadArgument);
+    }
     let mut b = 0;
     while b + 16 <= n {
         let p = p0 + b;
         let mut lo = [_mm256_setzero_si256(); 4];
         let mut hi = [_mm256_setzero_si256(); 4];
         for (pi, wq) in wp.iter().enumerate().take(pairs) {
-            let (Some(r0), Some(r1)) = (chan(2 * pi), chan(2 * pi + 1)) else {
-                return Err(Error::BadArgument);
-            };
-            let (Some(x0), Some(x1)) = (r0.get(p..p + 16), r1.get(p..p + 16)) else {
-                return Err(Error::BadArgument);
-            };
-            // SAFETY: `x0` and `x1` hold exactly the 16 bytes each load reads.
+            // An odd last channel pairs with itself; its weight pair's high half is 0.
+            let (c0, c1) = (2 * pi, (2 * pi + 1).min(kc - 1));
+            // SAFETY: `c0, c1 < kc` and `p + 16 ≤ p0 + n ≤ plane`, so both 16-byte loads lie
+            // inside `in_group` (checked above).
             let (x0, x1) = unsafe {
+                let at = |ci: usize| in_group.as_ptr().add((c + ci) * plane + p).cast();
                 (
-                    _mm256_cvtepu8_epi16(_mm_loadu_si128(x0.as_ptr().cast())),
-                    _mm256_cvtepu8_epi16(_mm_loadu_si128(x1.as_ptr().cast())),
+                    _mm256_cvtepu8_epi16(_mm_loadu_si128(at(c0))),
+                    _mm256_cvtepu8_epi16(_mm_loadu_si128(at(c1))),
                 )
             };
             // Per 128-bit lane: pixels 0–3 | 8–11 (lo) and 4–7 | 12–15 (hi), channel pairs.
@@ -387,6 +391,7 @@ fn quad_block_avx2(
         }
         b += 16;
     }
+    let chan = |ci: usize| in_group.get((c + ci.min(kc - 1)) * plane..);
     for i in b..n {
         let p = p0 + i;
         for (pi, wq) in wp.iter().enumerate().take(pairs) {
