@@ -725,9 +725,10 @@ fn calibrated_compiles_ship_the_candidate_the_held_out_samples_prefer() {
     assert!(rep["calibration"].get("selection").is_none());
 }
 
-/// `--cpu x86-64-v3` builds libNAME.a with the AVX2 kernels: the header, the report and the
-/// library itself (`dfq_kernels()`) say so, and the firmware's outputs are byte-identical to
-/// the baseline library's and to `diffdfq-run`'s, on the depthwise fixture and the ResNet.
+/// `--cpu x86-64-v3` builds libNAME.a with the AVX2 kernels, `--cpu cascadelake` with the
+/// AVX-512 VNNI ones: the header, the report and the library itself (`dfq_kernels()`) say
+/// so, and the firmware's outputs are byte-identical to the baseline library's and to
+/// `diffdfq-run`'s, on the depthwise fixture and the ResNet (W3: the 4-bit 1×1 kernels).
 #[test]
 fn a_library_built_for_a_cpu_holds_its_kernels_and_gives_the_same_outputs() {
     if !std::arch::is_x86_feature_detected!("avx2") {
@@ -745,7 +746,20 @@ fn a_library_built_for_a_cpu_holds_its_kernels_and_gives_the_same_outputs() {
         )
         .unwrap();
         let mut outputs = Vec::new();
-        for cpu in [None, Some("x86-64-v3")] {
+        // Cascade Lake: AVX-512 with VNNI, where this CPU has it.
+        let vnni = std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512cd")
+            && std::arch::is_x86_feature_detected!("avx512dq")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+            && std::arch::is_x86_feature_detected!("avx512vnni");
+        let mut cpus = vec![None, Some("x86-64-v3")];
+        if vnni {
+            cpus.push(Some("cascadelake"));
+        } else {
+            println!("this CPU has no AVX-512 VNNI: the cascadelake library not checked");
+        }
+        for cpu in cpus {
             let dir = tmp
                 .path()
                 .join(format!("{model}-{}", cpu.unwrap_or("baseline")));
@@ -761,7 +775,11 @@ fn a_library_built_for_a_cpu_holds_its_kernels_and_gives_the_same_outputs() {
                 "{}",
                 String::from_utf8_lossy(&out.stderr)
             );
-            let kernels = if cpu.is_some() { "avx2" } else { "sse2" };
+            let kernels = match cpu {
+                None => "sse2",
+                Some("x86-64-v3") => "avx2",
+                Some(_) => "avx512vnni",
+            };
             let header = std::fs::read_to_string(dir.join(format!("{model}.h"))).unwrap();
             assert!(
                 header.contains(&format!("Runtime kernels in lib{model}.a: {kernels} (")),

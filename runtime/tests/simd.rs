@@ -186,7 +186,7 @@ fn run(p: &Problem) -> Option<Vec<u8>> {
 
 #[test]
 fn simd_kernels_equal_the_portable_loops() {
-    let simd: Vec<Isa> = [Isa::Sse2, Isa::Avx2]
+    let simd: Vec<Isa> = [Isa::Sse2, Isa::Avx2, Isa::Avx512Vnni]
         .into_iter()
         .filter(|&isa| {
             let ok = kernels::use_kernels(isa);

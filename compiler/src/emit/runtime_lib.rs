@@ -241,6 +241,9 @@ impl Cpu {
 pub fn kernels(target: &Target, cpu: Option<&Cpu>) -> &'static str {
     let has = |f: &str| cpu.is_some_and(|c| c.features.iter().any(|x| x == f));
     match target.arch {
+        diffdfq_targets::Arch::X86_64 if has("avx2") && has("avx512vnni") && has("avx512vl") => {
+            "avx512vnni"
+        }
         diffdfq_targets::Arch::X86_64 if has("avx2") => "avx2",
         diffdfq_targets::Arch::X86_64 => "sse2",
         diffdfq_targets::Arch::Aarch64 => "portable",

@@ -13,10 +13,12 @@ use crate::error::Error;
 use crate::format::{unpack_group, unpack_row, ChannelRecord, Weights};
 
 /// The SIMD kernels this build holds, chosen at compile time from the target's features (the
-/// compiler's `--cpu` sets `-C target-cpu`; no run-time detection in `no_std`): `avx2` (x86_64
-/// with AVX2: 1×1 and depthwise convolutions, requantization), `sse2` (x86_64 baseline: the
-/// 1×1 convolution), else `portable` (loops the compiler vectorizes for the target). The
-/// compiler's `emit::runtime_lib::kernels` makes the same choice for the header and report.
+/// compiler's `--cpu` sets `-C target-cpu`; no run-time detection in `no_std`): `avx512vnni`
+/// (x86_64 with AVX2, AVX-512 VNNI and VL: `avx2`'s kernels, the 1×1 convolution of ≤ 4-bit
+/// weights on `vpdpbusd`), `avx2` (x86_64 with AVX2: 1×1 and depthwise convolutions,
+/// requantization), `sse2` (x86_64 baseline: the 1×1 convolution), else `portable` (loops the
+/// compiler vectorizes for the target). The compiler's `emit::runtime_lib::kernels` makes the
+/// same choice for the header and report.
 pub const KERNELS: &str = KERNELS_NUL.split_at(KERNELS_NUL.len() - 1).0;
 
 /// A set of kernels: the portable loops, or an ISA's SIMD kernels on top of them.
@@ -29,10 +31,23 @@ pub enum Isa {
     Sse2 = 1,
     /// x86_64 with AVX2: 1×1 and depthwise/general convolution taps, requantization.
     Avx2 = 2,
+    /// x86_64 with AVX2, AVX-512 VNNI and AVX-512 VL: `Avx2`, with the 1×1 convolution of
+    /// ≤ 4-bit weights on `vpdpbusd`.
+    Avx512Vnni = 3,
 }
 
+/// Whether the target features of this build include AVX-512 VNNI with VL (and AVX2).
+const VNNI_BUILD: bool = cfg!(all(
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "avx512vnni",
+    target_feature = "avx512vl"
+));
+
 /// The kernels this build holds, named by [`KERNELS`].
-pub const COMPILED: Isa = if cfg!(all(target_arch = "x86_64", target_feature = "avx2")) {
+pub const COMPILED: Isa = if VNNI_BUILD {
+    Isa::Avx512Vnni
+} else if cfg!(all(target_arch = "x86_64", target_feature = "avx2")) {
     Isa::Avx2
 } else if cfg!(target_arch = "x86_64") {
     Isa::Sse2
@@ -50,6 +65,7 @@ fn active() -> Isa {
     #[cfg(feature = "std")]
     {
         match ACTIVE.load(core::sync::atomic::Ordering::Relaxed) {
+            3 => Isa::Avx512Vnni,
             2 => Isa::Avx2,
             1 => Isa::Sse2,
             _ => Isa::Portable,
@@ -73,6 +89,12 @@ pub fn use_kernels(isa: Isa) -> bool {
         Isa::Sse2 => true,
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => std::is_x86_feature_detected!("avx2"),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512Vnni => {
+            std::is_x86_feature_detected!("avx2")
+                && std::is_x86_feature_detected!("avx512vnni")
+                && std::is_x86_feature_detected!("avx512vl")
+        }
         #[cfg(not(target_arch = "x86_64"))]
         _ => false,
     };
@@ -83,7 +105,9 @@ pub fn use_kernels(isa: Isa) -> bool {
 }
 
 /// [`KERNELS`] with a NUL, for the C API.
-pub(crate) const KERNELS_NUL: &str = if cfg!(all(target_arch = "x86_64", target_feature = "avx2")) {
+pub(crate) const KERNELS_NUL: &str = if VNNI_BUILD {
+    "avx512vnni\0"
+} else if cfg!(all(target_arch = "x86_64", target_feature = "avx2")) {
     "avx2\0"
 } else if cfg!(target_arch = "x86_64") {
     "sse2\0"
@@ -356,7 +380,7 @@ pub fn conv2d(
             .ok_or(Error::BadArgument)?;
         let mut first = g * s.c_out_g;
         #[cfg(target_arch = "x86_64")]
-        if pointwise && active() == Isa::Avx2 {
+        if pointwise && active() >= Isa::Avx2 {
             first = x86::pointwise_quads(
                 weights,
                 in_group,
@@ -364,8 +388,8 @@ pub fn conv2d(
                 z,
                 (y.zero, y.lo, y.hi),
                 out,
-                first,
-                s.c_out_g,
+                (first, s.c_out_g),
+                active() == Isa::Avx512Vnni,
             )?;
         }
         for co in first..(g + 1) * s.c_out_g {
@@ -381,7 +405,7 @@ pub fn conv2d(
                 .get_mut(co * out_plane..(co + 1) * out_plane)
                 .ok_or(Error::BadArgument)?;
             #[cfg(target_arch = "x86_64")]
-            if !pointwise && active() == Isa::Avx2 && x86::direct_fits(geom, &s) {
+            if !pointwise && active() >= Isa::Avx2 && x86::direct_fits(geom, &s) {
                 x86::direct_conv(geom, &s, in_group, codes, (zw, z, c0), &req, out_c)?;
                 continue;
             }
@@ -441,7 +465,7 @@ fn requant_tile(req: &numerics::ChannelRequant, acc: &[i32], out: &mut [u8]) {
     #[allow(unused_mut)]
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
-    if active() == Isa::Avx2 {
+    if active() >= Isa::Avx2 {
         // SAFETY: `active()` is Avx2 only where the CPU has AVX2 (compiled for it, or
         // detected by `use_kernels`).
         done = unsafe { x86::requant_avx2(req, acc, out) };
@@ -459,7 +483,7 @@ fn tap_row(acc: &mut [i32], xs: &[u8], sw: usize, wv: i32) {
     #[allow(unused_mut)]
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
-    if active() == Isa::Avx2 {
+    if active() >= Isa::Avx2 {
         // SAFETY: as in `requant_tile`.
         done = unsafe { x86::tap_row_avx2(acc, xs, sw, wv) };
     }

@@ -240,9 +240,11 @@ pub(super) fn pointwise_quads(
     z: i32,
     (y_zero, y_lo, y_hi): (u8, u8, u8),
     out: &mut [u8],
-    first: usize,
-    count: usize,
+    (first, count): (usize, usize),
+    vnni: bool,
 ) -> Result<usize, Error> {
+    // ≤ 4-bit weights fit i8 (`|q − z_c| ≤ 15`): four input channels per byte product.
+    let quads = weights.bits <= 4;
     let k = weights.k;
     if in_group.len() < k.checked_mul(plane).ok_or(Error::BadArgument)? {
         return Err(Error::BadArgument);
@@ -275,9 +277,25 @@ pub(super) fn pointwise_quads(
                 let kc = QUAD_KC.min(k - c);
                 // Made again per tile: making them once per channel quad measured no faster.
                 let mut wp = [[0i32; 4]; QUAD_KC / 2];
-                weight_pairs(weights.bits, &rows, &zw, c, kc, &mut wp)?;
-                // SAFETY: AVX2 is available: the caller runs this only when `active()` says so.
-                unsafe { quad_block_avx2(in_group, plane, c, kc, &wp, p0, n, &mut acc)? };
+                let blk = (in_group, plane, c, kc, p0, n);
+                if quads {
+                    weight_quads(weights.bits, &rows, &zw, c, kc, &mut wp)?;
+                    let wq = wp.get(..kc.div_ceil(4)).ok_or(Error::BadArgument)?;
+                    // SAFETY: the caller runs this only when `active()` says the CPU has AVX2
+                    // (and, with `vnni`, AVX-512 VNNI and VL).
+                    unsafe {
+                        if vnni {
+                            quad4_block_vnni(blk, wq, &mut acc)?
+                        } else {
+                            quad4_block_avx2(blk, wq, &mut acc)?
+                        }
+                    };
+                } else {
+                    weight_pairs(weights.bits, &rows, &zw, c, kc, &mut wp)?;
+                    // SAFETY: AVX2 is available: the caller runs this only when `active()`
+                    // says so.
+                    unsafe { quad_block_avx2(in_group, plane, c, kc, &wp, p0, n, &mut acc)? };
+                }
                 c += kc;
             }
             for (j, a) in acc.iter().enumerate() {
@@ -326,6 +344,141 @@ fn weight_pairs(
     }
     Ok(())
 }
+
+/// The weights of input channels `c .. c + kc` (`c` a multiple of 8) for the four rows as
+/// bytes `q − z_c` (≤ 4-bit weights: `|q − z_c| ≤ 15`), four input channels per `i32`, one
+/// element of `out` per four channels; channels past `kc` get weight 0.
+fn weight_quads(
+    bits: u8,
+    rows: &[&[u8]; 4],
+    zw: &[i32; 4],
+    c: usize,
+    kc: usize,
+    out: &mut [[i32; 4]],
+) -> Result<(), Error> {
+    let b = bits as usize;
+    for (j, row) in rows.iter().enumerate() {
+        let mut codes = [0u8; 8];
+        for gi in 0..kc.div_ceil(8) {
+            let g0 = (c / 8 + gi) * b;
+            let group = row.get(g0..g0 + b).ok_or(Error::BadArgument)?;
+            crate::format::unpack_group(bits, group, &mut codes);
+            let w = |t: usize| {
+                if gi * 8 + t < kc {
+                    (codes[t] as i32 - zw[j]) as u8 as i32
+                } else {
+                    0
+                }
+            };
+            for (t, quad) in out.iter_mut().skip(gi * 2).take(2).enumerate() {
+                quad[j] = w(4 * t) | w(4 * t + 1) << 8 | w(4 * t + 2) << 16 | w(4 * t + 3) << 24;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The 1×1 slice of [`pointwise_quads`] for ≤ 4-bit weights, four input channels per byte
+/// product: per block of 16 pixels, the codes of four input channels are interleaved so that
+/// each 32-bit lane holds one pixel's four codes, and each output channel adds
+/// `Σ_{4 channels} (q − z_c)·a` into its lane, with `vpdpbusd` (`vnni`: exact, the four
+/// products summed in i32) or with `vpmaddubsw` + `vpmaddwd` by ones (exact because
+/// `|q − z_c| ≤ 15`: a pair sum `≤ 2·255·15 = 7650` never saturates i16). Channels past `kc`
+/// read the last channel again with weight 0; the last `n % 16` pixels take the same sums in
+/// plain code.
+macro_rules! quad4_block {
+    ($name:ident, $features:literal, $dot:expr) => {
+        #[target_feature(enable = $features)]
+        fn $name(
+            (in_group, plane, c, kc, p0, n): (&[u8], usize, usize, usize, usize, usize),
+            wq: &[[i32; 4]],
+            acc: &mut [[i32; super::CONV_TILE]; 4],
+        ) -> Result<(), Error> {
+            let quads = kc.div_ceil(4);
+            // Every load below reads 16 codes of a channel `c .. c + kc` at a pixel `< p0 + n`.
+            if kc == 0
+                || wq.len() < quads
+                || p0 + n > plane
+                || in_group.len() < (c + kc).checked_mul(plane).ok_or(Error::BadArgument)?
+            {
+                return Err(Error::BadArgument);
+            }
+            let dot = $dot;
+            let mut b = 0;
+            while b + 16 <= n {
+                let p = p0 + b;
+                let mut lo = [_mm256_setzero_si256(); 4];
+                let mut hi = [_mm256_setzero_si256(); 4];
+                for (qi, w4) in wq.iter().enumerate().take(quads) {
+                    // SAFETY: every channel index is `< kc` and `p + 16 ≤ p0 + n ≤ plane`, so
+                    // each 16-byte load lies inside `in_group` (checked above).
+                    let r = |t: usize| unsafe {
+                        let ci = (4 * qi + t).min(kc - 1);
+                        _mm_loadu_si128(in_group.as_ptr().add((c + ci) * plane + p).cast())
+                    };
+                    let (r0, r1, r2, r3) = (r(0), r(1), r(2), r(3));
+                    let (l01, h01) = (_mm_unpacklo_epi8(r0, r1), _mm_unpackhi_epi8(r0, r1));
+                    let (l23, h23) = (_mm_unpacklo_epi8(r2, r3), _mm_unpackhi_epi8(r2, r3));
+                    // Pixels 0–7 and 8–15, four codes per 32-bit lane, in pixel order.
+                    let x0 = _mm256_set_m128i(
+                        _mm_unpackhi_epi16(l01, l23),
+                        _mm_unpacklo_epi16(l01, l23),
+                    );
+                    let x1 = _mm256_set_m128i(
+                        _mm_unpackhi_epi16(h01, h23),
+                        _mm_unpacklo_epi16(h01, h23),
+                    );
+                    for j in 0..4 {
+                        let w = _mm256_set1_epi32(w4[j]);
+                        lo[j] = dot(lo[j], x0, w);
+                        hi[j] = dot(hi[j], x1, w);
+                    }
+                }
+                for j in 0..4 {
+                    let dst = acc[j].get_mut(b..b + 16).ok_or(Error::BadArgument)?;
+                    // SAFETY: `dst` holds exactly the 16 i32 the two loads and stores touch.
+                    unsafe {
+                        let d = dst.as_mut_ptr().cast::<__m256i>();
+                        _mm256_storeu_si256(d, _mm256_add_epi32(_mm256_loadu_si256(d), lo[j]));
+                        let d1 = dst.as_mut_ptr().add(8).cast::<__m256i>();
+                        _mm256_storeu_si256(d1, _mm256_add_epi32(_mm256_loadu_si256(d1), hi[j]));
+                    }
+                }
+                b += 16;
+            }
+            for i in b..n {
+                let p = p0 + i;
+                for (qi, w4) in wq.iter().enumerate().take(quads) {
+                    for t in 0..4 {
+                        let ci = (4 * qi + t).min(kc - 1);
+                        let a = *in_group
+                            .get((c + ci) * plane + p)
+                            .ok_or(Error::BadArgument)? as i32;
+                        for j in 0..4 {
+                            let w = (w4[j] >> (8 * t)) as i8 as i32;
+                            let s = acc[j].get_mut(i).ok_or(Error::BadArgument)?;
+                            *s = s.wrapping_add(w * a);
+                        }
+                    }
+                }
+            }
+            Ok(())
+        }
+    };
+}
+
+// The closures expand inside the functions, whose target features they inherit.
+quad4_block!(quad4_block_avx2, "avx2", |s: __m256i, x, w| {
+    _mm256_add_epi32(
+        s,
+        _mm256_madd_epi16(_mm256_maddubs_epi16(x, w), _mm256_set1_epi16(1)),
+    )
+});
+quad4_block!(
+    quad4_block_vnni,
+    "avx2,avx512vnni,avx512vl",
+    |s: __m256i, x, w| _mm256_dpbusd_epi32(s, x, w)
+);
 
 /// One [`QUAD_KC`]-channel slice of [`pointwise_quads`]: input channels `c .. c + kc` into
 /// the accumulators of pixels `p0 .. p0 + n` of four output channels. Whole blocks of 16
