@@ -225,22 +225,62 @@ pub(super) fn requant_avx2(
 const QUAD_KC: usize = 64;
 
 /// The 1×1 convolution of [`super::conv2d`] (stride 1, no pads) for output channels
-/// `first .. first + 4·m` of a group, four at a time: each pair of input channels is loaded
-/// and widened once and multiplied into the accumulators of four output channels, 16 pixels
-/// per block, `vpmaddwd` forming `(q_c − z)·a_c + (q_{c+1} − z)·a_{c+1}` per i32 lane. Exact:
-/// `|q − z| ≤ 255` and `a ≤ 255` are valid i16, a pair sum `≤ 2·255²` fits i32, and the lane
-/// additions wrap as the portable loop's do. Weights are unpacked from the packed rows
-/// [`QUAD_KC`] input channels at a time into a stack buffer (no scratch). Returns the first
-/// output channel it left to the portable path (fewer than four remain).
+/// `first ..` of a group, several at a time: each block of input codes is loaded and widened
+/// once and multiplied into the accumulators of four output channels (eight with VNNI, whose
+/// AVX-512 VL doubles the vector registers), 16 pixels per block. 8-bit weights: `vpmaddwd`
+/// forms `(q_c − z)·a_c + (q_{c+1} − z)·a_{c+1}` per i32 lane (exact: `|q − z| ≤ 255` and
+/// `a ≤ 255` are valid i16, a pair sum `≤ 2·255²` fits i32); ≤ 4-bit weights: four input
+/// channels per byte product ([`quad4_block_vnni`]). Lane additions wrap as the portable
+/// loop's do. Weights are unpacked from the packed rows [`QUAD_KC`] input channels at a time
+/// into a stack buffer (no scratch). Returns the first output channel it left to the portable
+/// path (fewer than four remain).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn pointwise_quads(
     weights: &crate::format::Weights<'_>,
     in_group: &[u8],
     plane: usize,
     z: i32,
-    (y_zero, y_lo, y_hi): (u8, u8, u8),
+    y: (u8, u8, u8),
     out: &mut [u8],
     (first, count): (usize, usize),
+    vnni: bool,
+) -> Result<usize, Error> {
+    let mut co = first;
+    if vnni && weights.bits <= 4 {
+        co = pointwise_group::<8>(
+            weights,
+            in_group,
+            plane,
+            z,
+            y,
+            out,
+            (co, first + count),
+            vnni,
+        )?;
+    }
+    pointwise_group::<4>(
+        weights,
+        in_group,
+        plane,
+        z,
+        y,
+        out,
+        (co, first + count),
+        vnni,
+    )
+}
+
+/// [`pointwise_quads`] for output channels `from .. end`, `N` at a time; returns where it
+/// stopped (fewer than `N` left). `N = 8` only with `vnni` and ≤ 4-bit weights.
+#[allow(clippy::too_many_arguments)]
+fn pointwise_group<const N: usize>(
+    weights: &crate::format::Weights<'_>,
+    in_group: &[u8],
+    plane: usize,
+    z: i32,
+    (y_zero, y_lo, y_hi): (u8, u8, u8),
+    out: &mut [u8],
+    (from, end): (usize, usize),
     vnni: bool,
 ) -> Result<usize, Error> {
     // ≤ 4-bit weights fit i8 (`|q − z_c| ≤ 15`): four input channels per byte product.
@@ -249,13 +289,16 @@ pub(super) fn pointwise_quads(
     if in_group.len() < k.checked_mul(plane).ok_or(Error::BadArgument)? {
         return Err(Error::BadArgument);
     }
-    let mut co = first;
-    while co + 4 <= first + count {
-        let mut reqs = [crate::numerics::ChannelRequant::new(0, 0, 0, 0, 0); 4];
-        let mut c0 = [0i32; 4];
-        let mut zw = [0i32; 4];
-        let mut rows: [&[u8]; 4] = [&[]; 4];
-        for j in 0..4 {
+    if N == 8 && !(vnni && quads) {
+        return Err(Error::BadArgument);
+    }
+    let mut co = from;
+    while co + N <= end {
+        let mut reqs = [crate::numerics::ChannelRequant::new(0, 0, 0, 0, 0); N];
+        let mut c0 = [0i32; N];
+        let mut zw = [0i32; N];
+        let mut rows: [&[u8]; N] = [&[]; N];
+        for j in 0..N {
             let ch = weights.channel(co + j).ok_or(Error::BadArgument)?;
             rows[j] = weights.row(co + j).ok_or(Error::BadArgument)?;
             zw[j] = ch.w_zero as i32;
@@ -268,7 +311,7 @@ pub(super) fn pointwise_quads(
         let mut p0 = 0;
         while p0 < plane {
             let n = super::CONV_TILE.min(plane - p0);
-            let mut acc = [[0i32; super::CONV_TILE]; 4];
+            let mut acc = [[0i32; super::CONV_TILE]; N];
             for (a, &c) in acc.iter_mut().zip(&c0) {
                 a.fill(c);
             }
@@ -276,7 +319,7 @@ pub(super) fn pointwise_quads(
             while c < k {
                 let kc = QUAD_KC.min(k - c);
                 // Made again per tile: making them once per channel quad measured no faster.
-                let mut wp = [[0i32; 4]; QUAD_KC / 2];
+                let mut wp = [[0i32; N]; QUAD_KC / 2];
                 let blk = (in_group, plane, c, kc, p0, n);
                 if quads {
                     weight_quads(weights.bits, &rows, &zw, c, kc, &mut wp)?;
@@ -307,7 +350,7 @@ pub(super) fn pointwise_quads(
             }
             p0 += n;
         }
-        co += 4;
+        co += N;
     }
     Ok(co)
 }
@@ -315,13 +358,13 @@ pub(super) fn pointwise_quads(
 /// `(w_{c+1} << 16 | w_c as u16)` of input channels `c .. c + kc` (`c` a multiple of 8) for
 /// the four rows, one pair per element of `out`; weights of channels past `kc` (a row's zero
 /// padding) are 0.
-fn weight_pairs(
+fn weight_pairs<const N: usize>(
     bits: u8,
-    rows: &[&[u8]; 4],
-    zw: &[i32; 4],
+    rows: &[&[u8]; N],
+    zw: &[i32; N],
     c: usize,
     kc: usize,
-    out: &mut [[i32; 4]],
+    out: &mut [[i32; N]],
 ) -> Result<(), Error> {
     let b = bits as usize;
     for (j, row) in rows.iter().enumerate() {
@@ -348,13 +391,13 @@ fn weight_pairs(
 /// The weights of input channels `c .. c + kc` (`c` a multiple of 8) for the four rows as
 /// bytes `q − z_c` (≤ 4-bit weights: `|q − z_c| ≤ 15`), four input channels per `i32`, one
 /// element of `out` per four channels; channels past `kc` get weight 0.
-fn weight_quads(
+fn weight_quads<const N: usize>(
     bits: u8,
-    rows: &[&[u8]; 4],
-    zw: &[i32; 4],
+    rows: &[&[u8]; N],
+    zw: &[i32; N],
     c: usize,
     kc: usize,
-    out: &mut [[i32; 4]],
+    out: &mut [[i32; N]],
 ) -> Result<(), Error> {
     let b = bits as usize;
     for (j, row) in rows.iter().enumerate() {
@@ -389,10 +432,10 @@ fn weight_quads(
 macro_rules! quad4_block {
     ($name:ident, $features:literal, $dot:expr) => {
         #[target_feature(enable = $features)]
-        fn $name(
+        fn $name<const N: usize>(
             (in_group, plane, c, kc, p0, n): (&[u8], usize, usize, usize, usize, usize),
-            wq: &[[i32; 4]],
-            acc: &mut [[i32; super::CONV_TILE]; 4],
+            wq: &[[i32; N]],
+            acc: &mut [[i32; super::CONV_TILE]; N],
         ) -> Result<(), Error> {
             let quads = kc.div_ceil(4);
             // Every load below reads 16 codes of a channel `c .. c + kc` at a pixel `< p0 + n`.
@@ -407,8 +450,8 @@ macro_rules! quad4_block {
             let mut b = 0;
             while b + 16 <= n {
                 let p = p0 + b;
-                let mut lo = [_mm256_setzero_si256(); 4];
-                let mut hi = [_mm256_setzero_si256(); 4];
+                let mut lo = [_mm256_setzero_si256(); N];
+                let mut hi = [_mm256_setzero_si256(); N];
                 for (qi, w4) in wq.iter().enumerate().take(quads) {
                     // SAFETY: every channel index is `< kc` and `p + 16 ≤ p0 + n ≤ plane`, so
                     // each 16-byte load lies inside `in_group` (checked above).
@@ -428,13 +471,13 @@ macro_rules! quad4_block {
                         _mm_unpackhi_epi16(h01, h23),
                         _mm_unpacklo_epi16(h01, h23),
                     );
-                    for j in 0..4 {
+                    for j in 0..N {
                         let w = _mm256_set1_epi32(w4[j]);
                         lo[j] = dot(lo[j], x0, w);
                         hi[j] = dot(hi[j], x1, w);
                     }
                 }
-                for j in 0..4 {
+                for j in 0..N {
                     let dst = acc[j].get_mut(b..b + 16).ok_or(Error::BadArgument)?;
                     // SAFETY: `dst` holds exactly the 16 i32 the two loads and stores touch.
                     unsafe {
@@ -454,7 +497,7 @@ macro_rules! quad4_block {
                         let a = *in_group
                             .get((c + ci) * plane + p)
                             .ok_or(Error::BadArgument)? as i32;
-                        for j in 0..4 {
+                        for j in 0..N {
                             let w = (w4[j] >> (8 * t)) as i8 as i32;
                             let s = acc[j].get_mut(i).ok_or(Error::BadArgument)?;
                             *s = s.wrapping_add(w * a);
@@ -485,15 +528,15 @@ quad4_block!(
 /// pixels in registers; the last `n % 16` pixels with the same pair sums in plain code.
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2")]
-fn quad_block_avx2(
+fn quad_block_avx2<const N: usize>(
     in_group: &[u8],
     plane: usize,
     c: usize,
     kc: usize,
-    wp: &[[i32; 4]],
+    wp: &[[i32; N]],
     p0: usize,
     n: usize,
-    acc: &mut [[i32; super::CONV_TILE]; 4],
+    acc: &mut [[i32; super::CONV_TILE]; N],
 ) -> Result<(), Error> {
     let pairs = kc.div_ceil(2);
     // Every load below reads 16 codes of a channel `c .. c + kc` at a pixel `< p0 + n`.
@@ -507,8 +550,8 @@ fn quad_block_avx2(
     let mut b = 0;
     while b + 16 <= n {
         let p = p0 + b;
-        let mut lo = [_mm256_setzero_si256(); 4];
-        let mut hi = [_mm256_setzero_si256(); 4];
+        let mut lo = [_mm256_setzero_si256(); N];
+        let mut hi = [_mm256_setzero_si256(); N];
         for (pi, wq) in wp.iter().enumerate().take(pairs) {
             // An odd last channel pairs with itself; its weight pair's high half is 0.
             let (c0, c1) = (2 * pi, (2 * pi + 1).min(kc - 1));
@@ -523,13 +566,13 @@ fn quad_block_avx2(
             };
             // Per 128-bit lane: pixels 0–3 | 8–11 (lo) and 4–7 | 12–15 (hi), channel pairs.
             let (pl, ph) = (_mm256_unpacklo_epi16(x0, x1), _mm256_unpackhi_epi16(x0, x1));
-            for j in 0..4 {
+            for j in 0..N {
                 let w = _mm256_set1_epi32(wq[j]);
                 lo[j] = _mm256_add_epi32(lo[j], _mm256_madd_epi16(pl, w));
                 hi[j] = _mm256_add_epi32(hi[j], _mm256_madd_epi16(ph, w));
             }
         }
-        for j in 0..4 {
+        for j in 0..N {
             let dst = acc[j].get_mut(b..b + 16).ok_or(Error::BadArgument)?;
             // Back to pixel order: 0–7 and 8–15.
             let first = _mm256_permute2x128_si256(lo[j], hi[j], 0x20);
@@ -554,7 +597,7 @@ fn quad_block_avx2(
             let a1 = chan(2 * pi + 1)
                 .and_then(|r| r.get(p))
                 .ok_or(Error::BadArgument)?;
-            for j in 0..4 {
+            for j in 0..N {
                 let (w0, w1) = (wq[j] as i16 as i32, wq[j] >> 16);
                 let a = acc[j].get_mut(i).ok_or(Error::BadArgument)?;
                 *a = a
