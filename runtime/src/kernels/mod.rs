@@ -465,10 +465,22 @@ fn requant_tile(req: &numerics::ChannelRequant, acc: &[i32], out: &mut [u8]) {
     #[allow(unused_mut)]
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
+    if active() == Isa::Avx512Vnni {
+        // SAFETY: `active()` is Avx512Vnni only where the CPU has AVX2 and AVX-512 VNNI and
+        // VL (compiled for them, or detected by `use_kernels`); VL implies AVX-512F.
+        done = unsafe { x86::requant_avx512(req, acc, out) };
+    }
+    #[cfg(target_arch = "x86_64")]
     if active() >= Isa::Avx2 {
-        // SAFETY: `active()` is Avx2 only where the CPU has AVX2 (compiled for it, or
-        // detected by `use_kernels`).
-        done = unsafe { x86::requant_avx2(req, acc, out) };
+        // SAFETY: `active()` is Avx2 or above only where the CPU has AVX2 (compiled for it,
+        // or detected by `use_kernels`).
+        done += unsafe {
+            x86::requant_avx2(
+                req,
+                acc.get(done..).unwrap_or_default(),
+                out.get_mut(done..).unwrap_or_default(),
+            )
+        };
     }
     for (o, &a) in out.iter_mut().zip(acc).skip(done) {
         *o = req.apply(a);

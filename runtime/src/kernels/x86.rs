@@ -117,6 +117,53 @@ fn requant_narrow_avx2(
     i
 }
 
+/// [`requant_narrow_avx2`] sixteen accumulators per step with AVX-512F (implied by the VNNI
+/// level's VL): the same 64-bit products and 32-bit tail, the codes narrowed by `vpmovusdb`
+/// (every value is already in `[0, 255]`). Only for `shift ≥ 0`; returns how many leading
+/// accumulators it did (0 for other factors, which the AVX2 form takes).
+#[target_feature(enable = "avx2,avx512f,avx512vl")]
+pub(super) fn requant_avx512(
+    req: &crate::numerics::ChannelRequant,
+    acc: &[i32],
+    out: &mut [u8],
+) -> usize {
+    let (mult, n, half, zero, lo, hi) = req.constants();
+    if n < 31 || mult < 0 {
+        return 0;
+    }
+    let multv = _mm512_set1_epi64(mult);
+    let halfv = _mm512_set1_epi64(half);
+    let count = _mm_cvtsi32_si128(n as i32);
+    let (zerov, lov, hiv) = (
+        _mm512_set1_epi32(zero as i32),
+        _mm512_set1_epi32(lo as i32),
+        _mm512_set1_epi32(hi as i32),
+    );
+    let (floor, ceil) = (_mm512_set1_epi32(-256), _mm512_set1_epi32(511));
+    let mut i = 0;
+    while let (Some(src), Some(dst)) = (acc.get(i..i + 16), out.get_mut(i..i + 16)) {
+        // SAFETY: `src` holds exactly the 16 i32 the load reads.
+        let a = unsafe { _mm512_loadu_si512(src.as_ptr().cast()) };
+        let mag = _mm512_abs_epi32(a);
+        let even = _mm512_srl_epi64(_mm512_add_epi64(_mm512_mul_epu32(mag, multv), halfv), count);
+        let odd = _mm512_srl_epi64(
+            _mm512_add_epi64(_mm512_mul_epu32(_mm512_srli_epi64(mag, 32), multv), halfv),
+            count,
+        );
+        let r = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
+        let sign = _mm512_srai_epi32(a, 31);
+        let r = _mm512_sub_epi32(_mm512_xor_si512(r, sign), sign);
+        let r = _mm512_min_epi32(_mm512_max_epi32(r, floor), ceil);
+        let v = _mm512_add_epi32(r, zerov);
+        let v = _mm512_min_epi32(_mm512_max_epi32(v, lov), hiv);
+        let bytes = _mm512_cvtusepi32_epi8(v);
+        // SAFETY: `dst` holds exactly the 16 bytes the store writes.
+        unsafe { _mm_storeu_si128(dst.as_mut_ptr().cast(), bytes) };
+        i += 16;
+    }
+    i
+}
+
 /// [`super::tap_row`] for strides 1 and 2, eight output pixels per step: the codes widen to
 /// i32 lanes and `vpmulld` multiplies them by the tap's weight. Exact: `|wv| ≤ 255` and
 /// `a ≤ 255`, so every product fits i32, and the lane additions wrap as the portable loop's
