@@ -374,6 +374,9 @@ pub fn conv2d(
         && geom.pad_left == 0
         && s.h == s.out_h
         && s.w == s.out_w;
+    // The AVX2 direct convolution's padded input rows, zeroed once per call, not per channel.
+    #[cfg(target_arch = "x86_64")]
+    let mut direct_rows = [0u8; x86::DIRECT_ROWS];
     for g in 0..geom.groups {
         let in_group = input
             .get(g * s.c_in_g * plane..(g + 1) * s.c_in_g * plane)
@@ -406,7 +409,16 @@ pub fn conv2d(
                 .ok_or(Error::BadArgument)?;
             #[cfg(target_arch = "x86_64")]
             if !pointwise && active() >= Isa::Avx2 && x86::direct_fits(geom, &s) {
-                x86::direct_conv(geom, &s, in_group, codes, (zw, z, c0), &req, out_c)?;
+                x86::direct_conv(
+                    geom,
+                    &s,
+                    in_group,
+                    codes,
+                    (zw, z, c0),
+                    &req,
+                    out_c,
+                    &mut direct_rows,
+                )?;
                 continue;
             }
             let mut p0 = 0;

@@ -660,7 +660,7 @@ fn quad_block_avx2<const N: usize>(
 const DIRECT_MAX_K: usize = 64;
 
 /// Bytes of the stack buffer holding [`direct_conv`]'s padded input rows.
-const DIRECT_ROWS: usize = 8192;
+pub(super) const DIRECT_ROWS: usize = 8192;
 
 /// Codes a padded row holds past its right pad: the loads of a last, partial step of sixteen
 /// pixels at stride 2 read that far.
@@ -692,12 +692,14 @@ pub(super) fn direct_fits(geom: &super::ConvGeom, s: &super::ConvShape) -> bool 
 
 /// One output channel of [`super::conv2d`] with every tap's weight in registers, a band of
 /// output rows at a time (as many as fit [`super::CONV_TILE`] accumulators and their input
-/// rows [`DIRECT_ROWS`]). The band's input rows are copied into a stack buffer with their pads
+/// rows [`DIRECT_ROWS`]). The band's input rows are copied into `buf` (the caller's, on the
+/// stack, made once per convolution) with their pads
 /// (and rows above or below the input) filled with `z`, the value padding reads in the tap
 /// path; then every output pixel takes all `K` multiply–adds from that buffer, sixteen pixels
 /// per step (taps paired into `vpmaddwd`, one store; a last partial step masks its lanes),
 /// and the band is requantized in one pass. Exact: every product `|q − z_c|·a ≤ 255²` fits
 /// i32 and the sums wrap like the portable loops', so the order of summation does not matter.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn direct_conv(
     geom: &super::ConvGeom,
     s: &super::ConvShape,
@@ -706,6 +708,7 @@ pub(super) fn direct_conv(
     (zw, z, c0): (i32, i32, i32),
     req: &crate::numerics::ChannelRequant,
     out_c: &mut [u8],
+    buf: &mut [u8; DIRECT_ROWS],
 ) -> Result<(), Error> {
     let (kh, kw) = (geom.kernel_h, geom.kernel_w);
     let (sh, sw, dh, dw) = (
@@ -722,7 +725,6 @@ pub(super) fn direct_conv(
         band -= 1;
     }
     let n_in = band_input_rows(geom, band);
-    let mut buf = [0u8; DIRECT_ROWS];
     let rows = buf
         .get_mut(..s.c_in_g * n_in * row_len)
         .ok_or(Error::BadArgument)?;
