@@ -17,7 +17,7 @@ unsafe fn slice_in<'a, T>(p: *const T, len: usize) -> Result<&'a [T], Error> {
     if p.is_null() {
         return Err(Error::NullPointer);
     }
-    if (p as usize) % align_of::<T>() != 0 {
+    if !(p as usize).is_multiple_of(align_of::<T>()) {
         return Err(Error::BufferMisaligned);
     }
     if len
@@ -69,7 +69,7 @@ pub unsafe extern "C" fn dfq_prepare(
     model: *const u8,
     model_len: usize,
 ) -> c_int {
-    if out.is_null() || (out as usize) % align_of::<DfqModel>() != 0 {
+    if out.is_null() || !(out as usize).is_multiple_of(align_of::<DfqModel>()) {
         return Error::NullPointer.code();
     }
     // SAFETY: the caller's contract.
@@ -107,7 +107,7 @@ pub unsafe extern "C" fn dfq_run_prepared(
     arena: *mut u8,
     arena_len: usize,
 ) -> c_int {
-    if m.is_null() || (m as usize) % align_of::<DfqModel>() != 0 {
+    if m.is_null() || !(m as usize).is_multiple_of(align_of::<DfqModel>()) {
         return Error::NullPointer.code();
     }
     // SAFETY: non-NULL and aligned (checked); readable by the caller's contract.

@@ -28,7 +28,7 @@ pub fn run(
     if arena.len() < model.arena_size() {
         return Err(Error::ArenaTooSmall);
     }
-    if (arena.as_ptr() as usize) % ARENA_ALIGN != 0 {
+    if !(arena.as_ptr() as usize).is_multiple_of(ARENA_ALIGN) {
         return Err(Error::ArenaMisaligned);
     }
     let arena = arena

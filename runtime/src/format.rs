@@ -2140,7 +2140,7 @@ mod writer {
 
         /// Appends `bytes` to the pool at a 16-aligned offset; returns the offset.
         pub fn push_pool(&mut self, bytes: &[u8]) -> u32 {
-            while self.pool.len() % SECTION_ALIGN != 0 {
+            while !self.pool.len().is_multiple_of(SECTION_ALIGN) {
                 self.pool.push(0);
             }
             let off = self.pool.len();

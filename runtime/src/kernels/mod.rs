@@ -694,7 +694,7 @@ pub fn fully_connected_f32(
 
 /// Softmax over rows of `last` values of `f32` logits, in place (f64 sums, as [`softmax`]).
 pub fn softmax_f32_in_place(last: usize, data: &mut [f32]) -> Result<(), Error> {
-    if last == 0 || data.len() % last != 0 {
+    if last == 0 || !data.len().is_multiple_of(last) {
         return Err(Error::BadArgument);
     }
     for row in data.chunks_exact_mut(last) {

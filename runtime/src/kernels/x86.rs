@@ -345,15 +345,16 @@ fn pointwise_group<const N: usize>(
         let mut c0 = [0i32; N];
         let mut zw = [0i32; N];
         let mut rows: [&[u8]; N] = [&[]; N];
-        for j in 0..N {
+        let each = rows.iter_mut().zip(&mut zw).zip(&mut reqs).zip(&mut c0);
+        for (j, (((row, zwj), req), c0j)) in each.enumerate() {
             let ch = weights.channel(co + j).ok_or(Error::BadArgument)?;
-            rows[j] = weights.row(co + j).ok_or(Error::BadArgument)?;
-            zw[j] = ch.w_zero as i32;
-            reqs[j] =
+            *row = weights.row(co + j).ok_or(Error::BadArgument)?;
+            *zwj = ch.w_zero as i32;
+            *req =
                 crate::numerics::ChannelRequant::new(ch.mult, ch.shift, y_zero as i32, y_lo, y_hi);
-            c0[j] = ch.bias.wrapping_sub(
-                z.wrapping_mul(ch.sum_q.wrapping_sub((k as i32).wrapping_mul(zw[j]))),
-            );
+            *c0j = ch
+                .bias
+                .wrapping_sub(z.wrapping_mul(ch.sum_q.wrapping_sub((k as i32).wrapping_mul(*zwj))));
         }
         let mut p0 = 0;
         while p0 < plane {
@@ -388,12 +389,12 @@ fn pointwise_group<const N: usize>(
                 }
                 c += kc;
             }
-            for (j, a) in acc.iter().enumerate() {
+            for (j, (a, req)) in acc.iter().zip(&reqs).enumerate() {
                 let dst = out
                     .get_mut((co + j) * plane + p0..(co + j) * plane + p0 + n)
                     .ok_or(Error::BadArgument)?;
                 let a = a.get(..n).ok_or(Error::BadArgument)?;
-                super::requant_tile(&reqs[j], a, dst);
+                super::requant_tile(req, a, dst);
             }
             p0 += n;
         }
@@ -414,7 +415,7 @@ fn weight_pairs<const N: usize>(
     out: &mut [[i32; N]],
 ) -> Result<(), Error> {
     let b = bits as usize;
-    for (j, row) in rows.iter().enumerate() {
+    for (j, (row, &zwj)) in rows.iter().zip(zw).enumerate() {
         let mut codes = [0u8; 8];
         for gi in 0..kc.div_ceil(8) {
             let g0 = (c / 8 + gi) * b;
@@ -422,13 +423,15 @@ fn weight_pairs<const N: usize>(
             crate::format::unpack_group(bits, group, &mut codes);
             let w = |t: usize| {
                 if gi * 8 + t < kc {
-                    (codes[t] as i32 - zw[j]) as u16 as i32
+                    (codes.get(t).copied().unwrap_or(0) as i32 - zwj) as u16 as i32
                 } else {
                     0
                 }
             };
             for (t, pair) in out.iter_mut().skip(gi * 4).take(4).enumerate() {
-                pair[j] = w(2 * t) | w(2 * t + 1) << 16;
+                if let Some(v) = pair.get_mut(j) {
+                    *v = w(2 * t) | w(2 * t + 1) << 16;
+                }
             }
         }
     }
@@ -447,7 +450,7 @@ fn weight_quads<const N: usize>(
     out: &mut [[i32; N]],
 ) -> Result<(), Error> {
     let b = bits as usize;
-    for (j, row) in rows.iter().enumerate() {
+    for (j, (row, &zwj)) in rows.iter().zip(zw).enumerate() {
         let mut codes = [0u8; 8];
         for gi in 0..kc.div_ceil(8) {
             let g0 = (c / 8 + gi) * b;
@@ -455,13 +458,15 @@ fn weight_quads<const N: usize>(
             crate::format::unpack_group(bits, group, &mut codes);
             let w = |t: usize| {
                 if gi * 8 + t < kc {
-                    (codes[t] as i32 - zw[j]) as u8 as i32
+                    (codes.get(t).copied().unwrap_or(0) as i32 - zwj) as u8 as i32
                 } else {
                     0
                 }
             };
             for (t, quad) in out.iter_mut().skip(gi * 2).take(2).enumerate() {
-                quad[j] = w(4 * t) | w(4 * t + 1) << 8 | w(4 * t + 2) << 16 | w(4 * t + 3) << 24;
+                if let Some(v) = quad.get_mut(j) {
+                    *v = w(4 * t) | w(4 * t + 1) << 8 | w(4 * t + 2) << 16 | w(4 * t + 3) << 24;
+                }
             }
         }
     }
@@ -518,20 +523,20 @@ macro_rules! quad4_block {
                         _mm_unpackhi_epi16(h01, h23),
                         _mm_unpacklo_epi16(h01, h23),
                     );
-                    for j in 0..N {
-                        let w = _mm256_set1_epi32(w4[j]);
-                        lo[j] = dot(lo[j], x0, w);
-                        hi[j] = dot(hi[j], x1, w);
+                    for ((l, h), &w) in lo.iter_mut().zip(&mut hi).zip(w4) {
+                        let w = _mm256_set1_epi32(w);
+                        *l = dot(*l, x0, w);
+                        *h = dot(*h, x1, w);
                     }
                 }
-                for j in 0..N {
-                    let dst = acc[j].get_mut(b..b + 16).ok_or(Error::BadArgument)?;
+                for ((a, &l), &h) in acc.iter_mut().zip(&lo).zip(&hi) {
+                    let dst = a.get_mut(b..b + 16).ok_or(Error::BadArgument)?;
                     // SAFETY: `dst` holds exactly the 16 i32 the two loads and stores touch.
                     unsafe {
                         let d = dst.as_mut_ptr().cast::<__m256i>();
-                        _mm256_storeu_si256(d, _mm256_add_epi32(_mm256_loadu_si256(d), lo[j]));
+                        _mm256_storeu_si256(d, _mm256_add_epi32(_mm256_loadu_si256(d), l));
                         let d1 = dst.as_mut_ptr().add(8).cast::<__m256i>();
-                        _mm256_storeu_si256(d1, _mm256_add_epi32(_mm256_loadu_si256(d1), hi[j]));
+                        _mm256_storeu_si256(d1, _mm256_add_epi32(_mm256_loadu_si256(d1), h));
                     }
                 }
                 b += 16;
@@ -544,9 +549,9 @@ macro_rules! quad4_block {
                         let a = *in_group
                             .get((c + ci) * plane + p)
                             .ok_or(Error::BadArgument)? as i32;
-                        for j in 0..N {
-                            let w = (w4[j] >> (8 * t)) as i8 as i32;
-                            let s = acc[j].get_mut(i).ok_or(Error::BadArgument)?;
+                        for (acc_j, &w4j) in acc.iter_mut().zip(w4) {
+                            let w = (w4j >> (8 * t)) as i8 as i32;
+                            let s = acc_j.get_mut(i).ok_or(Error::BadArgument)?;
                             *s = s.wrapping_add(w * a);
                         }
                     }
@@ -613,17 +618,17 @@ fn quad_block_avx2<const N: usize>(
             };
             // Per 128-bit lane: pixels 0–3 | 8–11 (lo) and 4–7 | 12–15 (hi), channel pairs.
             let (pl, ph) = (_mm256_unpacklo_epi16(x0, x1), _mm256_unpackhi_epi16(x0, x1));
-            for j in 0..N {
-                let w = _mm256_set1_epi32(wq[j]);
-                lo[j] = _mm256_add_epi32(lo[j], _mm256_madd_epi16(pl, w));
-                hi[j] = _mm256_add_epi32(hi[j], _mm256_madd_epi16(ph, w));
+            for ((l, h), &w) in lo.iter_mut().zip(&mut hi).zip(wq) {
+                let w = _mm256_set1_epi32(w);
+                *l = _mm256_add_epi32(*l, _mm256_madd_epi16(pl, w));
+                *h = _mm256_add_epi32(*h, _mm256_madd_epi16(ph, w));
             }
         }
-        for j in 0..N {
-            let dst = acc[j].get_mut(b..b + 16).ok_or(Error::BadArgument)?;
+        for ((a, &l), &h) in acc.iter_mut().zip(&lo).zip(&hi) {
+            let dst = a.get_mut(b..b + 16).ok_or(Error::BadArgument)?;
             // Back to pixel order: 0–7 and 8–15.
-            let first = _mm256_permute2x128_si256(lo[j], hi[j], 0x20);
-            let second = _mm256_permute2x128_si256(lo[j], hi[j], 0x31);
+            let first = _mm256_permute2x128_si256(l, h, 0x20);
+            let second = _mm256_permute2x128_si256(l, h, 0x31);
             // SAFETY: `dst` holds exactly the 16 i32 the two loads and stores touch.
             unsafe {
                 let d = dst.as_mut_ptr().cast::<__m256i>();
@@ -644,9 +649,9 @@ fn quad_block_avx2<const N: usize>(
             let a1 = chan(2 * pi + 1)
                 .and_then(|r| r.get(p))
                 .ok_or(Error::BadArgument)?;
-            for j in 0..N {
-                let (w0, w1) = (wq[j] as i16 as i32, wq[j] >> 16);
-                let a = acc[j].get_mut(i).ok_or(Error::BadArgument)?;
+            for (acc_j, &w) in acc.iter_mut().zip(wq) {
+                let (w0, w1) = (w as i16 as i32, w >> 16);
+                let a = acc_j.get_mut(i).ok_or(Error::BadArgument)?;
                 *a = a
                     .wrapping_add(w0 * *a0 as i32)
                     .wrapping_add(w1 * *a1 as i32);
@@ -792,7 +797,9 @@ fn direct_step_avx2(
     let (mut v0, mut v1) = (_mm256_set1_epi32(c0), _mm256_set1_epi32(c0));
     let mut pairs = taps.chunks_exact(2);
     for pair in &mut pairs {
-        let [(oa, wa), (ob, wb)] = [pair[0], pair[1]];
+        let &[(oa, wa), (ob, wb)] = pair else {
+            continue; // `chunks_exact(2)`: never shorter
+        };
         let (a0, a1) = direct_codes(rows, sw, wide, oa + start)?;
         let (b0, b1) = direct_codes(rows, sw, wide, ob + start)?;
         let w = _mm256_set1_epi32(wb << 16 | (wa as u16 as i32));
