@@ -1,7 +1,8 @@
 //! Latency of the integer runtime on one core, batch 1: the median over the samples of an
 //! `.npy` of one `diffdfq_runtime::run` call each (the model is validated once, as a device
-//! that keeps it in flash would; the arena is allocated once). `scripts/bench` puts it next to
-//! onnxruntime in the same run.
+//! that keeps it in flash would; the arena is allocated once), with the kernels of the host
+//! build (no `--cpu`); on stderr, what validating on every call costs. `scripts/bench` times
+//! `libNAME.a` itself instead, through a C driver.
 //!
 //!     cargo run --release -p diffdfq-compiler --example runtime_speed MODEL.dfq INPUTS.npy
 
