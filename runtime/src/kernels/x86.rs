@@ -1,4 +1,10 @@
-//! x86_64 SIMD kernels, each bit-identical to its portable twin in [`super`].
+//! x86_64 SIMD kernels, each bit-identical to its portable twin in [`super`]: the SSE2 1×1
+//! convolution (baseline), and at the AVX2 level the 1×1 convolution by groups of output
+//! channels ([`pointwise_quads`]), the direct convolution of depthwise and small layers from
+//! padded rows ([`direct_conv`]), the general convolution's tap rows ([`tap_row_avx2`]) and
+//! requantization ([`requant_avx2`]); the VNNI level adds `vpdpbusd` for ≤ 4-bit weights and
+//! 16-lane requantization ([`requant_avx512`]). Each function's doc comment states why its
+//! integer arithmetic cannot saturate or round differently from the portable loops.
 
 use core::arch::x86_64::*;
 
