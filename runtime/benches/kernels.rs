@@ -11,7 +11,18 @@ use diffdfq_runtime::kernels::{self, ConvGeom, Isa, QIn, QOut};
 use diffdfq_runtime::quantize_multiplier;
 
 /// (label, C_in, H, W, C_out, kernel, stride, groups)
-const SHAPES: &[(&str, usize, usize, usize, usize, usize, usize, usize)] = &[
+type Shape = (
+    &'static str,
+    usize,
+    usize,
+    usize,
+    usize,
+    usize,
+    usize,
+    usize,
+);
+
+const SHAPES: &[Shape] = &[
     ("stem 3x3 s2 3->32 224", 3, 224, 224, 32, 3, 2, 1),
     ("1x1 96->24 56", 96, 56, 56, 24, 1, 1, 1),
     ("1x1 24->144 56", 24, 56, 56, 144, 1, 1, 1),
