@@ -1,6 +1,6 @@
 //! Every SIMD kernel this CPU can run against the portable loops (the reference that
 //! `kernels.rs` checks against plain integer math): random convolutions big enough for whole
-//! vectors and ragged tails — 1×1, depthwise and general, strides 1–3, dilations, asymmetric
+//! vectors and ragged tails — 1×1, depthwise, small and wide general ones, strides 1–3, dilations, asymmetric
 //! pads, groups, every weight width, 4- and 8-bit activations — and requantization constants
 //! over their whole range. Byte-identical outputs or the test fails. `use_kernels` switches
 //! the kernels of the whole process, so this binary holds one test that switches in turn.
@@ -43,6 +43,20 @@ fn problem() -> impl Strategy<Value = Problem> {
             w,
             (1, 1, 1, 1, [0; 4])
         )),
+        // General convolutions reducing over more than the direct kernel holds (K > 64), up to
+        // more output channels than one accumulator block: the gathered-column GEMM.
+        (
+            1usize..3,
+            8usize..24,
+            1usize..72,
+            1usize..14,
+            1usize..14,
+            (1usize..4, 1usize..3),
+            (0usize..3, 0usize..2)
+        )
+            .prop_map(|(g, ci, co, h, w, (k, st), (pt, pl))| {
+                (g, ci, co, h, w, (3, k, st, st, [pt, pl, pl, pt]))
+            }),
         // Depthwise 3×3 / 5×5, strides 1–2, pads 0–2.
         (
             1usize..12,

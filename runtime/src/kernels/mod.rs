@@ -383,6 +383,20 @@ pub fn conv2d(
             .ok_or(Error::BadArgument)?;
         let mut first = g * s.c_out_g;
         #[cfg(target_arch = "x86_64")]
+        if !pointwise && active() >= Isa::Avx2 && !x86::direct_fits(geom, &s) {
+            first = x86::im2col_conv(
+                geom,
+                &s,
+                weights,
+                in_group,
+                z,
+                (y.zero, y.lo, y.hi),
+                out,
+                (first, s.c_out_g),
+                active() == Isa::Avx512Vnni,
+            )?;
+        }
+        #[cfg(target_arch = "x86_64")]
         if pointwise && active() >= Isa::Avx2 {
             first = x86::pointwise_quads(
                 weights,

@@ -490,10 +490,10 @@ fn weight_quads<const N: usize>(
 macro_rules! quad4_block {
     ($name:ident, $features:literal, $dot:expr) => {
         #[target_feature(enable = $features)]
-        fn $name<const N: usize>(
+        fn $name<const N: usize, const L: usize>(
             (in_group, plane, c, kc, p0, n): (&[u8], usize, usize, usize, usize, usize),
             wq: &[[i32; N]],
-            acc: &mut [[i32; super::CONV_TILE]; N],
+            acc: &mut [[i32; L]; N],
         ) -> Result<(), Error> {
             let quads = kc.div_ceil(4);
             // Every load below reads 16 codes of a channel `c .. c + kc` at a pixel `< p0 + n`.
@@ -586,7 +586,7 @@ quad4_block!(
 /// pixels in registers; the last `n % 16` pixels with the same pair sums in plain code.
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2")]
-fn quad_block_avx2<const N: usize>(
+fn quad_block_avx2<const N: usize, const L: usize>(
     in_group: &[u8],
     plane: usize,
     c: usize,
@@ -594,7 +594,7 @@ fn quad_block_avx2<const N: usize>(
     wp: &[[i32; N]],
     p0: usize,
     n: usize,
-    acc: &mut [[i32; super::CONV_TILE]; N],
+    acc: &mut [[i32; L]; N],
 ) -> Result<(), Error> {
     let pairs = kc.div_ceil(2);
     // Every load below reads 16 codes of a channel `c .. c + kc` at a pixel `< p0 + n`.
@@ -870,4 +870,169 @@ fn direct_codes(
             ),
         }
     })
+}
+
+/// Output pixels per tile of [`im2col_conv`].
+const COL_PX: usize = 64;
+
+/// Output channels whose accumulators [`im2col_conv`] keeps per tile (`64 × 64` i32, 16 KiB).
+const COL_OC: usize = 64;
+
+/// A general convolution (any kernel, stride, dilation, pads; `K` too wide for
+/// [`direct_conv`]) as a GEMM over gathered columns: per tile of [`COL_PX`] output pixels and
+/// slice of [`QUAD_KC`] reduction indices `(c_in, ky, kx)`, the codes each index reads for
+/// each pixel (`z` where the tap falls in the padding) are gathered once into a 4 KiB stack
+/// buffer laid out as [`QUAD_KC`] rows of [`COL_PX`] codes, i.e. as [`pointwise_quads`]'
+/// input, and the same 1×1 kernels multiply it into the accumulators of up to [`COL_OC`]
+/// output channels. Output channels `first .. first + count` of the group, a multiple of the
+/// kernels' group width at a time; returns the first one left to the portable path. Exact for
+/// the reasons given at the 1×1 kernels; every sum wraps like the portable loops'.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn im2col_conv(
+    geom: &super::ConvGeom,
+    s: &super::ConvShape,
+    weights: &crate::format::Weights<'_>,
+    in_group: &[u8],
+    z: i32,
+    y: (u8, u8, u8),
+    out: &mut [u8],
+    (first, count): (usize, usize),
+    vnni: bool,
+) -> Result<usize, Error> {
+    let width = if vnni && weights.bits <= 4 { 8 } else { 4 };
+    let end = first + count;
+    let mut co = first;
+    while co + width <= end {
+        let oc = (end - co).min(COL_OC) / width * width;
+        if width == 8 {
+            im2col_block::<8>(geom, s, weights, in_group, z, y, out, (co, oc), vnni)?;
+        } else {
+            im2col_block::<4>(geom, s, weights, in_group, z, y, out, (co, oc), vnni)?;
+        }
+        co += oc;
+    }
+    Ok(co)
+}
+
+/// [`im2col_conv`] for output channels `co .. co + oc` (`oc` a multiple of `N`, ≤ [`COL_OC`]).
+#[allow(clippy::too_many_arguments)]
+fn im2col_block<const N: usize>(
+    geom: &super::ConvGeom,
+    s: &super::ConvShape,
+    weights: &crate::format::Weights<'_>,
+    in_group: &[u8],
+    z: i32,
+    (y_zero, y_lo, y_hi): (u8, u8, u8),
+    out: &mut [u8],
+    (co, oc): (usize, usize),
+    vnni: bool,
+) -> Result<(), Error> {
+    let quads = weights.bits <= 4;
+    let k = s.k;
+    let (kh, kw) = (geom.kernel_h, geom.kernel_w);
+    let plane = s.h * s.w;
+    let out_plane = s.out_h * s.out_w;
+    if oc % N != 0 || oc > COL_OC || in_group.len() < s.c_in_g * plane {
+        return Err(Error::BadArgument);
+    }
+    let mut reqs = [crate::numerics::ChannelRequant::new(0, 0, 0, 0, 0); COL_OC];
+    let mut c0 = [0i32; COL_OC];
+    let mut zw = [0i32; COL_OC];
+    let mut rows: [&[u8]; COL_OC] = [&[]; COL_OC];
+    let each = rows
+        .iter_mut()
+        .zip(&mut zw)
+        .zip(&mut reqs)
+        .zip(&mut c0)
+        .take(oc);
+    for (j, (((row, zwj), req), c0j)) in each.enumerate() {
+        let ch = weights.channel(co + j).ok_or(Error::BadArgument)?;
+        *row = weights.row(co + j).ok_or(Error::BadArgument)?;
+        *zwj = ch.w_zero as i32;
+        *req = crate::numerics::ChannelRequant::new(ch.mult, ch.shift, y_zero as i32, y_lo, y_hi);
+        *c0j = ch
+            .bias
+            .wrapping_sub(z.wrapping_mul(ch.sum_q.wrapping_sub((k as i32).wrapping_mul(*zwj))));
+    }
+    let mut col = [0u8; QUAD_KC * COL_PX];
+    let mut acc = [[0i32; COL_PX]; COL_OC];
+    let mut p0 = 0;
+    while p0 < out_plane {
+        let n = COL_PX.min(out_plane - p0);
+        for (a, &c) in acc.iter_mut().zip(&c0).take(oc) {
+            a.fill(c);
+        }
+        // Each pixel's window origin in the padded input: (oy·sh, ox·sw).
+        let mut origin = [(0usize, 0usize); COL_PX];
+        for (i, o) in origin.iter_mut().enumerate().take(n) {
+            let p = p0 + i;
+            *o = ((p / s.out_w) * geom.stride_h, (p % s.out_w) * geom.stride_w);
+        }
+        let mut c = 0;
+        while c < k {
+            let kc = QUAD_KC.min(k - c);
+            // Gather: row `v` of `col` holds, for each pixel of the tile, the code that
+            // reduction index `c + v` reads.
+            for (v, dst) in col.chunks_exact_mut(COL_PX).enumerate().take(kc) {
+                let t = c + v;
+                let (ci, ky, kx) = (t / (kh * kw), t / kw % kh, t % kw);
+                let chan = in_group
+                    .get(ci * plane..(ci + 1) * plane)
+                    .ok_or(Error::BadArgument)?;
+                let (dy, dx) = (ky * geom.dilation_h, kx * geom.dilation_w);
+                for (d, &(y0, x0)) in dst.iter_mut().zip(&origin).take(n) {
+                    let iy = (y0 + dy).wrapping_sub(geom.pad_top);
+                    let ix = (x0 + dx).wrapping_sub(geom.pad_left);
+                    // Above or left of the input wraps to a huge index: both are padding.
+                    *d = if iy < s.h && ix < s.w {
+                        chan.get(iy * s.w + ix).copied().ok_or(Error::BadArgument)?
+                    } else {
+                        z as u8
+                    };
+                }
+            }
+            let blk = (col.as_slice(), COL_PX, 0, kc, 0, n);
+            for g in 0..oc / N {
+                let rows_g: &[&[u8]; N] = rows
+                    .get(g * N..g * N + N)
+                    .and_then(|r| r.try_into().ok())
+                    .ok_or(Error::BadArgument)?;
+                let zw_g: &[i32; N] = zw
+                    .get(g * N..g * N + N)
+                    .and_then(|r| r.try_into().ok())
+                    .ok_or(Error::BadArgument)?;
+                let acc_g: &mut [[i32; COL_PX]; N] = acc
+                    .get_mut(g * N..g * N + N)
+                    .and_then(|r| r.try_into().ok())
+                    .ok_or(Error::BadArgument)?;
+                let mut wp = [[0i32; N]; QUAD_KC / 2];
+                if quads {
+                    weight_quads(weights.bits, rows_g, zw_g, c, kc, &mut wp)?;
+                    let wq = wp.get(..kc.div_ceil(4)).ok_or(Error::BadArgument)?;
+                    // SAFETY: the caller runs this only when `active()` says the CPU has AVX2
+                    // (and, with `vnni`, AVX-512 VNNI and VL).
+                    unsafe {
+                        if vnni {
+                            quad4_block_vnni(blk, wq, acc_g)?
+                        } else {
+                            quad4_block_avx2(blk, wq, acc_g)?
+                        }
+                    };
+                } else {
+                    weight_pairs(weights.bits, rows_g, zw_g, c, kc, &mut wp)?;
+                    // SAFETY: as above.
+                    unsafe { quad_block_avx2(&col, COL_PX, 0, kc, &wp, 0, n, acc_g)? };
+                }
+            }
+            c += kc;
+        }
+        for (j, (a, req)) in acc.iter().zip(&reqs).take(oc).enumerate() {
+            let dst = out
+                .get_mut((co + j) * out_plane + p0..(co + j) * out_plane + p0 + n)
+                .ok_or(Error::BadArgument)?;
+            super::requant_tile(req, a.get(..n).ok_or(Error::BadArgument)?, dst);
+        }
+        p0 += n;
+    }
+    Ok(())
 }
