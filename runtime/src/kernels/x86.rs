@@ -1,8 +1,9 @@
 //! x86_64 SIMD kernels, each bit-identical to its portable twin in [`super`]: the SSE2 1×1
 //! convolution (baseline), and at the AVX2 level the 1×1 convolution by groups of output
 //! channels ([`pointwise_quads`]), the direct convolution of depthwise and small layers from
-//! padded rows ([`direct_conv`]), the general convolution's tap rows ([`tap_row_avx2`]) and
-//! requantization ([`requant_avx2`]); the VNNI level adds `vpdpbusd` for ≤ 4-bit weights and
+//! padded rows ([`direct_conv`]), wider general convolutions over gathered columns
+//! ([`im2col_conv`]), the tap rows of the rest ([`tap_row_avx2`]) and requantization
+//! ([`requant_avx2`]); the VNNI level adds `vpdpbusd` for ≤ 4-bit weights and
 //! 16-lane requantization ([`requant_avx512`]). Each function's doc comment states why its
 //! integer arithmetic cannot saturate or round differently from the portable loops.
 
@@ -351,17 +352,16 @@ fn pointwise_group<const N: usize>(
         let mut c0 = [0i32; N];
         let mut zw = [0i32; N];
         let mut rows: [&[u8]; N] = [&[]; N];
-        let each = rows.iter_mut().zip(&mut zw).zip(&mut reqs).zip(&mut c0);
-        for (j, (((row, zwj), req), c0j)) in each.enumerate() {
-            let ch = weights.channel(co + j).ok_or(Error::BadArgument)?;
-            *row = weights.row(co + j).ok_or(Error::BadArgument)?;
-            *zwj = ch.w_zero as i32;
-            *req =
-                crate::numerics::ChannelRequant::new(ch.mult, ch.shift, y_zero as i32, y_lo, y_hi);
-            *c0j = ch
-                .bias
-                .wrapping_sub(z.wrapping_mul(ch.sum_q.wrapping_sub((k as i32).wrapping_mul(*zwj))));
-        }
+        channel_constants(
+            weights,
+            co,
+            z,
+            (y_zero, y_lo, y_hi),
+            &mut rows,
+            &mut zw,
+            &mut reqs,
+            &mut c0,
+        )?;
         let mut p0 = 0;
         while p0 < plane {
             let n = super::CONV_TILE.min(plane - p0);
@@ -407,6 +407,34 @@ fn pointwise_group<const N: usize>(
         co += N;
     }
     Ok(co)
+}
+
+/// Per output channel `co + j`, `j < rows.len()`: its packed row, weight zero point,
+/// requantization and the constant `bias − z·(Σq − K·z_c)` its accumulators start from (the
+/// zero-point terms folded as in [`super::conv2d`]).
+#[allow(clippy::too_many_arguments)]
+fn channel_constants<'w>(
+    weights: &crate::format::Weights<'w>,
+    co: usize,
+    z: i32,
+    (y_zero, y_lo, y_hi): (u8, u8, u8),
+    rows: &mut [&'w [u8]],
+    zw: &mut [i32],
+    reqs: &mut [crate::numerics::ChannelRequant],
+    c0: &mut [i32],
+) -> Result<(), Error> {
+    let k = weights.k as i32;
+    let each = rows.iter_mut().zip(zw).zip(reqs).zip(c0);
+    for (j, (((row, zwj), req), c0j)) in each.enumerate() {
+        let ch = weights.channel(co + j).ok_or(Error::BadArgument)?;
+        *row = weights.row(co + j).ok_or(Error::BadArgument)?;
+        *zwj = ch.w_zero as i32;
+        *req = crate::numerics::ChannelRequant::new(ch.mult, ch.shift, y_zero as i32, y_lo, y_hi);
+        *c0j = ch
+            .bias
+            .wrapping_sub(z.wrapping_mul(ch.sum_q.wrapping_sub(k.wrapping_mul(*zwj))));
+    }
+    Ok(())
 }
 
 /// `(w_{c+1} << 16 | w_c as u16)` of input channels `c .. c + kc` (`c` a multiple of 8) for
@@ -939,21 +967,16 @@ fn im2col_block<const N: usize>(
     let mut c0 = [0i32; COL_OC];
     let mut zw = [0i32; COL_OC];
     let mut rows: [&[u8]; COL_OC] = [&[]; COL_OC];
-    let each = rows
-        .iter_mut()
-        .zip(&mut zw)
-        .zip(&mut reqs)
-        .zip(&mut c0)
-        .take(oc);
-    for (j, (((row, zwj), req), c0j)) in each.enumerate() {
-        let ch = weights.channel(co + j).ok_or(Error::BadArgument)?;
-        *row = weights.row(co + j).ok_or(Error::BadArgument)?;
-        *zwj = ch.w_zero as i32;
-        *req = crate::numerics::ChannelRequant::new(ch.mult, ch.shift, y_zero as i32, y_lo, y_hi);
-        *c0j = ch
-            .bias
-            .wrapping_sub(z.wrapping_mul(ch.sum_q.wrapping_sub((k as i32).wrapping_mul(*zwj))));
-    }
+    channel_constants(
+        weights,
+        co,
+        z,
+        (y_zero, y_lo, y_hi),
+        rows.get_mut(..oc).ok_or(Error::BadArgument)?,
+        &mut zw,
+        &mut reqs,
+        &mut c0,
+    )?;
     let mut col = [0u8; QUAD_KC * COL_PX];
     let mut acc = [[0i32; COL_PX]; COL_OC];
     let mut p0 = 0;
