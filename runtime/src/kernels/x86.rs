@@ -484,22 +484,31 @@ fn weight_quads<const N: usize>(
     out: &mut [[i32; N]],
 ) -> Result<(), Error> {
     let b = bits as usize;
+    let mask = (1u64 << b) - 1;
+    const LOW: u64 = 0x0101_0101_0101_0101;
     for (j, (row, &zwj)) in rows.iter().zip(zw).enumerate() {
-        let mut codes = [0u8; 8];
         for gi in 0..kc.div_ceil(8) {
             let g0 = (c / 8 + gi) * b;
             let group = row.get(g0..g0 + b).ok_or(Error::BadArgument)?;
-            crate::format::unpack_group(bits, group, &mut codes);
-            let w = |t: usize| {
-                if gi * 8 + t < kc {
-                    (codes.get(t).copied().unwrap_or(0) as i32 - zwj) as u8 as i32
-                } else {
-                    0
-                }
-            };
+            // The group's 8 codes (see `format`'s packing), one per byte.
+            let v = group
+                .iter()
+                .enumerate()
+                .fold(0u64, |v, (i, &x)| v | (x as u64) << (8 * i));
+            let codes = (0..8).fold(0u64, |o, t| o | ((v >> (b * t)) & mask) << (8 * t));
+            // Per byte `q − z_c` as an i8 (SWAR): with each byte's top bit set first, no
+            // borrow crosses a byte, since `q, z_c ≤ 15` (a valid blob; anything else only
+            // gives other numbers, never a panic: the arithmetic wraps).
+            let mut d = ((codes | 0x80 * LOW).wrapping_sub((zwj as u64 & 0xff).wrapping_mul(LOW)))
+                ^ 0x80 * LOW;
+            let valid = kc - gi * 8;
+            if valid < 8 {
+                // Channels past `kc` (a row's zero padding) weigh 0.
+                d &= (1u64 << (8 * valid)) - 1;
+            }
             for (t, quad) in out.iter_mut().skip(gi * 2).take(2).enumerate() {
-                if let Some(v) = quad.get_mut(j) {
-                    *v = w(4 * t) | w(4 * t + 1) << 8 | w(4 * t + 2) << 16 | w(4 * t + 3) << 24;
+                if let Some(q) = quad.get_mut(j) {
+                    *q = (d >> (32 * t)) as u32 as i32;
                 }
             }
         }
