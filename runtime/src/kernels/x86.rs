@@ -499,8 +499,8 @@ fn weight_quads<const N: usize>(
             // Per byte `q − z_c` as an i8 (SWAR): with each byte's top bit set first, no
             // borrow crosses a byte, since `q, z_c ≤ 15` (a valid blob; anything else only
             // gives other numbers, never a panic: the arithmetic wraps).
-            let mut d = ((codes | 0x80 * LOW).wrapping_sub((zwj as u64 & 0xff).wrapping_mul(LOW)))
-                ^ 0x80 * LOW;
+            let top = 0x80 * LOW;
+            let mut d = ((codes | top).wrapping_sub((zwj as u64 & 0xff).wrapping_mul(LOW))) ^ top;
             let valid = kc - gi * 8;
             if valid < 8 {
                 // Channels past `kc` (a row's zero padding) weigh 0.
