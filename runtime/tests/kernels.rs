@@ -167,32 +167,19 @@ fn check_conv(p: &ConvProblem) -> Result<(), TestCaseError> {
     let z = rng.code(p.a_bits);
     let codes = rng.codes(c_out * k, p.bits);
     let chans = random_channels(&mut rng, p.bits, k, &codes, p.a_bits);
-    let (rows, cb) = pack_weights(p.bits, k, &codes, &chans);
-    let weights = Weights::new(p.bits, k, c_out, &rows, &cb).unwrap();
     let out_max = code_max(p.a_bits);
     let zo = rng.code(p.a_bits);
     let lo = rng.range(0, zo as i64) as u8;
     let hi = rng.range(zo as i64, out_max as i64) as u8;
-    let mut y = vec![0xEEu8; c_out * oh * ow];
-    let mut scratch = vec![0u8; kernels::conv_scratch_len(k)];
-    kernels::conv2d(
+    let y = run_conv(
         g,
-        &weights,
-        &QIn {
-            data: &x,
-            dims: [1, c_in, p.h, p.w],
-            zero: z,
-        },
-        &mut QOut {
-            data: &mut y,
-            dims: [1, c_out, oh, ow],
-            zero: zo,
-            lo,
-            hi,
-        },
-        &mut scratch,
-    )
-    .unwrap();
+        (p.bits, k),
+        &codes,
+        &chans,
+        (&x, [1, c_in, p.h, p.w], z),
+        [1, c_out, oh, ow],
+        (zo, lo, hi),
+    );
     let want = ref_conv(
         &x,
         (c_in, p.h, p.w),

@@ -8,8 +8,8 @@
 mod common;
 
 use common::*;
-use diffdfq_runtime::format::{ChannelRecord, Weights};
-use diffdfq_runtime::kernels::{self, ConvGeom, Isa, QIn, QOut};
+use diffdfq_runtime::format::ChannelRecord;
+use diffdfq_runtime::kernels::{self, ConvGeom, Isa};
 use diffdfq_runtime::numerics::{code_max, MULT_MIN, SHIFT_MAX, SHIFT_MIN};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
@@ -169,32 +169,19 @@ fn run(p: &Problem) -> Option<Vec<u8>> {
             };
         }
     }
-    let (rows, cb) = pack_weights(p.bits, k, &codes, &chans);
-    let weights = Weights::new(p.bits, k, c_out, &rows, &cb).unwrap();
     let zo = rng.code(p.a_bits);
     // lo > hi too: the clamp's `hi` wins, in every kernel alike.
     let lo = rng.range(0, code_max(p.a_bits) as i64) as u8;
     let hi = rng.range(0, code_max(p.a_bits) as i64) as u8;
-    let mut y = vec![0xEEu8; c_out * oh * ow];
-    let mut scratch = vec![0u8; kernels::conv_scratch_len(k)];
-    kernels::conv2d(
+    let y = run_conv(
         g,
-        &weights,
-        &QIn {
-            data: &x,
-            dims: [1, c_in, p.h, p.w],
-            zero: z,
-        },
-        &mut QOut {
-            data: &mut y,
-            dims: [1, c_out, oh, ow],
-            zero: zo,
-            lo,
-            hi,
-        },
-        &mut scratch,
-    )
-    .unwrap();
+        (p.bits, k),
+        &codes,
+        &chans,
+        (&x, [1, c_in, p.h, p.w], z),
+        [1, c_out, oh, ow],
+        (zo, lo, hi),
+    );
     Some(y)
 }
 

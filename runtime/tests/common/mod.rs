@@ -130,6 +130,40 @@ pub fn random_channels(
         .collect()
 }
 
+/// The output codes of `kernels::conv2d` (`[1, c_in, h, w]` → `[1, c_out, oh, ow]`) with
+/// the weight `codes` (`c_out` rows of `k`) and `chans` packed as a blob holds them.
+#[allow(clippy::too_many_arguments)]
+pub fn run_conv(
+    g: &ConvGeom,
+    (bits, k): (u8, usize),
+    codes: &[u8],
+    chans: &[ChannelRecord],
+    (x, dims_in, z): (&[u8], [usize; 4], u8),
+    dims_out: [usize; 4],
+    (zero, lo, hi): (u8, u8, u8),
+) -> Vec<u8> {
+    use diffdfq_runtime::format::Weights;
+    use diffdfq_runtime::kernels::{self, QIn, QOut};
+    let (rows, cb) = pack_weights(bits, k, codes, chans);
+    let weights = Weights::new(bits, k, chans.len(), &rows, &cb).unwrap();
+    let mut y = vec![0xEEu8; dims_out.iter().product()];
+    let mut scratch = vec![0u8; kernels::conv_scratch_len(k)];
+    let x = QIn {
+        data: x,
+        dims: dims_in,
+        zero: z,
+    };
+    let mut out = QOut {
+        data: &mut y,
+        dims: dims_out,
+        zero,
+        lo,
+        hi,
+    };
+    kernels::conv2d(g, &weights, &x, &mut out, &mut scratch).unwrap();
+    y
+}
+
 /// Rebuilds codes from dequantized outputs (`y = s·(a − z)`).
 pub fn codes_of(y: &[f32], scale: f32, zero: u8) -> Vec<i32> {
     y.iter()
