@@ -374,9 +374,9 @@ pub fn conv2d(
         && geom.pad_left == 0
         && s.h == s.out_h
         && s.w == s.out_w;
-    // The AVX2 direct convolution's padded input rows, zeroed once per call, not per channel.
+    // The AVX2 direct convolution's buffers, zeroed once per call, not per channel.
     #[cfg(target_arch = "x86_64")]
-    let mut direct_rows = [0u8; x86::DIRECT_ROWS];
+    let mut direct = x86::DirectScratch::new();
     for g in 0..geom.groups {
         let in_group = input
             .get(g * s.c_in_g * plane..(g + 1) * s.c_in_g * plane)
@@ -431,7 +431,7 @@ pub fn conv2d(
                     (zw, z, c0),
                     &req,
                     out_c,
-                    &mut direct_rows,
+                    &mut direct,
                 )?;
                 continue;
             }

@@ -708,7 +708,25 @@ fn quad_block_avx2<const N: usize, const L: usize>(
 const DIRECT_MAX_K: usize = 64;
 
 /// Bytes of the stack buffer holding [`direct_conv`]'s padded input rows.
-pub(super) const DIRECT_ROWS: usize = 8192;
+const DIRECT_ROWS: usize = 8192;
+
+/// [`direct_conv`]'s working memory, made once per convolution (on the stack) rather than
+/// zeroed again for every output channel, which costs more than the MACs of a 7×7 plane.
+pub(super) struct DirectScratch {
+    rows: [u8; DIRECT_ROWS],
+    taps: [(usize, i32); DIRECT_MAX_K],
+    acc: [i32; super::CONV_TILE],
+}
+
+impl DirectScratch {
+    pub(super) const fn new() -> Self {
+        Self {
+            rows: [0; DIRECT_ROWS],
+            taps: [(0, 0); DIRECT_MAX_K],
+            acc: [0; super::CONV_TILE],
+        }
+    }
+}
 
 /// Codes a padded row holds past its right pad: the loads of a last, partial step of sixteen
 /// pixels at stride 2 read that far.
@@ -724,12 +742,14 @@ fn band_input_rows(geom: &super::ConvGeom, rows: usize) -> usize {
     (rows - 1) * geom.stride_h + (geom.kernel_h - 1) * geom.dilation_h + 1
 }
 
-/// Whether [`direct_conv`] runs this convolution: strides 1 or 2 along rows, `K` ≤
-/// [`DIRECT_MAX_K`], output rows of at most [`super::CONV_TILE`] pixels, and the padded input
-/// rows of one output row within [`DIRECT_ROWS`]
-/// (depthwise and small stems; wider reductions take the tap path).
+/// Whether [`direct_conv`] runs this convolution: one input channel per group or fewer than
+/// eight output channels (depthwise; a stem with many output channels is faster as a GEMM,
+/// [`im2col_conv`], which reads each gathered column for eight channels at once), strides 1
+/// or 2 along rows, `K` ≤ [`DIRECT_MAX_K`], output rows of at most [`super::CONV_TILE`]
+/// pixels, and the padded input rows of one output row within [`DIRECT_ROWS`].
 pub(super) fn direct_fits(geom: &super::ConvGeom, s: &super::ConvShape) -> bool {
     (geom.stride_w == 1 || geom.stride_w == 2)
+        && (s.c_in_g == 1 || s.c_out_g < 8)
         && s.k <= DIRECT_MAX_K
         && s.out_w <= super::CONV_TILE
         && s.c_in_g
@@ -740,7 +760,7 @@ pub(super) fn direct_fits(geom: &super::ConvGeom, s: &super::ConvShape) -> bool 
 
 /// One output channel of [`super::conv2d`] with every tap's weight in registers, a band of
 /// output rows at a time (as many as fit [`super::CONV_TILE`] accumulators and their input
-/// rows [`DIRECT_ROWS`]). The band's input rows are copied into `buf` (the caller's, on the
+/// rows [`DIRECT_ROWS`]). The band's input rows are copied into the caller's [`DirectScratch`] (on the
 /// stack, made once per convolution) with their pads
 /// (and rows above or below the input) filled with `z`, the value padding reads in the tap
 /// path; then every output pixel takes all `K` multiply–adds from that buffer, sixteen pixels
@@ -756,7 +776,7 @@ pub(super) fn direct_conv(
     (zw, z, c0): (i32, i32, i32),
     req: &crate::numerics::ChannelRequant,
     out_c: &mut [u8],
-    buf: &mut [u8; DIRECT_ROWS],
+    scratch: &mut DirectScratch,
 ) -> Result<(), Error> {
     let (kh, kw) = (geom.kernel_h, geom.kernel_w);
     let (sh, sw, dh, dw) = (
@@ -773,21 +793,23 @@ pub(super) fn direct_conv(
         band -= 1;
     }
     let n_in = band_input_rows(geom, band);
-    let rows = buf
+    let DirectScratch { rows, taps, acc } = scratch;
+    let rows = rows
         .get_mut(..s.c_in_g * n_in * row_len)
         .ok_or(Error::BadArgument)?;
-    // (offset in `rows` of the tap's input for output pixel (0, 0) of the band, weight)
-    let mut taps = [(0usize, 0i32); DIRECT_MAX_K];
-    for (t, (tap, &q)) in taps
-        .iter_mut()
-        .zip(codes.get(..s.k).ok_or(Error::BadArgument)?)
-        .enumerate()
-    {
-        let (ci, ky, kx) = (t / (kh * kw), t / kw % kh, t % kw);
-        *tap = ((ci * n_in + ky * dh) * row_len + kx * dw, q as i32 - zw);
+    // (offset in `rows` of the tap's input for output pixel (0, 0) of the band, weight), in
+    // the order of the codes `(c_in, ky, kx)`.
+    let taps = taps.get_mut(..s.k).ok_or(Error::BadArgument)?;
+    let mut slots = taps.iter_mut().zip(codes);
+    for ci in 0..s.c_in_g {
+        for ky in 0..kh {
+            for kx in 0..kw {
+                let (tap, &q) = slots.next().ok_or(Error::BadArgument)?;
+                *tap = ((ci * n_in + ky * dh) * row_len + kx * dw, q as i32 - zw);
+            }
+        }
     }
-    let taps = taps.get(..s.k).ok_or(Error::BadArgument)?;
-    let mut acc = [0i32; super::CONV_TILE];
+    let taps = &*taps;
     let mut oy0 = 0;
     while oy0 < s.out_h {
         let oy1 = (oy0 + band).min(s.out_h);
@@ -951,6 +973,66 @@ pub(super) fn im2col_conv(
     Ok(co)
 }
 
+/// One row of [`im2col_conv`]'s columns: for output pixels `p0 .. p0 + dst.len()`, the code
+/// that the tap at offset `(dy, dx)` of each window reads from `chan` (one input plane), `z`
+/// where it falls in the padding. A run of pixels along one output row reads every `sw`-th
+/// code of one input row, so each run is a strided copy between its padded ends.
+fn gather_row(
+    geom: &super::ConvGeom,
+    s: &super::ConvShape,
+    chan: &[u8],
+    (dy, dx): (usize, usize),
+    z: u8,
+    p0: usize,
+    dst: &mut [u8],
+) -> Result<(), Error> {
+    let sw = geom.stride_w;
+    let mut p = p0;
+    let mut rest = dst;
+    while !rest.is_empty() {
+        let (oy, ox0) = (p / s.out_w, p % s.out_w);
+        let run = (s.out_w - ox0).min(rest.len());
+        let (out, tail) = rest.split_at_mut(run);
+        rest = tail;
+        p += run;
+        // Above or below the input: the whole run is padding.
+        let Some(iy) = (oy * geom.stride_h + dy)
+            .checked_sub(geom.pad_top)
+            .filter(|&iy| iy < s.h)
+        else {
+            out.fill(z);
+            continue;
+        };
+        let src_row = chan
+            .get(iy * s.w..(iy + 1) * s.w)
+            .ok_or(Error::BadArgument)?;
+        // Pixel `ox` reads column `ox·sw + dx − pad_left`: those left of column 0 and right
+        // of the last are padding.
+        let first = geom.pad_left.saturating_sub(dx).div_ceil(sw).max(ox0) - ox0;
+        let end_ox = (s.w + geom.pad_left).saturating_sub(dx).div_ceil(sw);
+        let last = end_ox.clamp(ox0, ox0 + run) - ox0;
+        let first = first.min(last);
+        let (left, mid_right) = out.split_at_mut(first);
+        let (mid, right) = mid_right.split_at_mut(last - first);
+        left.fill(z);
+        right.fill(z);
+        if !mid.is_empty() {
+            let ix0 = (ox0 + first) * sw + dx - geom.pad_left;
+            let src = src_row
+                .get(ix0..ix0 + (mid.len() - 1) * sw + 1)
+                .ok_or(Error::BadArgument)?;
+            if sw == 1 {
+                mid.copy_from_slice(src);
+            } else {
+                for (d, &x) in mid.iter_mut().zip(src.iter().step_by(sw)) {
+                    *d = x;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// [`im2col_conv`] for output channels `co .. co + oc` (`oc` a multiple of `N`, ≤ [`COL_OC`]).
 #[allow(clippy::too_many_arguments)]
 fn im2col_block<const N: usize>(
@@ -994,12 +1076,6 @@ fn im2col_block<const N: usize>(
         for (a, &c) in acc.iter_mut().zip(&c0).take(oc) {
             a.fill(c);
         }
-        // Each pixel's window origin in the padded input: (oy·sh, ox·sw).
-        let mut origin = [(0usize, 0usize); COL_PX];
-        for (i, o) in origin.iter_mut().enumerate().take(n) {
-            let p = p0 + i;
-            *o = ((p / s.out_w) * geom.stride_h, (p % s.out_w) * geom.stride_w);
-        }
         let mut c = 0;
         while c < k {
             let kc = QUAD_KC.min(k - c);
@@ -1011,17 +1087,16 @@ fn im2col_block<const N: usize>(
                 let chan = in_group
                     .get(ci * plane..(ci + 1) * plane)
                     .ok_or(Error::BadArgument)?;
-                let (dy, dx) = (ky * geom.dilation_h, kx * geom.dilation_w);
-                for (d, &(y0, x0)) in dst.iter_mut().zip(&origin).take(n) {
-                    let iy = (y0 + dy).wrapping_sub(geom.pad_top);
-                    let ix = (x0 + dx).wrapping_sub(geom.pad_left);
-                    // Above or left of the input wraps to a huge index: both are padding.
-                    *d = if iy < s.h && ix < s.w {
-                        chan.get(iy * s.w + ix).copied().ok_or(Error::BadArgument)?
-                    } else {
-                        z as u8
-                    };
-                }
+                let tap = (ky * geom.dilation_h, kx * geom.dilation_w);
+                gather_row(
+                    geom,
+                    s,
+                    chan,
+                    tap,
+                    z as u8,
+                    p0,
+                    dst.get_mut(..n).ok_or(Error::BadArgument)?,
+                )?;
             }
             let blk = (col.as_slice(), COL_PX, 0, kc, 0, n);
             for g in 0..oc / N {
