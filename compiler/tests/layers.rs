@@ -1,10 +1,11 @@
-//! The compiler's module layers (docs/design.md §2): a top-level module imports only modules of
-//! lower layers, read from the sources, so no import circle can come back unnoticed.
+//! The module layers of the compiler and of the runtime (docs/design.md §2): a top-level module
+//! imports only modules of lower layers, read from the sources, so no import circle can come
+//! back unnoticed.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
-/// Layer of every top-level module, as docs/design.md §2 lists them.
+/// Layer of every top-level module of the compiler, as docs/design.md §2 lists them.
 const LAYERS: &[(&str, u32)] = &[
     ("graph", 0),
     ("host", 0),
@@ -22,6 +23,21 @@ const LAYERS: &[(&str, u32)] = &[
     ("evaluate", 4),
     ("mixed", 5),
     ("emit", 6),
+];
+
+/// The same for the runtime: numbers and geometry, then the byte records, the packed weights
+/// read through them, the kernels, the format's validation and decoding (which asks the
+/// kernels what scratch they need), the executor and the C ABI.
+const RUNTIME_LAYERS: &[(&str, u32)] = &[
+    ("error", 0),
+    ("numerics", 0),
+    ("geom", 0),
+    ("records", 1),
+    ("packing", 2),
+    ("kernels", 3),
+    ("format", 4),
+    ("exec", 5),
+    ("capi", 6),
 ];
 
 /// The code of a source file without comments and without its `#[cfg(test)]` module.
@@ -58,22 +74,40 @@ fn rs_files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
 
 #[test]
 fn modules_import_only_lower_layers() {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
-    let layer: BTreeMap<&str, u32> = LAYERS.iter().copied().collect();
+    check_layers(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("src"),
+        LAYERS,
+        50,
+    );
+}
+
+#[test]
+fn runtime_modules_import_only_lower_layers() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../runtime/src");
+    check_layers(&src, RUNTIME_LAYERS, 15);
+}
+
+/// Fails on any `crate::x` reference of a module in `src` to one of its own layer or above;
+/// `min_seen` guards against reading an empty tree.
+fn check_layers(src: &Path, layers: &[(&str, u32)], min_seen: usize) {
+    let layer: BTreeMap<&str, u32> = layers.iter().copied().collect();
     // Every top-level module is in the table.
     let lib = std::fs::read_to_string(src.join("lib.rs")).unwrap();
     for l in lib.lines() {
         if let Some(m) = l.strip_prefix("pub mod ").and_then(|r| r.strip_suffix(';')) {
-            assert!(layer.contains_key(m), "module {m} is missing from LAYERS");
+            assert!(
+                layer.contains_key(m),
+                "module {m} is missing from the layer table"
+            );
         }
     }
     let mut files = Vec::new();
-    rs_files(&src, &mut files);
+    rs_files(src, &mut files);
     files.sort();
     let mut checked = 0;
     let mut wrong = Vec::new();
     for f in &files {
-        let rel = f.strip_prefix(&src).unwrap();
+        let rel = f.strip_prefix(src).unwrap();
         let top = rel
             .components()
             .next()
@@ -98,7 +132,7 @@ fn modules_import_only_lower_layers() {
         }
     }
     assert!(
-        checked > 50,
+        checked > min_seen,
         "only {checked} imports seen: is the source tree read?"
     );
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));

@@ -35,8 +35,11 @@ pub mod capi;
 pub mod error;
 pub mod exec;
 pub mod format;
+pub mod geom;
 pub mod kernels;
 pub mod numerics;
+pub mod packing;
+pub mod records;
 
 pub use error::Error;
 pub use exec::{run, ARENA_ALIGN};

@@ -326,6 +326,32 @@ fn scale_by_pow2(mut v: f64, mut k: i64) -> f64 {
     v * f64::from_bits(((k + 1023) as u64) << 52)
 }
 
+/// A requantization factor (`mult`, `shift`), see [`numerics::requantize`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Requant {
+    /// Q31 multiplier in `[2^30, 2^31)` or 0.
+    pub mult: i32,
+    /// Right shift in `[−31, 31]`.
+    pub shift: i32,
+}
+
+impl Requant {
+    /// Whether the pair is valid (see [`multiplier_is_valid`]).
+    pub const fn is_valid(&self) -> bool {
+        multiplier_is_valid(self.mult, self.shift)
+    }
+}
+
+/// Parameters of a quantized Add: each input is rescaled to a common intermediate scale
+/// (`ra = mul_round((a − z_a)·2^20, mult_a, shift_a)`, saturated to `i32`; same for b), the sum
+/// (saturated to `i32`) is rescaled to the output: `y = clamp(mul_round(ra + rb, out) + z_y)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct AddParams {
+    pub a: Requant,
+    pub b: Requant,
+    pub out: Requant,
+}
+
 #[cfg(test)]
 mod tests {
     extern crate std;

@@ -1,5 +1,5 @@
 //! Every SIMD kernel this CPU can run against the portable loops (the reference that
-//! `kernels.rs` checks against plain integer math): random convolutions big enough for whole
+//! `kernels/mod.rs` checks against plain integer math): random convolutions big enough for whole
 //! vectors and ragged tails — 1×1, depthwise, small and wide general ones, strides 1–3, dilations, asymmetric
 //! pads, groups, every weight width, 4- and 8-bit activations — and requantization constants
 //! over their whole range. Byte-identical outputs or the test fails. `use_kernels` switches

@@ -29,8 +29,33 @@ const SOURCES: &[(&str, &str)] = &[
     ),
     ("src/exec.rs", include_str!("../../../runtime/src/exec.rs")),
     (
-        "src/format.rs",
-        include_str!("../../../runtime/src/format.rs"),
+        "src/format/mod.rs",
+        include_str!("../../../runtime/src/format/mod.rs"),
+    ),
+    (
+        "src/format/model.rs",
+        include_str!("../../../runtime/src/format/model.rs"),
+    ),
+    (
+        "src/format/ops.rs",
+        include_str!("../../../runtime/src/format/ops.rs"),
+    ),
+    (
+        "src/format/tensors.rs",
+        include_str!("../../../runtime/src/format/tensors.rs"),
+    ),
+    (
+        "src/format/writer.rs",
+        include_str!("../../../runtime/src/format/writer.rs"),
+    ),
+    ("src/geom.rs", include_str!("../../../runtime/src/geom.rs")),
+    (
+        "src/packing.rs",
+        include_str!("../../../runtime/src/packing.rs"),
+    ),
+    (
+        "src/records.rs",
+        include_str!("../../../runtime/src/records.rs"),
     ),
     (
         "src/kernels/mod.rs",
@@ -348,4 +373,34 @@ pub fn device_library(target: &Target, cpu: Option<&Cpu>) -> Result<PathBuf, Err
         Err(e) => return Err(Error::Internal(format!("{}: {e}", lib.display()))),
     }
     Ok(lib)
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every source file of the runtime is embedded: a file left out would break only the
+    /// `libNAME.a` builds, long after the change that added it.
+    #[test]
+    fn every_runtime_source_is_embedded() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../runtime");
+        let mut stack = vec![root.join("src")];
+        let mut missing = Vec::new();
+        while let Some(dir) = stack.pop() {
+            for e in std::fs::read_dir(&dir).unwrap() {
+                let p = e.unwrap().path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else if p.extension().is_some_and(|x| x == "rs") {
+                    let rel = p
+                        .strip_prefix(&root)
+                        .unwrap()
+                        .to_string_lossy()
+                        .replace('\\', "/");
+                    if !super::SOURCES.iter().any(|(r, _)| *r == rel) {
+                        missing.push(rel);
+                    }
+                }
+            }
+        }
+        assert!(missing.is_empty(), "not in SOURCES: {missing:?}");
+    }
 }

@@ -290,7 +290,7 @@ const QUAD_KC: usize = 64;
 /// path (fewer than four remain).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn pointwise_quads(
-    weights: &crate::format::Weights<'_>,
+    weights: &crate::packing::Weights<'_>,
     in_group: &[u8],
     plane: usize,
     z: i32,
@@ -328,7 +328,7 @@ pub(super) fn pointwise_quads(
 /// stopped (fewer than `N` left). `N = 8` only with `vnni` and ≤ 4-bit weights.
 #[allow(clippy::too_many_arguments)]
 fn pointwise_group<const N: usize>(
-    weights: &crate::format::Weights<'_>,
+    weights: &crate::packing::Weights<'_>,
     in_group: &[u8],
     plane: usize,
     z: i32,
@@ -414,7 +414,7 @@ fn pointwise_group<const N: usize>(
 /// zero-point terms folded as in [`super::conv2d`]).
 #[allow(clippy::too_many_arguments)]
 fn channel_constants<'w>(
-    weights: &crate::format::Weights<'w>,
+    weights: &crate::packing::Weights<'w>,
     co: usize,
     z: i32,
     (y_zero, y_lo, y_hi): (u8, u8, u8),
@@ -454,7 +454,7 @@ fn weight_pairs<const N: usize>(
         for gi in 0..kc.div_ceil(8) {
             let g0 = (c / 8 + gi) * b;
             let group = row.get(g0..g0 + b).ok_or(Error::BadArgument)?;
-            crate::format::unpack_group(bits, group, &mut codes);
+            crate::packing::unpack_group(bits, group, &mut codes);
             let w = |t: usize| {
                 if gi * 8 + t < kc {
                     (codes.get(t).copied().unwrap_or(0) as i32 - zwj) as u16 as i32
@@ -950,7 +950,7 @@ const COL_OC: usize = 64;
 pub(super) fn im2col_conv(
     geom: &super::ConvGeom,
     s: &super::ConvShape,
-    weights: &crate::format::Weights<'_>,
+    weights: &crate::packing::Weights<'_>,
     in_group: &[u8],
     z: i32,
     y: (u8, u8, u8),
@@ -1038,7 +1038,7 @@ fn gather_row(
 fn im2col_block<const N: usize>(
     geom: &super::ConvGeom,
     s: &super::ConvShape,
-    weights: &crate::format::Weights<'_>,
+    weights: &crate::packing::Weights<'_>,
     in_group: &[u8],
     z: i32,
     (y_zero, y_lo, y_hi): (u8, u8, u8),
