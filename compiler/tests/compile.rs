@@ -728,7 +728,9 @@ fn calibrated_compiles_ship_the_candidate_the_held_out_samples_prefer() {
 /// `--cpu x86-64-v3` builds libNAME.a with the AVX2 kernels, `--cpu cascadelake` with the
 /// AVX-512 VNNI ones: the header, the report and the library itself (`dfq_kernels()`) say
 /// so, and the firmware's outputs are byte-identical to the baseline library's and to
-/// `diffdfq-run`'s, on the depthwise fixture and the ResNet (W3: the 4-bit 1×1 kernels).
+/// `diffdfq-run`'s, on the depthwise fixture and the ResNet (W3: the 4-bit 1×1 kernels; the
+/// 3×3 convolutions over gathered columns, with their weight panels in the larger scratch
+/// region the compiler gives those CPUs).
 #[test]
 fn a_library_built_for_a_cpu_holds_its_kernels_and_gives_the_same_outputs() {
     if !std::arch::is_x86_feature_detected!("avx2") {
@@ -753,6 +755,7 @@ fn a_library_built_for_a_cpu_holds_its_kernels_and_gives_the_same_outputs() {
             && std::arch::is_x86_feature_detected!("avx512dq")
             && std::arch::is_x86_feature_detected!("avx512vl")
             && std::arch::is_x86_feature_detected!("avx512vnni");
+        let mut baseline_scratch = 0;
         let mut cpus = vec![None, Some("x86-64-v3")];
         if vnni {
             cpus.push(Some("cascadelake"));
@@ -791,6 +794,16 @@ fn a_library_built_for_a_cpu_holds_its_kernels_and_gives_the_same_outputs() {
             .unwrap();
             assert_eq!(report["kernels"], kernels);
             assert_eq!(report["cpu"].as_str(), cpu);
+            // The AVX2 levels keep the weight panels of the 3×3 convolutions in scratch.
+            let scratch = report["totals"]["scratch_bytes"].as_u64().unwrap();
+            match cpu {
+                None => baseline_scratch = scratch,
+                Some(_) if model == "resnet_fmnist" => assert!(
+                    scratch > baseline_scratch,
+                    "{model}: scratch {scratch} B for {cpu:?}, {baseline_scratch} B at the baseline"
+                ),
+                Some(_) => {}
+            }
             // The library's own answer.
             let probe = dir.join("probe.c");
             std::fs::write(

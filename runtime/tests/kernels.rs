@@ -173,6 +173,7 @@ fn check_conv(p: &ConvProblem) -> Result<(), TestCaseError> {
     let hi = rng.range(zo as i64, out_max as i64) as u8;
     let y = run_conv(
         g,
+        None,
         (p.bits, k),
         &codes,
         &chans,

@@ -130,7 +130,9 @@ fn problem() -> impl Strategy<Value = Problem> {
 
 /// The convolution's output codes under the kernels in use, or `None` for a geometry that
 /// has no output.
-fn run(p: &Problem) -> Option<Vec<u8>> {
+/// The convolution's output with the scratch region sized for `scratch_for` (see
+/// `common::run_conv`).
+fn run(p: &Problem, scratch_for: Option<Isa>) -> Option<Vec<u8>> {
     let g = &p.geom;
     let (c_in, c_out) = (p.groups * p.cin_g, p.groups * p.cout_g);
     let oh = kernels::window_out_len(
@@ -175,6 +177,7 @@ fn run(p: &Problem) -> Option<Vec<u8>> {
     let hi = rng.range(0, code_max(p.a_bits) as i64) as u8;
     let y = run_conv(
         g,
+        scratch_for,
         (p.bits, k),
         &codes,
         &chans,
@@ -206,19 +209,24 @@ fn simd_kernels_equal_the_portable_loops() {
     runner
         .run(&problem(), |p| {
             assert!(kernels::use_kernels(Isa::Portable));
-            let Some(want) = run(&p) else {
+            let Some(want) = run(&p, None) else {
                 return Ok(());
             };
             for (i, &isa) in simd.iter().enumerate() {
                 assert!(kernels::use_kernels(isa));
-                let got = run(&p).unwrap();
-                prop_assert_eq!(
-                    &got,
-                    &want,
-                    "{:?} differs from the portable loops: {:?}",
-                    isa,
-                    p
-                );
+                // With the least scratch (weights made per tile) and with the scratch the
+                // compiler gives this level (weight panels made once).
+                for scratch_for in [None, Some(isa)] {
+                    let got = run(&p, scratch_for).unwrap();
+                    prop_assert_eq!(
+                        &got,
+                        &want,
+                        "{:?} (scratch for {:?}) differs from the portable loops: {:?}",
+                        isa,
+                        scratch_for,
+                        p
+                    );
+                }
                 compared[i].set(compared[i].get() + 1);
             }
             Ok(())

@@ -172,7 +172,8 @@ fn run(a: &Args) -> Result<(), Error> {
         (Some(c), false) => Some(emit::runtime_lib::Cpu::resolve(target, c)?),
         (None, _) => None,
     };
-    let kernels = emit::runtime_lib::kernels(target, cpu.as_ref());
+    let isa = emit::runtime_lib::kernels(target, cpu.as_ref());
+    let kernels = isa.name();
     let kernels_line = match &cpu {
         Some(c) => format!(
             "{kernels} (--cpu {}{})",
@@ -436,7 +437,7 @@ fn run(a: &Args) -> Result<(), Error> {
             (q, if diffusion { "diffdfq" } else { "genie" }, Some(json))
         }
     };
-    let low = lower::lower(&q)?;
+    let low = lower::lower_for(&q, isa)?;
     let evaluation = match a.eval_samples.unwrap_or(eval_n) {
         0 => None,
         _ => {

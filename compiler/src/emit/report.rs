@@ -51,6 +51,8 @@ struct Totals {
     arena_bytes: usize,
     arena_lower_bound: usize,
     arena_without_reuse: usize,
+    /// Of `arena_bytes`: the kernels' scratch region (with a CPU's weight panels, `--cpu`).
+    scratch_bytes: usize,
     macs: u64,
 }
 
@@ -158,6 +160,7 @@ pub fn render(info: &ReportInfo, l: &Lowered) -> String {
             arena_bytes: l.arena_size,
             arena_lower_bound: l.arena_lower_bound,
             arena_without_reuse: l.arena_no_reuse,
+            scratch_bytes: l.scratch_size,
             macs: l.macs(),
         },
         calibration: info.calibration.as_ref(),

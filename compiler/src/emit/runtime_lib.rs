@@ -14,6 +14,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use diffdfq_runtime::kernels::Isa;
 use diffdfq_targets::Target;
 
 use crate::Error;
@@ -60,6 +61,10 @@ const SOURCES: &[(&str, &str)] = &[
     (
         "src/kernels/mod.rs",
         include_str!("../../../runtime/src/kernels/mod.rs"),
+    ),
+    (
+        "src/kernels/plan.rs",
+        include_str!("../../../runtime/src/kernels/plan.rs"),
     ),
     (
         "src/kernels/x86.rs",
@@ -263,15 +268,15 @@ impl Cpu {
 /// The SIMD kernels a runtime built with these target features holds: the same choice as
 /// `diffdfq_runtime::kernels::KERNELS` makes with `cfg(target_feature)` (checked end to end by
 /// compiler/tests/compile.rs, which links libNAME.a and asks it).
-pub fn kernels(target: &Target, cpu: Option<&Cpu>) -> &'static str {
+pub fn kernels(target: &Target, cpu: Option<&Cpu>) -> Isa {
     let has = |f: &str| cpu.is_some_and(|c| c.features.iter().any(|x| x == f));
     match target.arch {
         diffdfq_targets::Arch::X86_64 if has("avx2") && has("avx512vnni") && has("avx512vl") => {
-            "avx512vnni"
+            Isa::Avx512Vnni
         }
-        diffdfq_targets::Arch::X86_64 if has("avx2") => "avx2",
-        diffdfq_targets::Arch::X86_64 => "sse2",
-        diffdfq_targets::Arch::Aarch64 => "portable",
+        diffdfq_targets::Arch::X86_64 if has("avx2") => Isa::Avx2,
+        diffdfq_targets::Arch::X86_64 => Isa::Sse2,
+        diffdfq_targets::Arch::Aarch64 => Isa::Portable,
     }
 }
 

@@ -7,7 +7,7 @@
 pub mod plan;
 
 use diffdfq_runtime::format::{DType, Layer, ModelBuilder};
-use diffdfq_runtime::kernels::conv_scratch_len;
+use diffdfq_runtime::kernels::{conv_scratch_len_for, Isa};
 
 use crate::quant::{ActQuant, QOp, QuantGraph};
 use crate::Error;
@@ -109,8 +109,16 @@ pub fn plan_tensors(q: &QuantGraph) -> Vec<plan::PlanTensor> {
     ts
 }
 
-/// Lowers a quantized graph to a `.dfq` blob (validated by the runtime's loader).
+/// Lowers a quantized graph to a `.dfq` blob (validated by the runtime's loader), with the
+/// least scratch region: what every runtime build needs.
 pub fn lower(q: &QuantGraph) -> Result<Lowered, Error> {
+    lower_for(q, Isa::Portable)
+}
+
+/// [`lower`] for a library whose kernels are `isa`'s: the scratch region also holds what
+/// those kernels keep there (x86 AVX2 and up: the weight panel of a convolution over gathered
+/// columns, `kernels::conv_scratch_len_for`), so the arena may grow with the CPU chosen.
+pub fn lower_for(q: &QuantGraph, isa: Isa) -> Result<Lowered, Error> {
     for n in &q.nodes {
         if let Some(l) = n.op.layer() {
             if !l.is_quantized() {
@@ -132,15 +140,26 @@ pub fn lower(q: &QuantGraph) -> Result<Lowered, Error> {
     let pts = plan_tensors(q);
     let p = plan::plan(&pts)?;
     plan::check(&pts, &p).map_err(|e| Error::Internal(format!("memory plan: {e}")))?;
-    let scratch = q
-        .nodes
-        .iter()
-        .filter_map(|n| match &n.op {
-            QOp::Conv { layer, .. } => Some(conv_scratch_len(layer.k)),
-            _ => None,
-        })
-        .max()
-        .unwrap_or(0);
+    let mut scratch = 0;
+    for n in &q.nodes {
+        if let QOp::Conv { geom, layer, .. } = &n.op {
+            let dims = |v: usize| {
+                let s = &q.tensors[v].shape;
+                let mut d = [1usize; 4];
+                d[4 - s.len()..].copy_from_slice(s);
+                d
+            };
+            let len =
+                conv_scratch_len_for(isa, geom, dims(n.inputs[0]), dims(n.output), layer.bits)
+                    .ok_or_else(|| {
+                        Error::Internal(format!(
+                            "lowering '{}': shapes do not fit the conv",
+                            n.name
+                        ))
+                    })?;
+            scratch = scratch.max(len);
+        }
+    }
     let arena = p.end + scratch;
     let u32_of = |v: usize, what: &str| {
         u32::try_from(v).map_err(|_| Error::Input(format!("{what} {v} exceeds the format's u32")))

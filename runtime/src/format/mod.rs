@@ -27,7 +27,7 @@
 //! | 12 | 4 | `checksum` | CRC-32 (IEEE 802.3, reflected, poly `0xEDB88320`, init and xorout `0xFFFFFFFF`) of bytes `0..total_len` with these 4 bytes read as zero |
 //! | 16 | 4 | `arena_size` | bytes of the caller's arena the model uses |
 //! | 20 | 4 | `scratch_offset` | start of the kernels' scratch region in the arena |
-//! | 24 | 4 | `scratch_size` | its size (≥ the largest conv `K`, see [`crate::kernels::conv_scratch_len`]) |
+//! | 24 | 4 | `scratch_size` | its size: ≥ the largest conv `K` ([`crate::kernels::conv_scratch_len`]); more where the compiler sized it for a CPU's kernels, which then keep weight panels there ([`crate::kernels::conv_scratch_len_for`]) |
 //! | 28 | 2 | `n_tensors` | ≥ 1 |
 //! | 30 | 2 | `n_ops` | number of op records |
 //! | 32 | 2 | `input` | model input tensor id (codes) |

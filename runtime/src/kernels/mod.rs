@@ -39,6 +39,18 @@ pub enum Isa {
     Avx512Vnni = 3,
 }
 
+impl Isa {
+    /// The level's name, as [`KERNELS`] gives it for a build that holds it.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Isa::Portable => "portable",
+            Isa::Sse2 => "sse2",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512Vnni => "avx512vnni",
+        }
+    }
+}
+
 /// Whether the target features of this build include AVX-512 VNNI with VL (and AVX2).
 const VNNI_BUILD: bool = cfg!(all(
     target_arch = "x86_64",
@@ -227,18 +239,16 @@ pub fn conv2d(
     let out_plane = s.out_h * s.out_w;
     let out_len = s.c_out.checked_mul(out_plane).ok_or(Error::BadArgument)?;
     let out = y.data.get_mut(..out_len).ok_or(Error::BadArgument)?;
-    let codes = scratch.get_mut(..s.k).ok_or(Error::BadArgument)?;
+    if scratch.len() < s.k {
+        return Err(Error::BadArgument);
+    }
+    // The first `K` bytes hold one unpacked row (the portable path); the rest, where the
+    // compiler sized it so ([`conv_scratch_len_for`]), the gathered-column kernel's panel.
+    let (codes, _panel) = scratch.split_at_mut(s.k);
     let taps = geom.kernel_h * geom.kernel_w;
     let z = x.zero as i32;
     let k = s.k as i32;
-    // A 1×1 stride-1 unpadded conv reads input pixel p for output pixel p.
-    let pointwise = taps == 1
-        && geom.stride_h == 1
-        && geom.stride_w == 1
-        && geom.pad_top == 0
-        && geom.pad_left == 0
-        && s.h == s.out_h
-        && s.w == s.out_w;
+    let pointwise = plan::is_pointwise(geom, &s);
     // The AVX2 direct convolution's buffers, zeroed once per call, not per channel.
     #[cfg(target_arch = "x86_64")]
     let mut direct = x86::DirectScratch::new();
@@ -248,7 +258,7 @@ pub fn conv2d(
             .ok_or(Error::BadArgument)?;
         let mut first = g * s.c_out_g;
         #[cfg(target_arch = "x86_64")]
-        if !pointwise && active() >= Isa::Avx2 && !x86::direct_fits(geom, &s) {
+        if !pointwise && active() >= Isa::Avx2 && !plan::direct_fits(geom, &s) {
             first = x86::im2col_conv(
                 geom,
                 &s,
@@ -258,7 +268,8 @@ pub fn conv2d(
                 (y.zero, y.lo, y.hi),
                 out,
                 (first, s.c_out_g),
-                active() == Isa::Avx512Vnni,
+                active(),
+                &mut *_panel,
             )?;
         }
         #[cfg(target_arch = "x86_64")]
@@ -287,7 +298,7 @@ pub fn conv2d(
                 .get_mut(co * out_plane..(co + 1) * out_plane)
                 .ok_or(Error::BadArgument)?;
             #[cfg(target_arch = "x86_64")]
-            if !pointwise && active() >= Isa::Avx2 && x86::direct_fits(geom, &s) {
+            if !pointwise && active() >= Isa::Avx2 && plan::direct_fits(geom, &s) {
                 x86::direct_conv(
                     geom,
                     &s,
@@ -403,6 +414,8 @@ fn tap_row(acc: &mut [i32], xs: &[u8], sw: usize, wv: i32) {
     }
 }
 
+mod plan;
+pub use plan::conv_scratch_len_for;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 

@@ -9,6 +9,9 @@
 
 use core::arch::x86_64::*;
 
+use super::plan::{
+    band_input_rows, padded_row, COL_OC, COL_PX, DIRECT_MAX_K, DIRECT_ROWS, QUAD_KC,
+};
 use crate::error::Error;
 
 /// [`super::pointwise_tile`] for `acc.len()` a multiple of 16, 16 pixels × all input
@@ -274,9 +277,6 @@ pub(super) fn requant_avx2(
     }
     i
 }
-
-/// Input channels [`pointwise_quads`] sums per pass over a tile (8 groups of 8 codes).
-const QUAD_KC: usize = 64;
 
 /// The 1×1 convolution of [`super::conv2d`] (stride 1, no pads) for output channels
 /// `first ..` of a group, several at a time: each block of input codes is loaded and widened
@@ -704,12 +704,6 @@ fn quad_block_avx2<const N: usize, const L: usize>(
     Ok(())
 }
 
-/// Largest `K` [`direct_conv`] takes (its weights live on the stack).
-const DIRECT_MAX_K: usize = 64;
-
-/// Bytes of the stack buffer holding [`direct_conv`]'s padded input rows.
-const DIRECT_ROWS: usize = 8192;
-
 /// [`direct_conv`]'s working memory, made once per convolution (on the stack) rather than
 /// zeroed again for every output channel, which costs more than the MACs of a 7×7 plane.
 pub(super) struct DirectScratch {
@@ -726,36 +720,6 @@ impl DirectScratch {
             acc: [0; super::CONV_TILE],
         }
     }
-}
-
-/// Codes a padded row holds past its right pad: the loads of a last, partial step of sixteen
-/// pixels at stride 2 read that far.
-const ROW_SLACK: usize = 32;
-
-/// Length of one padded input row of [`direct_conv`].
-fn padded_row(geom: &super::ConvGeom, s: &super::ConvShape) -> usize {
-    geom.pad_left + s.w + geom.pad_right + ROW_SLACK
-}
-
-/// Padded input rows (per input channel) a band of `rows` output rows reads.
-fn band_input_rows(geom: &super::ConvGeom, rows: usize) -> usize {
-    (rows - 1) * geom.stride_h + (geom.kernel_h - 1) * geom.dilation_h + 1
-}
-
-/// Whether [`direct_conv`] runs this convolution: one input channel per group or fewer than
-/// eight output channels (depthwise; a stem with many output channels is faster as a GEMM,
-/// [`im2col_conv`], which reads each gathered column for eight channels at once), strides 1
-/// or 2 along rows, `K` ≤ [`DIRECT_MAX_K`], output rows of at most [`super::CONV_TILE`]
-/// pixels, and the padded input rows of one output row within [`DIRECT_ROWS`].
-pub(super) fn direct_fits(geom: &super::ConvGeom, s: &super::ConvShape) -> bool {
-    (geom.stride_w == 1 || geom.stride_w == 2)
-        && (s.c_in_g == 1 || s.c_out_g < 8)
-        && s.k <= DIRECT_MAX_K
-        && s.out_w <= super::CONV_TILE
-        && s.c_in_g
-            .checked_mul(band_input_rows(geom, 1))
-            .and_then(|r| r.checked_mul(padded_row(geom, s)))
-            .is_some_and(|b| b <= DIRECT_ROWS)
 }
 
 /// One output channel of [`super::conv2d`] with every tap's weight in registers, a band of
@@ -931,21 +895,18 @@ fn direct_codes(
     })
 }
 
-/// Output pixels per tile of [`im2col_conv`].
-const COL_PX: usize = 64;
-
-/// Output channels whose accumulators [`im2col_conv`] keeps per tile (`64 × 64` i32, 16 KiB).
-const COL_OC: usize = 64;
-
 /// A general convolution (any kernel, stride, dilation, pads; `K` too wide for
 /// [`direct_conv`]) as a GEMM over gathered columns: per tile of [`COL_PX`] output pixels and
 /// slice of [`QUAD_KC`] reduction indices `(c_in, ky, kx)`, the codes each index reads for
 /// each pixel (`z` where the tap falls in the padding) are gathered once into a 4 KiB stack
 /// buffer laid out as [`QUAD_KC`] rows of [`COL_PX`] codes, i.e. as [`pointwise_quads`]'
 /// input, and the same 1×1 kernels multiply it into the accumulators of up to [`COL_OC`]
-/// output channels. Output channels `first .. first + count` of the group, a multiple of the
-/// kernels' group width at a time; returns the first one left to the portable path. Exact for
-/// the reasons given at the 1×1 kernels; every sum wraps like the portable loops'.
+/// output channels. Their weights, as those kernels read them (pairs or quads of `q − z_c`),
+/// are made once per block of output channels into `panel` (the scratch region past the
+/// unpacked row) where it is large enough ([`super::plan::panel_elems`]), else again per
+/// tile on the stack. Output channels `first .. first + count` of the group, a multiple of
+/// the kernels' group width at a time; returns the first one left to the portable path. Exact
+/// for the reasons given at the 1×1 kernels; every sum wraps like the portable loops'.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn im2col_conv(
     geom: &super::ConvGeom,
@@ -956,21 +917,169 @@ pub(super) fn im2col_conv(
     y: (u8, u8, u8),
     out: &mut [u8],
     (first, count): (usize, usize),
-    vnni: bool,
+    isa: super::Isa,
+    panel: &mut [u8],
 ) -> Result<usize, Error> {
-    let width = if vnni && weights.bits <= 4 { 8 } else { 4 };
+    let width = super::plan::col_width(isa, weights.bits);
+    let vnni = isa == super::Isa::Avx512Vnni;
+    // SAFETY: every bit pattern is a valid `i32`; `align_to_mut` hands out only the aligned
+    // middle of the bytes, which the panel then owns for this call.
+    let (_, panel, _) = unsafe { panel.align_to_mut::<i32>() };
+    let need = super::plan::panel_elems(isa, geom, s, weights.bits);
+    let panel = panel.get_mut(..need).filter(|_| need > 0);
     let end = first + count;
     let mut co = first;
+    let mut panel = panel;
     while co + width <= end {
         let oc = (end - co).min(COL_OC) / width * width;
+        let blk = (co, oc);
+        let p = panel.as_deref_mut();
         if width == 8 {
-            im2col_block::<8>(geom, s, weights, in_group, z, y, out, (co, oc), vnni)?;
+            im2col_block::<8>(geom, s, weights, in_group, z, y, out, blk, vnni, p)?;
         } else {
-            im2col_block::<4>(geom, s, weights, in_group, z, y, out, (co, oc), vnni)?;
+            im2col_block::<4>(geom, s, weights, in_group, z, y, out, blk, vnni, p)?;
         }
         co += oc;
     }
     Ok(co)
+}
+
+/// [`im2col_conv`] for output channels `co .. co + oc` (`oc` a multiple of `N`, ≤ [`COL_OC`]).
+#[allow(clippy::too_many_arguments)]
+fn im2col_block<const N: usize>(
+    geom: &super::ConvGeom,
+    s: &super::ConvShape,
+    weights: &crate::packing::Weights<'_>,
+    in_group: &[u8],
+    z: i32,
+    (y_zero, y_lo, y_hi): (u8, u8, u8),
+    out: &mut [u8],
+    (co, oc): (usize, usize),
+    vnni: bool,
+    panel: Option<&mut [i32]>,
+) -> Result<(), Error> {
+    let quads = weights.bits <= 4;
+    let k = s.k;
+    let (kh, kw) = (geom.kernel_h, geom.kernel_w);
+    let plane = s.h * s.w;
+    let out_plane = s.out_h * s.out_w;
+    if oc % N != 0 || oc > COL_OC || in_group.len() < s.c_in_g * plane {
+        return Err(Error::BadArgument);
+    }
+    let mut reqs = [crate::numerics::ChannelRequant::new(0, 0, 0, 0, 0); COL_OC];
+    let mut c0 = [0i32; COL_OC];
+    let mut zw = [0i32; COL_OC];
+    let mut rows: [&[u8]; COL_OC] = [&[]; COL_OC];
+    channel_constants(
+        weights,
+        co,
+        z,
+        (y_zero, y_lo, y_hi),
+        rows.get_mut(..oc).ok_or(Error::BadArgument)?,
+        &mut zw,
+        &mut reqs,
+        &mut c0,
+    )?;
+    // The weights of group `g` (`N` channels) for the slice at reduction index `c`: made into
+    // `wp`, or read from the panel, which holds every (slice, group) in that order.
+    let per = super::plan::panel_slice_elems(weights.bits);
+    let group_weights = |g: usize, c: usize, kc: usize, wp: &mut [[i32; N]]| {
+        let rows_g: &[&[u8]; N] = rows
+            .get(g * N..g * N + N)
+            .and_then(|r| r.try_into().ok())
+            .ok_or(Error::BadArgument)?;
+        let zw_g: &[i32; N] = zw
+            .get(g * N..g * N + N)
+            .and_then(|r| r.try_into().ok())
+            .ok_or(Error::BadArgument)?;
+        if quads {
+            weight_quads(weights.bits, rows_g, zw_g, c, kc, wp)
+        } else {
+            weight_pairs(weights.bits, rows_g, zw_g, c, kc, wp)
+        }
+    };
+    let panel = match panel {
+        Some(p) if p.len() >= k.div_ceil(QUAD_KC) * per * oc => {
+            let (slots, _) = p.as_chunks_mut::<N>();
+            for (i, slot) in slots
+                .chunks_exact_mut(per)
+                .take(k.div_ceil(QUAD_KC) * oc / N)
+                .enumerate()
+            {
+                let (c, g) = (i / (oc / N) * QUAD_KC, i % (oc / N));
+                group_weights(g, c, QUAD_KC.min(k - c), slot)?;
+            }
+            Some(&*slots)
+        }
+        _ => None,
+    };
+    let mut col = [0u8; QUAD_KC * COL_PX];
+    let mut acc = [[0i32; COL_PX]; COL_OC];
+    let mut p0 = 0;
+    while p0 < out_plane {
+        let n = COL_PX.min(out_plane - p0);
+        for (a, &c) in acc.iter_mut().zip(&c0).take(oc) {
+            a.fill(c);
+        }
+        let mut c = 0;
+        while c < k {
+            let kc = QUAD_KC.min(k - c);
+            // Gather: row `v` of `col` holds, for each pixel of the tile, the code that
+            // reduction index `c + v` reads.
+            for (v, dst) in col.chunks_exact_mut(COL_PX).enumerate().take(kc) {
+                let t = c + v;
+                let (ci, ky, kx) = (t / (kh * kw), t / kw % kh, t % kw);
+                let chan = in_group
+                    .get(ci * plane..(ci + 1) * plane)
+                    .ok_or(Error::BadArgument)?;
+                let tap = (ky * geom.dilation_h, kx * geom.dilation_w);
+                let dst = dst.get_mut(..n).ok_or(Error::BadArgument)?;
+                gather_row(geom, s, chan, tap, z as u8, p0, dst)?;
+            }
+            let blk = (col.as_slice(), COL_PX, 0, kc, 0, n);
+            for g in 0..oc / N {
+                let acc_g: &mut [[i32; COL_PX]; N] = acc
+                    .get_mut(g * N..g * N + N)
+                    .and_then(|r| r.try_into().ok())
+                    .ok_or(Error::BadArgument)?;
+                let mut wp = [[0i32; N]; QUAD_KC / 2];
+                let w: &[[i32; N]] = match panel {
+                    Some(slots) => {
+                        let at = (c / QUAD_KC * (oc / N) + g) * per;
+                        slots.get(at..at + per).ok_or(Error::BadArgument)?
+                    }
+                    None => {
+                        group_weights(g, c, kc, &mut wp)?;
+                        &wp
+                    }
+                };
+                if quads {
+                    let wq = w.get(..kc.div_ceil(4)).ok_or(Error::BadArgument)?;
+                    // SAFETY: the caller runs this only when `active()` says the CPU has AVX2
+                    // (and, with `vnni`, AVX-512 VNNI and VL).
+                    unsafe {
+                        if vnni {
+                            quad4_block_vnni(blk, wq, acc_g)?
+                        } else {
+                            quad4_block_avx2(blk, wq, acc_g)?
+                        }
+                    };
+                } else {
+                    // SAFETY: as above.
+                    unsafe { quad_block_avx2(&col, COL_PX, 0, kc, w, 0, n, acc_g)? };
+                }
+            }
+            c += kc;
+        }
+        for (j, (a, req)) in acc.iter().zip(&reqs).take(oc).enumerate() {
+            let dst = out
+                .get_mut((co + j) * out_plane + p0..(co + j) * out_plane + p0 + n)
+                .ok_or(Error::BadArgument)?;
+            super::requant_tile(req, a.get(..n).ok_or(Error::BadArgument)?, dst);
+        }
+        p0 += n;
+    }
+    Ok(())
 }
 
 /// One row of [`im2col_conv`]'s columns: for output pixels `p0 .. p0 + dst.len()`, the code
@@ -1029,117 +1138,6 @@ fn gather_row(
                 }
             }
         }
-    }
-    Ok(())
-}
-
-/// [`im2col_conv`] for output channels `co .. co + oc` (`oc` a multiple of `N`, ≤ [`COL_OC`]).
-#[allow(clippy::too_many_arguments)]
-fn im2col_block<const N: usize>(
-    geom: &super::ConvGeom,
-    s: &super::ConvShape,
-    weights: &crate::packing::Weights<'_>,
-    in_group: &[u8],
-    z: i32,
-    (y_zero, y_lo, y_hi): (u8, u8, u8),
-    out: &mut [u8],
-    (co, oc): (usize, usize),
-    vnni: bool,
-) -> Result<(), Error> {
-    let quads = weights.bits <= 4;
-    let k = s.k;
-    let (kh, kw) = (geom.kernel_h, geom.kernel_w);
-    let plane = s.h * s.w;
-    let out_plane = s.out_h * s.out_w;
-    if oc % N != 0 || oc > COL_OC || in_group.len() < s.c_in_g * plane {
-        return Err(Error::BadArgument);
-    }
-    let mut reqs = [crate::numerics::ChannelRequant::new(0, 0, 0, 0, 0); COL_OC];
-    let mut c0 = [0i32; COL_OC];
-    let mut zw = [0i32; COL_OC];
-    let mut rows: [&[u8]; COL_OC] = [&[]; COL_OC];
-    channel_constants(
-        weights,
-        co,
-        z,
-        (y_zero, y_lo, y_hi),
-        rows.get_mut(..oc).ok_or(Error::BadArgument)?,
-        &mut zw,
-        &mut reqs,
-        &mut c0,
-    )?;
-    let mut col = [0u8; QUAD_KC * COL_PX];
-    let mut acc = [[0i32; COL_PX]; COL_OC];
-    let mut p0 = 0;
-    while p0 < out_plane {
-        let n = COL_PX.min(out_plane - p0);
-        for (a, &c) in acc.iter_mut().zip(&c0).take(oc) {
-            a.fill(c);
-        }
-        let mut c = 0;
-        while c < k {
-            let kc = QUAD_KC.min(k - c);
-            // Gather: row `v` of `col` holds, for each pixel of the tile, the code that
-            // reduction index `c + v` reads.
-            for (v, dst) in col.chunks_exact_mut(COL_PX).enumerate().take(kc) {
-                let t = c + v;
-                let (ci, ky, kx) = (t / (kh * kw), t / kw % kh, t % kw);
-                let chan = in_group
-                    .get(ci * plane..(ci + 1) * plane)
-                    .ok_or(Error::BadArgument)?;
-                let tap = (ky * geom.dilation_h, kx * geom.dilation_w);
-                gather_row(
-                    geom,
-                    s,
-                    chan,
-                    tap,
-                    z as u8,
-                    p0,
-                    dst.get_mut(..n).ok_or(Error::BadArgument)?,
-                )?;
-            }
-            let blk = (col.as_slice(), COL_PX, 0, kc, 0, n);
-            for g in 0..oc / N {
-                let rows_g: &[&[u8]; N] = rows
-                    .get(g * N..g * N + N)
-                    .and_then(|r| r.try_into().ok())
-                    .ok_or(Error::BadArgument)?;
-                let zw_g: &[i32; N] = zw
-                    .get(g * N..g * N + N)
-                    .and_then(|r| r.try_into().ok())
-                    .ok_or(Error::BadArgument)?;
-                let acc_g: &mut [[i32; COL_PX]; N] = acc
-                    .get_mut(g * N..g * N + N)
-                    .and_then(|r| r.try_into().ok())
-                    .ok_or(Error::BadArgument)?;
-                let mut wp = [[0i32; N]; QUAD_KC / 2];
-                if quads {
-                    weight_quads(weights.bits, rows_g, zw_g, c, kc, &mut wp)?;
-                    let wq = wp.get(..kc.div_ceil(4)).ok_or(Error::BadArgument)?;
-                    // SAFETY: the caller runs this only when `active()` says the CPU has AVX2
-                    // (and, with `vnni`, AVX-512 VNNI and VL).
-                    unsafe {
-                        if vnni {
-                            quad4_block_vnni(blk, wq, acc_g)?
-                        } else {
-                            quad4_block_avx2(blk, wq, acc_g)?
-                        }
-                    };
-                } else {
-                    weight_pairs(weights.bits, rows_g, zw_g, c, kc, &mut wp)?;
-                    // SAFETY: as above.
-                    unsafe { quad_block_avx2(&col, COL_PX, 0, kc, &wp, 0, n, acc_g)? };
-                }
-            }
-            c += kc;
-        }
-        for (j, (a, req)) in acc.iter().zip(&reqs).take(oc).enumerate() {
-            let dst = out
-                .get_mut((co + j) * out_plane + p0..(co + j) * out_plane + p0 + n)
-                .ok_or(Error::BadArgument)?;
-            super::requant_tile(req, a.get(..n).ok_or(Error::BadArgument)?, dst);
-        }
-        p0 += n;
     }
     Ok(())
 }

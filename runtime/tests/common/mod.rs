@@ -131,10 +131,13 @@ pub fn random_channels(
 }
 
 /// The output codes of `kernels::conv2d` (`[1, c_in, h, w]` → `[1, c_out, oh, ow]`) with
-/// the weight `codes` (`c_out` rows of `k`) and `chans` packed as a blob holds them.
+/// the weight `codes` (`c_out` rows of `k`) and `chans` packed as a blob holds them; the
+/// scratch region as the compiler sizes it for `scratch_for`'s kernels (`None`: the least,
+/// `conv_scratch_len`).
 #[allow(clippy::too_many_arguments)]
 pub fn run_conv(
     g: &ConvGeom,
+    scratch_for: Option<diffdfq_runtime::kernels::Isa>,
     (bits, k): (u8, usize),
     codes: &[u8],
     chans: &[ChannelRecord],
@@ -147,7 +150,12 @@ pub fn run_conv(
     let (rows, cb) = pack_weights(bits, k, codes, chans);
     let weights = Weights::new(bits, k, chans.len(), &rows, &cb).unwrap();
     let mut y = vec![0xEEu8; dims_out.iter().product()];
-    let mut scratch = vec![0u8; kernels::conv_scratch_len(k)];
+    let len = scratch_for.map_or(kernels::conv_scratch_len(k), |isa| {
+        kernels::conv_scratch_len_for(isa, g, dims_in, dims_out, bits).unwrap()
+    });
+    // Odd-sized and odd-aligned, as an arena region may be.
+    let mut buf = vec![0xA5u8; len + 1];
+    let scratch = &mut buf[1..];
     let x = QIn {
         data: x,
         dims: dims_in,
@@ -160,7 +168,7 @@ pub fn run_conv(
         lo,
         hi,
     };
-    kernels::conv2d(g, &weights, &x, &mut out, &mut scratch).unwrap();
+    kernels::conv2d(g, &weights, &x, &mut out, scratch).unwrap();
     y
 }
 

@@ -1,0 +1,115 @@
+//! Which kernel runs a convolution at each level, decided from its shape alone and compiled on
+//! every host: the compiler sizes a model's scratch region with it ([`conv_scratch_len_for`])
+//! for a target it may not run on, and the x86 kernels dispatch by the same rules.
+
+use super::{ConvGeom, ConvShape, Isa, CONV_TILE};
+
+/// Input channels the 1×1 and gathered-column kernels sum per pass (8 groups of 8 codes).
+pub(super) const QUAD_KC: usize = 64;
+
+/// Output pixels per tile of the gathered-column convolution (`x86::im2col_conv`).
+pub(super) const COL_PX: usize = 64;
+
+/// Output channels whose accumulators the gathered-column convolution keeps per tile
+/// (`64 × 64` i32, 16 KiB).
+pub(super) const COL_OC: usize = 64;
+
+/// Largest `K` the direct convolution (`x86::direct_conv`) takes (its weights live on the
+/// stack).
+pub(super) const DIRECT_MAX_K: usize = 64;
+
+/// Bytes of the stack buffer holding the direct convolution's padded input rows.
+pub(super) const DIRECT_ROWS: usize = 8192;
+
+/// Codes a padded row holds past its right pad: the loads of a last, partial step of sixteen
+/// pixels at stride 2 read that far.
+const ROW_SLACK: usize = 32;
+
+/// Length of one padded input row of the direct convolution.
+pub(super) fn padded_row(geom: &ConvGeom, s: &ConvShape) -> usize {
+    geom.pad_left + s.w + geom.pad_right + ROW_SLACK
+}
+
+/// Padded input rows (per input channel) a band of `rows` output rows reads.
+pub(super) fn band_input_rows(geom: &ConvGeom, rows: usize) -> usize {
+    (rows - 1) * geom.stride_h + (geom.kernel_h - 1) * geom.dilation_h + 1
+}
+
+/// A 1×1 stride-1 unpadded convolution: output pixel `p` reads input pixel `p`.
+pub(super) fn is_pointwise(geom: &ConvGeom, s: &ConvShape) -> bool {
+    geom.kernel_h * geom.kernel_w == 1
+        && geom.stride_h == 1
+        && geom.stride_w == 1
+        && geom.pad_top == 0
+        && geom.pad_left == 0
+        && s.h == s.out_h
+        && s.w == s.out_w
+}
+
+/// Whether the direct convolution runs this convolution (AVX2 and up): one input channel per
+/// group or fewer than eight output channels (depthwise; a stem with many output channels is
+/// faster as a GEMM over gathered columns, which reads each column for eight channels at
+/// once), strides 1 or 2 along rows, `K` ≤ [`DIRECT_MAX_K`], output rows of at most
+/// [`CONV_TILE`] pixels, and the padded input rows of one output row within [`DIRECT_ROWS`].
+pub(super) fn direct_fits(geom: &ConvGeom, s: &ConvShape) -> bool {
+    (geom.stride_w == 1 || geom.stride_w == 2)
+        && (s.c_in_g == 1 || s.c_out_g < 8)
+        && s.k <= DIRECT_MAX_K
+        && s.out_w <= CONV_TILE
+        && s.c_in_g
+            .checked_mul(band_input_rows(geom, 1))
+            .and_then(|r| r.checked_mul(padded_row(geom, s)))
+            .is_some_and(|b| b <= DIRECT_ROWS)
+}
+
+/// Output channels per pass of the gathered-column kernels: eight with VNNI and ≤ 4-bit
+/// weights, else four.
+pub(super) fn col_width(isa: Isa, bits: u8) -> usize {
+    if isa == Isa::Avx512Vnni && bits <= 4 {
+        8
+    } else {
+        4
+    }
+}
+
+/// `i32` elements one output channel's weights take per [`QUAD_KC`] slice in a panel: ≤ 4-bit
+/// weights four to an element, 8-bit ones two.
+pub(super) fn panel_slice_elems(bits: u8) -> usize {
+    if bits <= 4 {
+        QUAD_KC / 4
+    } else {
+        QUAD_KC / 2
+    }
+}
+
+/// `i32` elements of the weight panel the gathered-column convolution keeps for a block of
+/// up to [`COL_OC`] output channels: every [`QUAD_KC`] slice of the reduction, in the form
+/// its multiply–adds read (pairs or quads of `q − z_c`). Zero where that kernel does not run
+/// at `isa` or where the output is one tile (the panel would be read once: no gain).
+pub(super) fn panel_elems(isa: Isa, geom: &ConvGeom, s: &ConvShape, bits: u8) -> usize {
+    let out_plane = s.out_h * s.out_w;
+    let oc = s.c_out_g.min(COL_OC) / col_width(isa, bits) * col_width(isa, bits);
+    if isa < Isa::Avx2 || is_pointwise(geom, s) || direct_fits(geom, s) || out_plane <= COL_PX {
+        return 0;
+    }
+    s.k.div_ceil(QUAD_KC) * panel_slice_elems(bits) * oc
+}
+
+/// Bytes of scratch a convolution needs where the kernels of `isa` run it: one weight row
+/// unpacked to `K` codes ([`super::conv_scratch_len`], the portable path), and for the
+/// gathered-column convolution (x86 AVX2 and up) its weight panel, so that each weight is
+/// unpacked once per convolution instead of once per tile of [`COL_PX`] pixels (plus 3 bytes
+/// to align it for `i32`). A smaller scratch region is still correct: the kernel then makes
+/// the panel per tile, with the same results. `None` if the shapes do not fit the geometry.
+pub fn conv_scratch_len_for(
+    isa: Isa,
+    geom: &ConvGeom,
+    in_dims: [usize; 4],
+    out_dims: [usize; 4],
+    bits: u8,
+) -> Option<usize> {
+    let s = geom.check(in_dims, out_dims)?;
+    let panel = panel_elems(isa, geom, &s, bits);
+    let panel_bytes = if panel == 0 { 0 } else { 4 * panel + 3 };
+    Some(super::conv_scratch_len(s.k) + panel_bytes)
+}
