@@ -324,6 +324,10 @@ pub(super) fn pointwise_quads(
     )
 }
 
+/// Elements (of `N` lanes) of [`pointwise_group`]'s stack panel: the weights of a group for
+/// `K` ≤ 2048 (≤ 4-bit, quads) or ≤ 1024 (8-bit, pairs), 16 KiB at `N = 8`.
+const PW_PANEL: usize = 512;
+
 /// [`pointwise_quads`] for output channels `from .. end`, `N` at a time; returns where it
 /// stopped (fewer than `N` left). `N = 8` only with `vnni` and ≤ 4-bit weights.
 #[allow(clippy::too_many_arguments)]
@@ -332,10 +336,35 @@ fn pointwise_group<const N: usize>(
     in_group: &[u8],
     plane: usize,
     z: i32,
+    y: (u8, u8, u8),
+    out: &mut [u8],
+    range: (usize, usize),
+    vnni: bool,
+) -> Result<usize, Error> {
+    let per = super::plan::panel_slice_elems(weights.bits);
+    // A stack panel only where it pays: a plane of several tiles, weights that fit.
+    if plane > super::CONV_TILE && weights.k.div_ceil(QUAD_KC) * per <= PW_PANEL {
+        let mut panel = [[0i32; N]; PW_PANEL];
+        let p = Some(&mut panel[..]);
+        pointwise_groups::<N>(weights, in_group, plane, z, y, out, range, vnni, p)
+    } else {
+        pointwise_groups::<N>(weights, in_group, plane, z, y, out, range, vnni, None)
+    }
+}
+
+/// [`pointwise_group`] with the group's weights made once per group into `panel` (every
+/// slot a group reads is overwritten first), or again per slice of each tile without one.
+#[allow(clippy::too_many_arguments)]
+fn pointwise_groups<const N: usize>(
+    weights: &crate::packing::Weights<'_>,
+    in_group: &[u8],
+    plane: usize,
+    z: i32,
     (y_zero, y_lo, y_hi): (u8, u8, u8),
     out: &mut [u8],
     (from, end): (usize, usize),
     vnni: bool,
+    mut panel: Option<&mut [[i32; N]]>,
 ) -> Result<usize, Error> {
     // ≤ 4-bit weights fit i8 (`|q − z_c| ≤ 15`): four input channels per byte product.
     let quads = weights.bits <= 4;
@@ -346,6 +375,7 @@ fn pointwise_group<const N: usize>(
     if N == 8 && !(vnni && quads) {
         return Err(Error::BadArgument);
     }
+    let per = super::plan::panel_slice_elems(weights.bits);
     let mut co = from;
     while co + N <= end {
         let mut reqs = [crate::numerics::ChannelRequant::new(0, 0, 0, 0, 0); N];
@@ -362,6 +392,21 @@ fn pointwise_group<const N: usize>(
             &mut reqs,
             &mut c0,
         )?;
+        let cached = panel.is_some();
+        if let Some(panel) = panel.as_deref_mut() {
+            for (i, slot) in panel
+                .chunks_exact_mut(per)
+                .take(k.div_ceil(QUAD_KC))
+                .enumerate()
+            {
+                let c = i * QUAD_KC;
+                if quads {
+                    weight_quads(weights.bits, &rows, &zw, c, QUAD_KC.min(k - c), slot)?;
+                } else {
+                    weight_pairs(weights.bits, &rows, &zw, c, QUAD_KC.min(k - c), slot)?;
+                }
+            }
+        }
         let mut p0 = 0;
         while p0 < plane {
             let n = super::CONV_TILE.min(plane - p0);
@@ -372,11 +417,19 @@ fn pointwise_group<const N: usize>(
             let mut c = 0;
             while c < k {
                 let kc = QUAD_KC.min(k - c);
-                // Made again per tile: making them once per channel quad measured no faster.
-                let mut wp = [[0i32; N]; QUAD_KC / 2];
+                let mut made = [[0i32; N]; QUAD_KC / 2];
+                let wp: &mut [[i32; N]] = match panel.as_deref_mut() {
+                    Some(panel) => {
+                        let at = c / QUAD_KC * per;
+                        panel.get_mut(at..at + per).ok_or(Error::BadArgument)?
+                    }
+                    None => &mut made,
+                };
                 let blk = (in_group, plane, c, kc, p0, n);
                 if quads {
-                    weight_quads(weights.bits, &rows, &zw, c, kc, &mut wp)?;
+                    if !cached {
+                        weight_quads(weights.bits, &rows, &zw, c, kc, wp)?;
+                    }
                     let wq = wp.get(..kc.div_ceil(4)).ok_or(Error::BadArgument)?;
                     // SAFETY: the caller runs this only when `active()` says the CPU has AVX2
                     // (and, with `vnni`, AVX-512 VNNI and VL).
@@ -388,10 +441,12 @@ fn pointwise_group<const N: usize>(
                         }
                     };
                 } else {
-                    weight_pairs(weights.bits, &rows, &zw, c, kc, &mut wp)?;
+                    if !cached {
+                        weight_pairs(weights.bits, &rows, &zw, c, kc, wp)?;
+                    }
                     // SAFETY: AVX2 is available: the caller runs this only when `active()`
                     // says so.
-                    unsafe { quad_block_avx2(in_group, plane, c, kc, &wp, p0, n, &mut acc)? };
+                    unsafe { quad_block_avx2(in_group, plane, c, kc, wp, p0, n, &mut acc)? };
                 }
                 c += kc;
             }
@@ -484,18 +539,32 @@ fn weight_quads<const N: usize>(
     out: &mut [[i32; N]],
 ) -> Result<(), Error> {
     let b = bits as usize;
-    let mask = (1u64 << b) - 1;
     const LOW: u64 = 0x0101_0101_0101_0101;
+    // Spreading a group's `8b` bits to one code per byte in three halvings (`b` ≤ 4): codes
+    // 4–7 to the upper 32 bits, then pairs to 16-bit fields, then one code per byte; each
+    // step shifts the upper half of every field up and masks both halves.
+    let field = |w: usize| (1u64 << w) - 1;
+    let m1 = field(4 * b) | field(4 * b) << 32;
+    let m2 = field(2 * b) * 0x0001_0001_0001_0001;
+    let m3 = field(b) * LOW;
     for (j, (row, &zwj)) in rows.iter().zip(zw).enumerate() {
         for gi in 0..kc.div_ceil(8) {
             let g0 = (c / 8 + gi) * b;
-            let group = row.get(g0..g0 + b).ok_or(Error::BadArgument)?;
-            // The group's 8 codes (see `format`'s packing), one per byte.
-            let v = group
-                .iter()
-                .enumerate()
-                .fold(0u64, |v, (i, &x)| v | (x as u64) << (8 * i));
-            let codes = (0..8).fold(0u64, |o, t| o | ((v >> (b * t)) & mask) << (8 * t));
+            // The group's 8 codes (see `format`'s packing) in the low `8b` bits: one 8-byte
+            // load where the row runs that far, else byte by byte.
+            let v = match row.get(g0..g0 + 8) {
+                Some(w) => u64::from_le_bytes(w.try_into().map_err(|_| Error::BadArgument)?),
+                None => row
+                    .get(g0..g0 + b)
+                    .ok_or(Error::BadArgument)?
+                    .iter()
+                    .enumerate()
+                    .fold(0u64, |v, (i, &x)| v | (x as u64) << (8 * i)),
+            };
+            let v = v & field(8 * b);
+            let v = (v | v << (32 - 4 * b)) & m1;
+            let v = (v | v << (16 - 2 * b)) & m2;
+            let codes = (v | v << (8 - b)) & m3;
             // Per byte `q − z_c` as an i8 (SWAR): with each byte's top bit set first, no
             // borrow crosses a byte, since `q, z_c ≤ 15` (a valid blob; anything else only
             // gives other numbers, never a panic: the arithmetic wraps).
