@@ -57,11 +57,12 @@ fn problem() -> impl Strategy<Value = Problem> {
             .prop_map(|(g, ci, co, h, w, (k, st), (pt, pl))| {
                 (g, ci, co, h, w, (3, k, st, st, [pt, pl, pl, pt]))
             }),
-        // Depthwise 3×3 / 5×5, strides 1–2, pads 0–2.
+        // Depthwise 3×3 / 5×5, strides 1–2, pads 0–2; rows wide enough for whole steps of
+        // 32 output pixels at stride 2.
         (
             1usize..12,
             1usize..40,
-            1usize..40,
+            1usize..80,
             prop::sample::select(vec![3usize, 5]),
             1usize..3,
             0usize..3,

@@ -21,9 +21,9 @@ pub(super) const DIRECT_MAX_K: usize = 64;
 /// Bytes of the stack buffer holding the direct convolution's padded input rows.
 pub(super) const DIRECT_ROWS: usize = 8192;
 
-/// Codes a padded row holds past its right pad: the loads of a last, partial step of sixteen
+/// Codes a padded row holds past its right pad: the loads of a last, partial step of 32
 /// pixels at stride 2 read that far.
-const ROW_SLACK: usize = 32;
+const ROW_SLACK: usize = 64;
 
 /// Length of one padded input row of the direct convolution.
 pub(super) fn padded_row(geom: &ConvGeom, s: &ConvShape) -> usize {

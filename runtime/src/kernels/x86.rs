@@ -843,6 +843,8 @@ pub(super) fn direct_conv(
         }
     }
     let taps = &*taps;
+    // Weights `|q − z_c| ≤ 15` (every ≤ 4-bit layer) take the byte-product steps.
+    let small = taps.iter().all(|&(_, w)| (-15..=15).contains(&w));
     let mut oy0 = 0;
     while oy0 < s.out_h {
         let oy1 = (oy0 + band).min(s.out_h);
@@ -862,9 +864,23 @@ pub(super) fn direct_conv(
         let n = (oy1 - oy0) * s.out_w;
         let a = acc.get_mut(..n).ok_or(Error::BadArgument)?;
         for (i, out_row) in a.chunks_mut(s.out_w).enumerate() {
-            for (j, step) in out_row.chunks_mut(16).enumerate() {
-                let start = i * sh * row_len + 16 * j * sw;
+            // Steps of 32 pixels on byte products where the weights allow (a last one of 16
+            // or more too), then 16.
+            let rest = out_row.len() % 32;
+            let wide = match small {
+                true if rest >= 16 => out_row.len(),
+                true => out_row.len() - rest,
+                false => 0,
+            };
+            let (head, tail) = out_row.split_at_mut(wide);
+            for (j, step) in head.chunks_mut(32).enumerate() {
+                let start = i * sh * row_len + 32 * j * sw;
                 // SAFETY: AVX2 is available: the caller runs this only when `active()` says so.
+                unsafe { direct_step32_avx2(rows, sw, taps, c0, start, step)? };
+            }
+            for (j, step) in tail.chunks_mut(16).enumerate() {
+                let start = i * sh * row_len + (wide + 16 * j) * sw;
+                // SAFETY: as above.
                 unsafe { direct_step_avx2(rows, sw, taps, c0, start, step)? };
             }
         }
@@ -928,6 +944,81 @@ fn direct_step_avx2(
         }
     }
     Ok(())
+}
+
+/// [`direct_step_avx2`] for `dst.len()` (16–32) pixels of one row whose weights are all
+/// within `±15`, computed 32 at a time (a short step's loads run into the row's slack): the
+/// taps' codes interleaved in pairs, `vpmaddubsw` multiplies the unsigned codes by the signed
+/// weight pair and adds the two products into one i16 lane; four pairs accumulate in i16
+/// before widening to i32. Exact: a pair sum is at most `2·255·15 = 7650` in magnitude (no
+/// saturation), four of them `30600 < 2^15`, and the i32 sums wrap as the portable loops' do.
+#[target_feature(enable = "avx2")]
+fn direct_step32_avx2(
+    rows: &[u8],
+    sw: usize,
+    taps: &[(usize, i32)],
+    c0: i32,
+    start: usize,
+    dst: &mut [i32],
+) -> Result<(), Error> {
+    // Lanes after the in-lane byte interleave: `lo` holds pixels 0–7 and 16–23, `hi` 8–15
+    // and 24–31, as i16 once multiplied.
+    let mut acc = [_mm256_set1_epi32(c0); 4];
+    let zero = _mm256_setzero_si256();
+    for quad in taps.chunks(8) {
+        let (mut lo, mut hi) = (zero, zero);
+        for pair in quad.chunks(2) {
+            let (oa, wa) = pair.first().copied().ok_or(Error::BadArgument)?;
+            // An odd last tap pairs with itself at weight 0.
+            let (ob, wb) = pair.get(1).copied().unwrap_or((oa, 0));
+            let a = direct_codes32(rows, sw, oa + start)?;
+            let b = direct_codes32(rows, sw, ob + start)?;
+            let w =
+                _mm256_set1_epi16(((wb as i8 as u8 as u16) << 8 | wa as i8 as u8 as u16) as i16);
+            lo = _mm256_add_epi16(lo, _mm256_maddubs_epi16(_mm256_unpacklo_epi8(a, b), w));
+            hi = _mm256_add_epi16(hi, _mm256_maddubs_epi16(_mm256_unpackhi_epi8(a, b), w));
+        }
+        let widen = |v: __m128i| _mm256_cvtepi16_epi32(v);
+        let [a0, a1, a2, a3] = &mut acc;
+        *a0 = _mm256_add_epi32(*a0, widen(_mm256_castsi256_si128(lo)));
+        *a1 = _mm256_add_epi32(*a1, widen(_mm256_castsi256_si128(hi)));
+        *a2 = _mm256_add_epi32(*a2, widen(_mm256_extracti128_si256(lo, 1)));
+        *a3 = _mm256_add_epi32(*a3, widen(_mm256_extracti128_si256(hi, 1)));
+    }
+    let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for (part, v) in dst.chunks_mut(8).zip(acc) {
+        if part.len() == 8 {
+            // SAFETY: `part` holds exactly the 8 i32 the store writes.
+            unsafe { _mm256_storeu_si256(part.as_mut_ptr().cast(), v) };
+        } else {
+            let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(part.len() as i32), lanes);
+            // SAFETY: the mask enables lanes 0..len, exactly the i32 `part` holds.
+            unsafe { _mm256_maskstore_epi32(part.as_mut_ptr(), mask, v) };
+        }
+    }
+    Ok(())
+}
+
+/// The codes one tap reads for 32 pixels from `rows[at..]`, every `sw`-th code (`sw` 1 or
+/// 2), in order.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn direct_codes32(rows: &[u8], sw: usize, at: usize) -> Result<__m256i, Error> {
+    let src = rows.get(at..at + 32 * sw).ok_or(Error::BadArgument)?;
+    // SAFETY: `src` holds exactly the `32·sw` bytes the loads read.
+    Ok(unsafe {
+        let p = src.as_ptr();
+        if sw == 1 {
+            _mm256_loadu_si256(p.cast())
+        } else {
+            // Even codes of each 16-bit pair, packed: lanes come out as (lo.0, hi.0, lo.1,
+            // hi.1) in 64-bit quarters, which the permute puts back in order.
+            let mask = _mm256_set1_epi16(0xff);
+            let lo = _mm256_and_si256(_mm256_loadu_si256(p.cast()), mask);
+            let hi = _mm256_and_si256(_mm256_loadu_si256(p.add(32).cast()), mask);
+            _mm256_permute4x64_epi64(_mm256_packus_epi16(lo, hi), 0b11_01_10_00)
+        }
+    })
 }
 
 /// The codes one tap reads for eight pixels (and, when `wide`, the next eight) from
