@@ -92,7 +92,17 @@ fn bench(c: &mut Criterion) {
             }
             let weights = Weights::new(bits, kk, c_out, &rows, &chans).unwrap();
             let mut y = vec![0u8; c_out * oh * ow];
-            let mut scratch = vec![0u8; kernels::conv_scratch_len(kk)];
+            // The scratch region as the compiler sizes it for the widest level (the others
+            // use what they need of it).
+            let len = kernels::conv_scratch_len_for(
+                Isa::Avx512Vnni,
+                &geom,
+                [1, c_in, h, w],
+                [1, c_out, oh, ow],
+                bits,
+            )
+            .unwrap();
+            let mut scratch = vec![0u8; len];
             for &isa in &isas {
                 kernels::use_kernels(isa);
                 group.bench_function(

@@ -62,20 +62,27 @@ pub(super) fn direct_fits(geom: &ConvGeom, s: &ConvShape) -> bool {
             .is_some_and(|b| b <= DIRECT_ROWS)
 }
 
-/// Output channels per pass of the gathered-column kernels: eight with VNNI and ≤ 4-bit
-/// weights, else four.
+/// Whether the 1×1 and gathered-column kernels multiply weights as signed bytes, four input
+/// channels per product: ≤ 4-bit weights (`q − z_c`) at AVX2 and up, 8-bit ones (`q − 128`)
+/// with VNNI; else (8-bit at AVX2) as i16 pairs.
+pub(super) fn byte_quads(isa: Isa, bits: u8) -> bool {
+    bits <= 4 || (isa == Isa::Avx512Vnni && bits == 8)
+}
+
+/// Output channels per pass of the 1×1 and gathered-column kernels: eight with VNNI on byte
+/// quads, else four.
 pub(super) fn col_width(isa: Isa, bits: u8) -> usize {
-    if isa == Isa::Avx512Vnni && bits <= 4 {
+    if isa == Isa::Avx512Vnni && byte_quads(isa, bits) {
         8
     } else {
         4
     }
 }
 
-/// `i32` elements one output channel's weights take per [`QUAD_KC`] slice in a panel: ≤ 4-bit
-/// weights four to an element, 8-bit ones two.
-pub(super) fn panel_slice_elems(bits: u8) -> usize {
-    if bits <= 4 {
+/// `i32` elements one output channel's weights take per [`QUAD_KC`] slice in a panel: byte
+/// quads four to an element, i16 pairs two.
+pub(super) fn panel_slice_elems(isa: Isa, bits: u8) -> usize {
+    if byte_quads(isa, bits) {
         QUAD_KC / 4
     } else {
         QUAD_KC / 2
@@ -92,7 +99,7 @@ pub(super) fn panel_elems(isa: Isa, geom: &ConvGeom, s: &ConvShape, bits: u8) ->
     if isa < Isa::Avx2 || is_pointwise(geom, s) || direct_fits(geom, s) || out_plane <= COL_PX {
         return 0;
     }
-    s.k.div_ceil(QUAD_KC) * panel_slice_elems(bits) * oc
+    s.k.div_ceil(QUAD_KC) * panel_slice_elems(isa, bits) * oc
 }
 
 /// Bytes of scratch a convolution needs where the kernels of `isa` run it: one weight row

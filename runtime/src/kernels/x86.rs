@@ -300,7 +300,7 @@ pub(super) fn pointwise_quads(
     vnni: bool,
 ) -> Result<usize, Error> {
     let mut co = first;
-    if vnni && weights.bits <= 4 {
+    if vnni && super::plan::byte_quads(super::Isa::Avx512Vnni, weights.bits) {
         co = pointwise_group::<8>(
             weights,
             in_group,
@@ -341,7 +341,12 @@ fn pointwise_group<const N: usize>(
     range: (usize, usize),
     vnni: bool,
 ) -> Result<usize, Error> {
-    let per = super::plan::panel_slice_elems(weights.bits);
+    let isa = if vnni {
+        super::Isa::Avx512Vnni
+    } else {
+        super::Isa::Avx2
+    };
+    let per = super::plan::panel_slice_elems(isa, weights.bits);
     // A stack panel only where it pays: a plane of several tiles, weights that fit.
     if plane > super::CONV_TILE && weights.k.div_ceil(QUAD_KC) * per <= PW_PANEL {
         let mut panel = [[0i32; N]; PW_PANEL];
@@ -366,8 +371,14 @@ fn pointwise_groups<const N: usize>(
     vnni: bool,
     mut panel: Option<&mut [[i32; N]]>,
 ) -> Result<usize, Error> {
-    // ≤ 4-bit weights fit i8 (`|q − z_c| ≤ 15`): four input channels per byte product.
-    let quads = weights.bits <= 4;
+    // Signed-byte weights (`q − z_c` at ≤ 4 bits, `q − 128` at 8 with VNNI): four input
+    // channels per byte product.
+    let isa = if vnni {
+        super::Isa::Avx512Vnni
+    } else {
+        super::Isa::Avx2
+    };
+    let quads = super::plan::byte_quads(isa, weights.bits);
     let k = weights.k;
     if in_group.len() < k.checked_mul(plane).ok_or(Error::BadArgument)? {
         return Err(Error::BadArgument);
@@ -375,7 +386,7 @@ fn pointwise_groups<const N: usize>(
     if N == 8 && !(vnni && quads) {
         return Err(Error::BadArgument);
     }
-    let per = super::plan::panel_slice_elems(weights.bits);
+    let per = super::plan::panel_slice_elems(isa, weights.bits);
     let mut co = from;
     while co + N <= end {
         let mut reqs = [crate::numerics::ChannelRequant::new(0, 0, 0, 0, 0); N];
@@ -392,6 +403,7 @@ fn pointwise_groups<const N: usize>(
             &mut reqs,
             &mut c0,
         )?;
+        let zfix = zero_fix(weights.bits, &zw);
         let cached = panel.is_some();
         if let Some(panel) = panel.as_deref_mut() {
             for (i, slot) in panel
@@ -435,9 +447,9 @@ fn pointwise_groups<const N: usize>(
                     // (and, with `vnni`, AVX-512 VNNI and VL).
                     unsafe {
                         if vnni {
-                            quad4_block_vnni(blk, wq, &mut acc)?
+                            quad4_block_vnni(blk, wq, &zfix, &mut acc)?
                         } else {
-                            quad4_block_avx2(blk, wq, &mut acc)?
+                            quad4_block_avx2(blk, wq, &zfix, &mut acc)?
                         }
                     };
                 } else {
@@ -527,9 +539,17 @@ fn weight_pairs<const N: usize>(
     Ok(())
 }
 
-/// The weights of input channels `c .. c + kc` (`c` a multiple of 8) for the four rows as
-/// bytes `q − z_c` (≤ 4-bit weights: `|q − z_c| ≤ 15`), four input channels per `i32`, one
-/// element of `out` per four channels; channels past `kc` get weight 0.
+/// Per channel, what [`weight_quads`]' bytes leave out of `q − z_c`: `128 − z_c` for 8-bit
+/// weights (stored as `q − 128`), 0 for narrower ones.
+fn zero_fix<const N: usize>(bits: u8, zw: &[i32; N]) -> [i32; N] {
+    zw.map(|z| if bits == 8 { 128 - z } else { 0 })
+}
+
+/// The weights of input channels `c .. c + kc` (`c` a multiple of 8) for the rows as signed
+/// bytes, four input channels per `i32`, one element of `out` per four channels; channels
+/// past `kc` get weight 0. ≤ 4-bit weights: `q − z_c` (`|q − z_c| ≤ 15`); 8-bit weights:
+/// `q − 128`, the rest `(128 − z_c)·Σa` being added by the kernel ([`quad4_block_vnni`]'s
+/// `zfix`).
 fn weight_quads<const N: usize>(
     bits: u8,
     rows: &[&[u8]; N],
@@ -540,6 +560,30 @@ fn weight_quads<const N: usize>(
 ) -> Result<(), Error> {
     let b = bits as usize;
     const LOW: u64 = 0x0101_0101_0101_0101;
+    if b == 8 {
+        for (j, row) in rows.iter().enumerate() {
+            for gi in 0..kc.div_ceil(8) {
+                let g0 = c + gi * 8;
+                let mut bytes = [0u8; 8];
+                let have = row.get(g0..).ok_or(Error::BadArgument)?;
+                for (d, &x) in bytes.iter_mut().zip(have) {
+                    *d = x;
+                }
+                // `q ^ 0x80` is `q − 128` as an i8.
+                let mut d = u64::from_le_bytes(bytes) ^ (0x80 * LOW);
+                let valid = kc - gi * 8;
+                if valid < 8 {
+                    d &= (1u64 << (8 * valid)) - 1;
+                }
+                for (t, quad) in out.iter_mut().skip(gi * 2).take(2).enumerate() {
+                    if let Some(q) = quad.get_mut(j) {
+                        *q = (d >> (32 * t)) as u32 as i32;
+                    }
+                }
+            }
+        }
+        return Ok(());
+    }
     // Spreading a group's `8b` bits to one code per byte in three halvings (`b` ≤ 4): codes
     // 4–7 to the upper 32 bits, then pairs to 16-bit fields, then one code per byte; each
     // step shifts the upper half of every field up and masks both halves.
@@ -599,9 +643,17 @@ macro_rules! quad4_block {
         fn $name<const N: usize, const L: usize>(
             (in_group, plane, c, kc, p0, n): (&[u8], usize, usize, usize, usize, usize),
             wq: &[[i32; N]],
+            zfix: &[i32; N],
             acc: &mut [[i32; L]; N],
         ) -> Result<(), Error> {
             let quads = kc.div_ceil(4);
+            // 8-bit weights come as `q − 128`: each channel adds `zfix_j·Σa` (`128 − z_j`).
+            let fix = zfix.iter().any(|&z| z != 0);
+            // Σa over the real channels of quad `qi`: weight 1 for each, 0 past `kc`.
+            let ones = |qi: usize| -> i32 {
+                let valid = (kc - 4 * qi).min(4);
+                (0x0101_0101u64 & ((1u64 << (8 * valid)) - 1)) as i32
+            };
             // Every load below reads 16 codes of a channel `c .. c + kc` at a pixel `< p0 + n`.
             if kc == 0
                 || wq.len() < quads
@@ -616,6 +668,7 @@ macro_rules! quad4_block {
                 let p = p0 + b;
                 let mut lo = [_mm256_setzero_si256(); N];
                 let mut hi = [_mm256_setzero_si256(); N];
+                let (mut sum_lo, mut sum_hi) = (_mm256_setzero_si256(), _mm256_setzero_si256());
                 for (qi, w4) in wq.iter().enumerate().take(quads) {
                     // SAFETY: every channel index is `< kc` and `p + 16 ≤ p0 + n ≤ plane`, so
                     // each 16-byte load lies inside `in_group` (checked above).
@@ -640,6 +693,18 @@ macro_rules! quad4_block {
                         *l = dot(*l, x0, w);
                         *h = dot(*h, x1, w);
                     }
+                    if fix {
+                        let w = _mm256_set1_epi32(ones(qi));
+                        sum_lo = dot(sum_lo, x0, w);
+                        sum_hi = dot(sum_hi, x1, w);
+                    }
+                }
+                if fix {
+                    for ((l, h), &z) in lo.iter_mut().zip(&mut hi).zip(zfix) {
+                        let z = _mm256_set1_epi32(z);
+                        *l = _mm256_add_epi32(*l, _mm256_mullo_epi32(sum_lo, z));
+                        *h = _mm256_add_epi32(*h, _mm256_mullo_epi32(sum_hi, z));
+                    }
                 }
                 for ((a, &l), &h) in acc.iter_mut().zip(&lo).zip(&hi) {
                     let dst = a.get_mut(b..b + 16).ok_or(Error::BadArgument)?;
@@ -661,10 +726,11 @@ macro_rules! quad4_block {
                         let a = *in_group
                             .get((c + ci) * plane + p)
                             .ok_or(Error::BadArgument)? as i32;
-                        for (acc_j, &w4j) in acc.iter_mut().zip(w4) {
+                        let real = (4 * qi + t < kc) as i32;
+                        for ((acc_j, &w4j), &z) in acc.iter_mut().zip(w4).zip(zfix) {
                             let w = (w4j >> (8 * t)) as i8 as i32;
                             let s = acc_j.get_mut(i).ok_or(Error::BadArgument)?;
-                            *s = s.wrapping_add(w * a);
+                            *s = s.wrapping_add(w * a).wrapping_add(real * z * a);
                         }
                     }
                 }
@@ -1118,7 +1184,12 @@ fn im2col_block<const N: usize>(
     vnni: bool,
     panel: Option<&mut [i32]>,
 ) -> Result<(), Error> {
-    let quads = weights.bits <= 4;
+    let isa = if vnni {
+        super::Isa::Avx512Vnni
+    } else {
+        super::Isa::Avx2
+    };
+    let quads = super::plan::byte_quads(isa, weights.bits);
     let k = s.k;
     let (kh, kw) = (geom.kernel_h, geom.kernel_w);
     let plane = s.h * s.w;
@@ -1142,7 +1213,7 @@ fn im2col_block<const N: usize>(
     )?;
     // The weights of group `g` (`N` channels) for the slice at reduction index `c`: made into
     // `wp`, or read from the panel, which holds every (slice, group) in that order.
-    let per = super::plan::panel_slice_elems(weights.bits);
+    let per = super::plan::panel_slice_elems(isa, weights.bits);
     let group_weights = |g: usize, c: usize, kc: usize, wp: &mut [[i32; N]]| {
         let rows_g: &[&[u8]; N] = rows
             .get(g * N..g * N + N)
@@ -1215,13 +1286,18 @@ fn im2col_block<const N: usize>(
                 };
                 if quads {
                     let wq = w.get(..kc.div_ceil(4)).ok_or(Error::BadArgument)?;
+                    let zw_g: &[i32; N] = zw
+                        .get(g * N..g * N + N)
+                        .and_then(|r| r.try_into().ok())
+                        .ok_or(Error::BadArgument)?;
+                    let zfix = zero_fix(weights.bits, zw_g);
                     // SAFETY: the caller runs this only when `active()` says the CPU has AVX2
                     // (and, with `vnni`, AVX-512 VNNI and VL).
                     unsafe {
                         if vnni {
-                            quad4_block_vnni(blk, wq, acc_g)?
+                            quad4_block_vnni(blk, wq, &zfix, acc_g)?
                         } else {
-                            quad4_block_avx2(blk, wq, acc_g)?
+                            quad4_block_avx2(blk, wq, &zfix, acc_g)?
                         }
                     };
                 } else {
