@@ -1040,6 +1040,47 @@ fn quantize_and_dequantize_at_the_boundary() {
     );
 }
 
+/// The vectorized input quantization equals the scalar definition on every kind of value:
+/// exact halves, values past the code range and past `i32`, infinities, NaN, subnormals.
+#[test]
+fn quantize_equals_the_scalar_definition_everywhere() {
+    let mut rng = Gen::new(9);
+    let mut x: Vec<f32> = vec![
+        0.0,
+        -0.0,
+        f32::NAN,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::MAX,
+        f32::MIN,
+        f32::MIN_POSITIVE,
+        1e-45,
+        3e9,
+        -3e9,
+    ];
+    for i in -1200..1200 {
+        x.push(i as f32 * 0.5); // every half, around and past the code range
+    }
+    x.extend((0..4000).map(|_| rng.f32(-1e4, 1e4)));
+    for bits in [4u8, 8] {
+        for &(s, z) in &[
+            (1.0f32, 0u8),
+            (0.5, 7),
+            (0.0173, 128),
+            (3.0, 255),
+            (1e-30, 3),
+        ] {
+            let z = z.min(code_max(bits));
+            let mut q = vec![0u8; x.len()];
+            kernels::quantize(&x, s, z, bits, &mut q).unwrap();
+            for (&v, &c) in x.iter().zip(&q) {
+                let want = diffdfq_runtime::numerics::quantize_f32(v, s, z, bits);
+                assert_eq!(c, want, "x {v}, scale {s}, zero {z}, {bits} bits");
+            }
+        }
+    }
+}
+
 #[test]
 fn dot_packed_equals_plain_dot() {
     let mut rng = Gen::new(8);
