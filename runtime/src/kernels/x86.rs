@@ -79,9 +79,9 @@ pub(super) fn pointwise_sse2(
 /// [`requant_avx2`] for the common case `shift ≥ 0` (a factor below one): the rounded
 /// magnitude `(|acc|·mult + half) >> n` is below `2^31` (`|acc| ≤ 2^31`, `mult < 2^31`,
 /// `n ≥ 31`), so everything after the 64-bit products runs in 32-bit lanes, eight at a time:
-/// the sign comes back from `acc`'s own, and the result is first clamped to `[−256, 511]` —
-/// which changes no final code, every code being in `[0, 255]` and `zero` too — so adding
-/// the zero point cannot wrap. `|i32::MIN|` is taken as the unsigned `2^31` by `vpabsd` and
+/// the sign comes back from `acc`'s own, and the result is clamped to `[lo − zero, hi −
+/// zero]` before the zero point is added, which cannot wrap then (when `lo > hi` this gives
+/// `hi`, as the scalar form does). `|i32::MIN|` is taken as the unsigned `2^31` by `vpabsd` and
 /// the unsigned `vpmuludq`.
 #[target_feature(enable = "avx2")]
 fn requant_narrow_avx2(
@@ -93,12 +93,11 @@ fn requant_narrow_avx2(
     let multv = _mm256_set1_epi64x(mult);
     let halfv = _mm256_set1_epi64x(half);
     let count = _mm_cvtsi32_si128(n as i32);
-    let (zerov, lov, hiv) = (
-        _mm256_set1_epi32(zero as i32),
-        _mm256_set1_epi32(lo as i32),
-        _mm256_set1_epi32(hi as i32),
+    let zerov = _mm256_set1_epi32(zero as i32);
+    let (lo_z, hi_z) = (
+        _mm256_set1_epi32((lo - zero) as i32),
+        _mm256_set1_epi32((hi - zero) as i32),
     );
-    let (floor, ceil) = (_mm256_set1_epi32(-256), _mm256_set1_epi32(511));
     let mut i = 0;
     while let (Some(src), Some(dst)) = (acc.get(i..i + 8), out.get_mut(i..i + 8)) {
         // SAFETY: `src` holds exactly the 8 i32 the load reads.
@@ -113,10 +112,10 @@ fn requant_narrow_avx2(
         let r = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0b1010_1010);
         let sign = _mm256_srai_epi32(a, 31);
         let r = _mm256_sub_epi32(_mm256_xor_si256(r, sign), sign);
-        let r = _mm256_min_epi32(_mm256_max_epi32(r, floor), ceil);
+        // Clamped to `[lo − zero, hi − zero]` before the zero point is added: no wrap.
+        let r = _mm256_min_epi32(_mm256_max_epi32(r, lo_z), hi_z);
         let v = _mm256_add_epi32(r, zerov);
         // `.max(lo).min(hi)`: `hi` wins when `lo > hi`, as in the scalar form.
-        let v = _mm256_min_epi32(_mm256_max_epi32(v, lov), hiv);
         let w = _mm256_packus_epi32(v, v);
         let b = _mm256_packus_epi16(w, w);
         let bytes = _mm_unpacklo_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1));
@@ -144,12 +143,11 @@ pub(super) fn requant_avx512(
     let multv = _mm512_set1_epi64(mult);
     let halfv = _mm512_set1_epi64(half);
     let count = _mm_cvtsi32_si128(n as i32);
-    let (zerov, lov, hiv) = (
-        _mm512_set1_epi32(zero as i32),
-        _mm512_set1_epi32(lo as i32),
-        _mm512_set1_epi32(hi as i32),
+    let zerov = _mm512_set1_epi32(zero as i32);
+    let (lo_z, hi_z) = (
+        _mm512_set1_epi32((lo - zero) as i32),
+        _mm512_set1_epi32((hi - zero) as i32),
     );
-    let (floor, ceil) = (_mm512_set1_epi32(-256), _mm512_set1_epi32(511));
     let mut i = 0;
     while let (Some(src), Some(dst)) = (acc.get(i..i + 16), out.get_mut(i..i + 16)) {
         // SAFETY: `src` holds exactly the 16 i32 the load reads.
@@ -163,9 +161,9 @@ pub(super) fn requant_avx512(
         let r = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
         let sign = _mm512_srai_epi32(a, 31);
         let r = _mm512_sub_epi32(_mm512_xor_si512(r, sign), sign);
-        let r = _mm512_min_epi32(_mm512_max_epi32(r, floor), ceil);
+        // Clamped to `[lo − zero, hi − zero]` before the zero point is added: no wrap.
+        let r = _mm512_min_epi32(_mm512_max_epi32(r, lo_z), hi_z);
         let v = _mm512_add_epi32(r, zerov);
-        let v = _mm512_min_epi32(_mm512_max_epi32(v, lov), hiv);
         let bytes = _mm512_cvtusepi32_epi8(v);
         // SAFETY: `dst` holds exactly the 16 bytes the store writes.
         unsafe { _mm_storeu_si128(dst.as_mut_ptr().cast(), bytes) };
