@@ -385,6 +385,9 @@ fn pointwise_groups<const N: usize>(
         return Err(Error::BadArgument);
     }
     let per = super::plan::panel_slice_elems(isa, weights.bits);
+    // Weights made per slice without a panel: zeroed once here, each use overwrites the
+    // elements it reads.
+    let mut made = [[0i32; N]; QUAD_KC / 2];
     let mut co = from;
     while co + N <= end {
         let mut reqs = [crate::numerics::ChannelRequant::new(0, 0, 0, 0, 0); N];
@@ -427,7 +430,6 @@ fn pointwise_groups<const N: usize>(
             let mut c = 0;
             while c < k {
                 let kc = QUAD_KC.min(k - c);
-                let mut made = [[0i32; N]; QUAD_KC / 2];
                 let wp: &mut [[i32; N]] = match panel.as_deref_mut() {
                     Some(panel) => {
                         let at = c / QUAD_KC * per;
@@ -1244,6 +1246,9 @@ fn im2col_block<const N: usize>(
     };
     let mut col = [0u8; QUAD_KC * COL_PX];
     let mut acc = [[0i32; COL_PX]; COL_OC];
+    // Weights made per slice without a panel: zeroed once here, each use overwrites the
+    // elements it reads.
+    let mut wp = [[0i32; N]; QUAD_KC / 2];
     let mut p0 = 0;
     while p0 < out_plane {
         let n = COL_PX.min(out_plane - p0);
@@ -1255,9 +1260,20 @@ fn im2col_block<const N: usize>(
             let kc = QUAD_KC.min(k - c);
             // Gather: row `v` of `col` holds, for each pixel of the tile, the code that
             // reduction index `c + v` reads.
-            for (v, dst) in col.chunks_exact_mut(COL_PX).enumerate().take(kc) {
-                let t = c + v;
-                let (ci, ky, kx) = (t / (kh * kw), t / kw % kh, t % kw);
+            // Reduction index `c` is `(ci, ky, kx)`; counted up from there, not divided.
+            let (mut ci, mut ky, mut kx) = (c / (kh * kw), c / kw % kh, c % kw);
+            for dst in col.chunks_exact_mut(COL_PX).take(kc) {
+                let (ci, ky, kx) = {
+                    let here = (ci, ky, kx);
+                    kx += 1;
+                    if kx == kw {
+                        (kx, ky) = (0, ky + 1);
+                        if ky == kh {
+                            (ky, ci) = (0, ci + 1);
+                        }
+                    }
+                    here
+                };
                 let chan = in_group
                     .get(ci * plane..(ci + 1) * plane)
                     .ok_or(Error::BadArgument)?;
@@ -1271,7 +1287,6 @@ fn im2col_block<const N: usize>(
                     .get_mut(g * N..g * N + N)
                     .and_then(|r| r.try_into().ok())
                     .ok_or(Error::BadArgument)?;
-                let mut wp = [[0i32; N]; QUAD_KC / 2];
                 let w: &[[i32; N]] = match panel {
                     Some(slots) => {
                         let at = (c / QUAD_KC * (oc / N) + g) * per;
@@ -1330,14 +1345,19 @@ fn gather_row(
     dst: &mut [u8],
 ) -> Result<(), Error> {
     let sw = geom.stride_w;
-    let mut p = p0;
+    // Pixel `ox` reads column `ox·sw + dx − pad_left`: those below `lo_ox` fall left of
+    // column 0, those from `hi_ox` on right of the last (the same for every run).
+    let lo_ox = geom.pad_left.saturating_sub(dx).div_ceil(sw);
+    let hi_ox = (s.w + geom.pad_left).saturating_sub(dx).div_ceil(sw);
+    // Each run is the tile's part of one output row: the first from `p0`, the rest whole.
+    let (mut next_oy, mut next_ox) = (p0 / s.out_w, p0 % s.out_w);
     let mut rest = dst;
     while !rest.is_empty() {
-        let (oy, ox0) = (p / s.out_w, p % s.out_w);
+        let (oy, ox0) = (next_oy, next_ox);
+        (next_oy, next_ox) = (oy + 1, 0);
         let run = (s.out_w - ox0).min(rest.len());
         let (out, tail) = rest.split_at_mut(run);
         rest = tail;
-        p += run;
         // Above or below the input: the whole run is padding.
         let Some(iy) = (oy * geom.stride_h + dy)
             .checked_sub(geom.pad_top)
@@ -1349,12 +1369,8 @@ fn gather_row(
         let src_row = chan
             .get(iy * s.w..(iy + 1) * s.w)
             .ok_or(Error::BadArgument)?;
-        // Pixel `ox` reads column `ox·sw + dx − pad_left`: those left of column 0 and right
-        // of the last are padding.
-        let first = geom.pad_left.saturating_sub(dx).div_ceil(sw).max(ox0) - ox0;
-        let end_ox = (s.w + geom.pad_left).saturating_sub(dx).div_ceil(sw);
-        let last = end_ox.clamp(ox0, ox0 + run) - ox0;
-        let first = first.min(last);
+        let last = hi_ox.clamp(ox0, ox0 + run) - ox0;
+        let first = (lo_ox.max(ox0) - ox0).min(last);
         let (left, mid_right) = out.split_at_mut(first);
         let (mid, right) = mid_right.split_at_mut(last - first);
         left.fill(z);
