@@ -998,8 +998,17 @@ fn direct_step_avx2(
             v1 = _mm256_add_epi32(v1, _mm256_mullo_epi32(_mm256_cvtepu8_epi32(x1), w));
         }
     }
+    store_lanes(dst, &[v0, v1]);
+    Ok(())
+}
+
+/// Stores the lanes of `vs`, eight i32 each, into `dst` in order, as many as it holds (a
+/// last, shorter part with a masked store).
+#[inline]
+#[target_feature(enable = "avx2")]
+fn store_lanes(dst: &mut [i32], vs: &[__m256i]) {
     let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    for (v, part) in [v0, v1].into_iter().zip(dst.chunks_mut(8)) {
+    for (part, &v) in dst.chunks_mut(8).zip(vs) {
         if part.len() == 8 {
             // SAFETY: `part` holds exactly the 8 i32 the store writes.
             unsafe { _mm256_storeu_si256(part.as_mut_ptr().cast(), v) };
@@ -1009,7 +1018,6 @@ fn direct_step_avx2(
             unsafe { _mm256_maskstore_epi32(part.as_mut_ptr(), mask, v) };
         }
     }
-    Ok(())
 }
 
 /// [`direct_step_avx2`] for `dst.len()` (16–32) pixels of one row whose weights are all
@@ -1051,17 +1059,7 @@ fn direct_step32_avx2(
         *a2 = _mm256_add_epi32(*a2, widen(_mm256_extracti128_si256(lo, 1)));
         *a3 = _mm256_add_epi32(*a3, widen(_mm256_extracti128_si256(hi, 1)));
     }
-    let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    for (part, v) in dst.chunks_mut(8).zip(acc) {
-        if part.len() == 8 {
-            // SAFETY: `part` holds exactly the 8 i32 the store writes.
-            unsafe { _mm256_storeu_si256(part.as_mut_ptr().cast(), v) };
-        } else {
-            let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(part.len() as i32), lanes);
-            // SAFETY: the mask enables lanes 0..len, exactly the i32 `part` holds.
-            unsafe { _mm256_maskstore_epi32(part.as_mut_ptr(), mask, v) };
-        }
-    }
+    store_lanes(dst, &acc);
     Ok(())
 }
 
