@@ -2,6 +2,7 @@
 //! The byte layout of each is in the one doc comment of [`crate::format`].
 
 use crate::error::Error;
+use crate::geom::{ConvGeom, PoolGeom};
 use core::mem::{offset_of, size_of};
 
 /// `b"DFQ1"`.
@@ -107,6 +108,53 @@ pub struct ConvRecord {
 const _: () = assert!(size_of::<ConvRecord>() == 40);
 const _: () = assert!(offset_of!(ConvRecord, weights_offset) == 28);
 
+/// A record whose first ten fields are a window's (kernel, stride, dilation, pads), taken
+/// from the geometry `g`, the rest as given; returns `None` from the enclosing function where
+/// a window field does not fit its `u16`.
+macro_rules! window_record {
+    ($ty:ident, $g:expr, { $($field:ident: $value:expr),* $(,)? }) => {{
+        let g = $g;
+        let mut w = [0u16; 10];
+        let from = [
+            g.kernel_h, g.kernel_w, g.stride_h, g.stride_w, g.dilation_h, g.dilation_w,
+            g.pad_top, g.pad_left, g.pad_bottom, g.pad_right,
+        ];
+        for (o, v) in w.iter_mut().zip(from) {
+            *o = u16::try_from(v).ok()?;
+        }
+        let [kernel_h, kernel_w, stride_h, stride_w, dilation_h, dilation_w, pad_top, pad_left, pad_bottom, pad_right] = w;
+        $ty {
+            kernel_h, kernel_w, stride_h, stride_w, dilation_h, dilation_w,
+            pad_top, pad_left, pad_bottom, pad_right,
+            $($field: $value),*
+        }
+    }};
+}
+
+impl ConvRecord {
+    /// The record of a convolution with geometry `geom`, `w_bits`-bit weights, the clamp
+    /// `(lo, hi)` and its pool references `(weights_offset, weights_len, channels_offset)`;
+    /// `None` where a field does not fit the record. The writer and the compiler's tract ops
+    /// both make their records here.
+    pub fn from_geom(
+        geom: &ConvGeom,
+        w_bits: u8,
+        (clamp_lo, clamp_hi): (u8, u8),
+        (weights_offset, weights_len, channels_offset): (u32, u32, u32),
+    ) -> Option<Self> {
+        Some(window_record!(ConvRecord, geom, {
+            groups: u16::try_from(geom.groups).ok()?,
+            w_bits: w_bits,
+            clamp_lo: clamp_lo,
+            clamp_hi: clamp_hi,
+            reserved: [0; 3],
+            weights_offset: weights_offset,
+            weights_len: weights_len,
+            channels_offset: channels_offset,
+        }))
+    }
+}
+
 /// Fully-connected parameters (kind 2).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -159,6 +207,26 @@ pub struct PoolRecord {
     pub shift: i32,
 }
 const _: () = assert!(size_of::<PoolRecord>() == 32);
+
+impl PoolRecord {
+    /// The record of a pool with geometry `geom`, `flags`, the clamp `(lo, hi)` and the
+    /// requantization `(mult, shift)`; `None` where a field does not fit the record.
+    pub fn from_geom(
+        geom: &PoolGeom,
+        flags: u8,
+        (clamp_lo, clamp_hi): (u8, u8),
+        (mult, shift): (i32, i32),
+    ) -> Option<Self> {
+        Some(window_record!(PoolRecord, geom, {
+            flags: flags,
+            clamp_lo: clamp_lo,
+            clamp_hi: clamp_hi,
+            reserved: 0,
+            mult: mult,
+            shift: shift,
+        }))
+    }
+}
 
 /// GlobalAvgPool parameters (kind 7).
 #[repr(C)]

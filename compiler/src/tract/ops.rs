@@ -352,10 +352,6 @@ impl TypedOp for DequantizeOp {
     }
 }
 
-fn u16_of(v: usize) -> TractResult<u16> {
-    u16::try_from(v).map_err(|_| format_err!("{v} does not fit a u16 record field"))
-}
-
 fn u32_of(v: usize) -> TractResult<u32> {
     u32::try_from(v).map_err(|_| format_err!("{v} does not fit a u32 record field"))
 }
@@ -372,26 +368,9 @@ pub fn self_contained(op: &rt::format::Op<'_>) -> TractResult<(Vec<u8>, Vec<u8>)
             hi,
         } => {
             let rows = weights.rows();
-            let r = ConvRecord {
-                kernel_h: u16_of(geom.kernel_h)?,
-                kernel_w: u16_of(geom.kernel_w)?,
-                stride_h: u16_of(geom.stride_h)?,
-                stride_w: u16_of(geom.stride_w)?,
-                dilation_h: u16_of(geom.dilation_h)?,
-                dilation_w: u16_of(geom.dilation_w)?,
-                pad_top: u16_of(geom.pad_top)?,
-                pad_left: u16_of(geom.pad_left)?,
-                pad_bottom: u16_of(geom.pad_bottom)?,
-                pad_right: u16_of(geom.pad_right)?,
-                groups: u16_of(geom.groups)?,
-                w_bits: weights.bits,
-                clamp_lo: lo,
-                clamp_hi: hi,
-                reserved: [0; 3],
-                weights_offset: 0,
-                weights_len: u32_of(rows.len())?,
-                channels_offset: u32_of(rows.len())?,
-            };
+            let len = u32_of(rows.len())?;
+            let r = ConvRecord::from_geom(geom, weights.bits, (lo, hi), (0, len, len))
+                .ok_or_else(|| format_err!("a window field does not fit the conv record"))?;
             (r.to_bytes().to_vec(), [rows, weights.channels()].concat())
         }
         O::FullyConnected {
@@ -486,23 +465,7 @@ fn pool_record(
     mult: i32,
     shift: i32,
 ) -> TractResult<Vec<u8>> {
-    let r = PoolRecord {
-        kernel_h: u16_of(g.kernel_h)?,
-        kernel_w: u16_of(g.kernel_w)?,
-        stride_h: u16_of(g.stride_h)?,
-        stride_w: u16_of(g.stride_w)?,
-        dilation_h: u16_of(g.dilation_h)?,
-        dilation_w: u16_of(g.dilation_w)?,
-        pad_top: u16_of(g.pad_top)?,
-        pad_left: u16_of(g.pad_left)?,
-        pad_bottom: u16_of(g.pad_bottom)?,
-        pad_right: u16_of(g.pad_right)?,
-        flags,
-        clamp_lo: lo,
-        clamp_hi: hi,
-        reserved: 0,
-        mult,
-        shift,
-    };
+    let r = PoolRecord::from_geom(g, flags, (lo, hi), (mult, shift))
+        .ok_or_else(|| format_err!("a window field does not fit the pool record"))?;
     Ok(r.to_bytes().to_vec())
 }

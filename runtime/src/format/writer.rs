@@ -327,11 +327,6 @@ impl ModelBuilder {
         Ok((w_off, rows.len() as u32, c_off))
     }
 
-    /// A window field for a record's u16: refused beyond it, never clamped.
-    fn u16_field(v: usize) -> Result<u16, Error> {
-        u16::try_from(v).map_err(|_| Error::BadArgument)
-    }
-
     /// Adds a Conv (its `K` and `C_out` come from the tensors and `geom`).
     pub fn conv(
         &mut self,
@@ -349,27 +344,8 @@ impl ModelBuilder {
         let (lo, hi) = clamp_bounds(fused, y.scale, y.zero_point, y.dtype.bits());
         let (w_off, w_len, c_off) =
             self.push_weights(layer.bits, s.k, s.c_out, layer, x.scale, y.scale)?;
-        let u = Self::u16_field;
-        let r = ConvRecord {
-            kernel_h: u(geom.kernel_h)?,
-            kernel_w: u(geom.kernel_w)?,
-            stride_h: u(geom.stride_h)?,
-            stride_w: u(geom.stride_w)?,
-            dilation_h: u(geom.dilation_h)?,
-            dilation_w: u(geom.dilation_w)?,
-            pad_top: u(geom.pad_top)?,
-            pad_left: u(geom.pad_left)?,
-            pad_bottom: u(geom.pad_bottom)?,
-            pad_right: u(geom.pad_right)?,
-            groups: u(geom.groups)?,
-            w_bits: layer.bits,
-            clamp_lo: lo,
-            clamp_hi: hi,
-            reserved: [0; 3],
-            weights_offset: w_off,
-            weights_len: w_len,
-            channels_offset: c_off,
-        };
+        let r = ConvRecord::from_geom(geom, layer.bits, (lo, hi), (w_off, w_len, c_off))
+            .ok_or(Error::BadArgument)?;
         self.scratch_needed = self.scratch_needed.max(kernels::conv_scratch_len(s.k));
         self.push_op(OpKind::Conv, &[input], output, &r.to_bytes())
     }
@@ -453,25 +429,7 @@ impl ModelBuilder {
         hi: u8,
         q: Requant,
     ) -> Result<PoolRecord, Error> {
-        let u = Self::u16_field;
-        Ok(PoolRecord {
-            kernel_h: u(geom.kernel_h)?,
-            kernel_w: u(geom.kernel_w)?,
-            stride_h: u(geom.stride_h)?,
-            stride_w: u(geom.stride_w)?,
-            dilation_h: u(geom.dilation_h)?,
-            dilation_w: u(geom.dilation_w)?,
-            pad_top: u(geom.pad_top)?,
-            pad_left: u(geom.pad_left)?,
-            pad_bottom: u(geom.pad_bottom)?,
-            pad_right: u(geom.pad_right)?,
-            flags,
-            clamp_lo: lo,
-            clamp_hi: hi,
-            reserved: 0,
-            mult: q.mult,
-            shift: q.shift,
-        })
+        PoolRecord::from_geom(geom, flags, (lo, hi), (q.mult, q.shift)).ok_or(Error::BadArgument)
     }
 
     /// Adds a MaxPool; the output must have the input's quantization.
