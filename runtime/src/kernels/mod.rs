@@ -710,8 +710,55 @@ pub fn mul(out: Requant, a: &QIn<'_>, b: &QIn<'_>, y: &mut QOut<'_>) -> Result<(
 
 /// Max pool. The output has the input's scale and zero point; the result is clamped to
 /// `[y.lo, y.hi]` (a fused ReLU).
+///
+/// Row by row rather than window by window, so that the loops vectorize: each output row
+/// starts at 0 (the identity of `max` on codes) and takes, for every tap `(ky, kx)` whose
+/// input row exists, the elementwise maximum with that row read at `ox·sw + kx·dw − pad_left`
+/// over the outputs whose column exists — the same taps as the window's.
 pub fn max_pool(g: &PoolGeom, x: &QIn<'_>, y: &mut QOut<'_>) -> Result<(), Error> {
-    pool(g, x, y, |codes, _, _| codes.fold(0u8, |m, v| m.max(v)))
+    if !g.check(x.dims, y.dims) {
+        return Err(Error::BadArgument);
+    }
+    let [_, _, h, w] = x.dims;
+    let [_, _, oh, ow] = y.dims;
+    let input = input_slice(x)?;
+    let n_out = numel(y.dims).ok_or(Error::BadArgument)?;
+    let out = y.data.get_mut(..n_out).ok_or(Error::BadArgument)?;
+    let (lo, hi) = (y.lo, y.hi);
+    let sw = g.stride_w;
+    for (plane, out_plane) in input.chunks_exact(h * w).zip(out.chunks_exact_mut(oh * ow)) {
+        for (oy, orow) in out_plane.chunks_exact_mut(ow).enumerate() {
+            orow.fill(0);
+            for ky in 0..g.kernel_h {
+                let Some(iy) = (oy * g.stride_h + ky * g.dilation_h)
+                    .checked_sub(g.pad_top)
+                    .filter(|&iy| iy < h)
+                else {
+                    continue;
+                };
+                let row = plane.get(iy * w..(iy + 1) * w).ok_or(Error::BadArgument)?;
+                for kx in 0..g.kernel_w {
+                    let dx = kx * g.dilation_w;
+                    // Outputs `first..last` read columns inside the row.
+                    let first = g.pad_left.saturating_sub(dx).div_ceil(sw);
+                    let last = (w + g.pad_left).saturating_sub(dx).div_ceil(sw).min(ow);
+                    if first >= last {
+                        continue;
+                    }
+                    let ix0 = first * sw + dx - g.pad_left;
+                    let dst = orow.get_mut(first..last).ok_or(Error::BadArgument)?;
+                    let src = row.get(ix0..).ok_or(Error::BadArgument)?;
+                    for (o, &v) in dst.iter_mut().zip(src.iter().step_by(sw)) {
+                        *o = (*o).max(v);
+                    }
+                }
+            }
+            for o in orow.iter_mut() {
+                *o = clamp_code(*o as i64, lo, hi);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Average pool: `y = clamp(round_half_away((Σ (a − z_x)) · mult / (count · 2^(31+shift))) + z_y)`

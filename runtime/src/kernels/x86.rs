@@ -1371,8 +1371,12 @@ fn gather_row(
         let first = (lo_ox.max(ox0) - ox0).min(last);
         let (left, mid_right) = out.split_at_mut(first);
         let (mid, right) = mid_right.split_at_mut(last - first);
-        left.fill(z);
-        right.fill(z);
+        // Most runs have no pad at either end: no memset call for them.
+        for pad in [left, right] {
+            if !pad.is_empty() {
+                pad.fill(z);
+            }
+        }
         if !mid.is_empty() {
             let ix0 = (ox0 + first) * sw + dx - geom.pad_left;
             let src = src_row
