@@ -716,15 +716,8 @@ pub fn mul(out: Requant, a: &QIn<'_>, b: &QIn<'_>, y: &mut QOut<'_>) -> Result<(
 /// input row exists, the elementwise maximum with that row read at `ox·sw + kx·dw − pad_left`
 /// over the outputs whose column exists — the same taps as the window's.
 pub fn max_pool(g: &PoolGeom, x: &QIn<'_>, y: &mut QOut<'_>) -> Result<(), Error> {
-    if !g.check(x.dims, y.dims) {
-        return Err(Error::BadArgument);
-    }
-    let [_, _, h, w] = x.dims;
-    let [_, _, oh, ow] = y.dims;
-    let input = input_slice(x)?;
-    let n_out = numel(y.dims).ok_or(Error::BadArgument)?;
-    let out = y.data.get_mut(..n_out).ok_or(Error::BadArgument)?;
     let (lo, hi) = (y.lo, y.hi);
+    let (input, out, [h, w, oh, ow]) = pool_slices(g, x, y)?;
     let sw = g.stride_w;
     for (plane, out_plane) in input.chunks_exact(h * w).zip(out.chunks_exact_mut(oh * ow)) {
         for (oy, orow) in out_plane.chunks_exact_mut(ow).enumerate() {
@@ -851,15 +844,8 @@ fn pool(
     y: &mut QOut<'_>,
     mut f: impl FnMut(&mut dyn Iterator<Item = u8>, isize, isize) -> u8,
 ) -> Result<(), Error> {
-    if !g.check(x.dims, y.dims) {
-        return Err(Error::BadArgument);
-    }
-    let [_, _, h, w] = x.dims;
-    let [_, _, oh, ow] = y.dims;
-    let input = input_slice(x)?;
-    let n_out = numel(y.dims).ok_or(Error::BadArgument)?;
-    let out = y.data.get_mut(..n_out).ok_or(Error::BadArgument)?;
     let (lo, hi) = (y.lo, y.hi);
+    let (input, out, [h, w, oh, ow]) = pool_slices(g, x, y)?;
     let mut it = out.iter_mut();
     for plane in input.chunks_exact(h * w) {
         for oy in 0..oh {
@@ -884,6 +870,26 @@ fn pool(
         }
     }
     Ok(())
+}
+
+/// A pool's input codes, output slice and `[h, w, oh, ow]`.
+type PoolSlices<'a, 'b> = (&'a [u8], &'b mut [u8], [usize; 4]);
+
+/// A pool's input codes and output slice, its shapes checked: with `[h, w, oh, ow]`.
+fn pool_slices<'a, 'b>(
+    g: &PoolGeom,
+    x: &QIn<'a>,
+    y: &'b mut QOut<'_>,
+) -> Result<PoolSlices<'a, 'b>, Error> {
+    if !g.check(x.dims, y.dims) {
+        return Err(Error::BadArgument);
+    }
+    let [_, _, h, w] = x.dims;
+    let [_, _, oh, ow] = y.dims;
+    let input = input_slice(x)?;
+    let n_out = numel(y.dims).ok_or(Error::BadArgument)?;
+    let out = y.data.get_mut(..n_out).ok_or(Error::BadArgument)?;
+    Ok((input, out, [h, w, oh, ow]))
 }
 
 /// Writes one input of a Concat into its place along `axis` (0..4 of the right-aligned dims),
