@@ -348,7 +348,7 @@ fn pointwise_group<const N: usize>(
     // A stack panel only where it pays: a plane of several tiles, weights that fit.
     if plane > super::CONV_TILE && weights.k.div_ceil(QUAD_KC) * per <= PW_PANEL {
         let mut panel = [[0i32; N]; PW_PANEL];
-        let p = Some(&mut panel[..]);
+        let p = Some(panel.as_mut_slice());
         pointwise_groups::<N>(weights, in_group, plane, z, y, out, range, vnni, p)
     } else {
         pointwise_groups::<N>(weights, in_group, plane, z, y, out, range, vnni, None)
