@@ -1078,3 +1078,91 @@ fn the_readme_cli_reference_is_the_help() {
         assert_eq!(block.trim(), help.trim(), "README block differs from -h");
     }
 }
+
+#[test]
+fn leaky_relu_prelu_and_any_clip_run_as_tables() {
+    // Conv → BN → LeakyRelu(0.5) → PRelu(one slope, 0.5) → Clip(−0.3, 1.5): three code
+    // tables in the runtime, within a few output steps of the float model.
+    let dir = tempfile::tempdir().unwrap();
+    let mut leaky = node("leaky", "LeakyRelu", &["h"], "la");
+    leaky.attribute.push(pb::AttributeProto {
+        name: "alpha".into(),
+        f: 0.5,
+        r#type: 1,
+        ..Default::default()
+    });
+    let tail = |slope: (&[i64], &[f32])| {
+        vec![
+            leaky.clone(),
+            tensor_constant("slope", slope.0, slope.1),
+            node("prelu", "PRelu", &["la", "slope"], "pr"),
+            tensor_constant("lo", &[], &[-0.3]),
+            tensor_constant("hi", &[], &[1.5]),
+            node("clip", "Clip", &["pr", "lo", "hi"], "y"),
+        ]
+    };
+    let p = write(
+        dir.path(),
+        "tables.onnx",
+        &model(&[1.0, -0.5, -2.0, 0.25], &[1.0, 1.0], tail((&[1], &[0.5])), "y"),
+    );
+    let table = String::from_utf8(compile_ok(&["--inspect", &p]).stdout).unwrap();
+    for op in ["LeakyRelu", "Clip"] {
+        assert!(table.contains(op), "{table}");
+    }
+    let x: Vec<f32> = (0..32).map(|i| ((i * 7 % 11) as f32 - 5.0) / 2.0).collect();
+    let float = run_one(dir.path(), &p, &x);
+    // The float model itself: both negative slopes and both clip bounds are reached.
+    let expect = |v: f32| {
+        let a = if v >= 0.0 { v } else { 0.5 * v };
+        let b = if a >= 0.0 { a } else { 0.5 * a };
+        b.clamp(-0.3, 1.5)
+    };
+    let conv: Vec<f32> = (0..32)
+        .map(|i| {
+            let (c, p) = (i / 16, i % 16);
+            let w = [[1.0, -0.5], [-2.0, 0.25]][c];
+            w[0] * x[p] + w[1] * x[16 + p]
+        })
+        .collect();
+    for i in 0..32 {
+        assert!((float[i] - expect(conv[i])).abs() < 1e-5, "{i}");
+    }
+    assert!(float.iter().any(|&v| v == -0.3) && float.iter().any(|&v| v == 1.5));
+    assert!(float.iter().any(|&v| v < 0.0 && v > -0.3));
+    let o = dir.path().join("q");
+    compile_ok(&[
+        &p,
+        "--bits",
+        "8",
+        "--no-lib",
+        "--quiet",
+        "-o",
+        o.to_str().unwrap(),
+    ]);
+    let q = run_one(dir.path(), o.join("tables.dfq").to_str().unwrap(), &x);
+    for i in 0..32 {
+        assert!((q[i] - float[i]).abs() < 0.05, "{i}: {} vs {}", q[i], float[i]);
+    }
+    // A slope per channel runs in float (torch's `nn.PReLU(C)`); it would need a table per
+    // channel, so the quantizer refuses it by name.
+    let p = write(
+        dir.path(),
+        "prelu_c.onnx",
+        &model(&[1.0, -0.5, -2.0, 0.25], &[1.0, 1.0], tail((&[2, 1, 1], &[0.5, 0.25])), "y"),
+    );
+    let float = run_one(dir.path(), &p, &x);
+    for i in 0..32 {
+        let s = [0.5, 0.25][i / 16];
+        let v = conv[i];
+        let a = if v >= 0.0 { v } else { 0.5 * v };
+        let want = (if a >= 0.0 { a } else { s * a }).clamp(-0.3, 1.5);
+        assert!((float[i] - want).abs() < 1e-5, "{i}");
+    }
+    let o = dir.path().join("qc");
+    assert_bad_input(
+        &compile(&[&p, "--no-lib", "-o", o.to_str().unwrap()]),
+        &["prelu_c.onnx", "'prelu'", "PRelu with a slope per channel (shape [2, 1, 1]"],
+    );
+    assert!(!o.exists());
+}

@@ -209,7 +209,7 @@ fn bypass(g: &mut Graph, p: usize, i: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::graph::{Conv, Node, Value, ValueId};
+    use crate::graph::{Activation, Conv, Node, Value, ValueId};
 
     fn value(g: &mut Graph, shape: &[usize]) -> ValueId {
         g.values.push(Value {
@@ -354,7 +354,7 @@ mod tests {
         let mut g = graph();
         let x = value(&mut g, &[1, 4, 1, 1]);
         g.inputs.push(x);
-        let h = node(&mut g, Op::HardSwish, vec![x], &[1, 4, 1, 1]);
+        let h = node(&mut g, Op::Act(Activation::HardSwish), vec![x], &[1, 4, 1, 1]);
         let s = node(
             &mut g,
             cb(BinKind::Mul, vec![1], vec![0.8], false),

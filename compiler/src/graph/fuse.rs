@@ -2,7 +2,7 @@
 //! `Clip(x + 3, 0, 6) / 6` (or `· 1/6`) is HardSigmoid, and `x · HardSigmoid(x)` or
 //! `x · Clip(x + 3, 0, 6) / 6` is HardSwish.
 
-use super::{BinKind, Graph, Op, ValueId};
+use super::{Activation, BinKind, Graph, Op, ValueId};
 
 const TOL: f32 = 1e-6;
 
@@ -55,10 +55,10 @@ pub fn activations(g: &mut Graph) {
             continue;
         }
         if let Some(x) = relu6_shift3(g, c) {
-            g.nodes[i].op = Op::HardSigmoid {
+            g.nodes[i].op = Op::Act(Activation::HardSigmoid {
                 alpha: 1.0 / 6.0,
                 beta: 0.5,
-            };
+            });
             g.nodes[i].inputs = vec![x];
             continue;
         }
@@ -74,7 +74,7 @@ pub fn activations(g: &mut Graph) {
                 None
             };
             if let Some(x) = x.filter(|&x| g.shape(x) == g.shape(g.nodes[i].output)) {
-                g.nodes[i].op = Op::HardSwish;
+                g.nodes[i].op = Op::Act(Activation::HardSwish);
                 g.nodes[i].inputs = vec![x];
             }
         }
@@ -88,7 +88,7 @@ pub fn activations(g: &mut Graph) {
         let is_hs = |v: ValueId, x: ValueId| {
             g.producer(v).is_some_and(|p| {
                 let n = &g.nodes[p];
-                matches!(n.op, Op::HardSigmoid { alpha, beta } if (alpha - 1.0 / 6.0).abs() < TOL && (beta - 0.5).abs() < TOL)
+                matches!(n.op, Op::Act(Activation::HardSigmoid { alpha, beta }) if (alpha - 1.0 / 6.0).abs() < TOL && (beta - 0.5).abs() < TOL)
                     && n.inputs[0] == x
                     && g.single_use(v)
             })
@@ -101,7 +101,7 @@ pub fn activations(g: &mut Graph) {
             continue;
         };
         if g.shape(x) == g.shape(g.nodes[i].output) {
-            g.nodes[i].op = Op::HardSwish;
+            g.nodes[i].op = Op::Act(Activation::HardSwish);
             g.nodes[i].inputs = vec![x];
         }
     }

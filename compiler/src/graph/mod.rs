@@ -8,6 +8,7 @@ pub mod fold;
 pub mod fuse;
 mod tensor;
 
+pub use diffdfq_runtime::format::Activation;
 pub use tensor::{broadcast_index, broadcast_shape, strides, Data, Tensor};
 
 pub type ValueId = usize;
@@ -162,22 +163,20 @@ impl Pool {
 pub enum Op {
     Conv(Conv),
     BatchNorm(BatchNorm),
-    Relu,
-    LeakyRelu {
-        alpha: f32,
+    /// An elementwise activation: its definition, name and table live with
+    /// [`Activation`] (one place, docs/design.md §2 "Adding an op").
+    Act(Activation),
+    /// `x` where `x ≥ 0`, else `slope·x`, `slope` broadcast to `x` (one slope imports as
+    /// [`Activation::LeakyRelu`]; this is the per-channel or per-element form, float only).
+    PRelu {
+        slope: Tensor,
     },
+    /// Clamp to `[min, max]` (either may be infinite); ReLU and ReLU6 ranges fuse into the
+    /// producing layer, other bounds become [`Activation::Clip`].
     Clip {
         min: f32,
         max: f32,
     },
-    /// max(0, min(1, alpha·x + beta))
-    HardSigmoid {
-        alpha: f32,
-        beta: f32,
-    },
-    /// x · HardSigmoid(x; 1/6, 1/2)
-    HardSwish,
-    Sigmoid,
     /// Two dynamic operands, numpy broadcasting.
     Add,
     Mul,
@@ -214,12 +213,9 @@ impl Op {
             Op::Conv(c) if c.groups > 1 && c.groups == c.out_channels() => "DepthwiseConv",
             Op::Conv(_) => "Conv",
             Op::BatchNorm(_) => "BatchNorm",
-            Op::Relu => "Relu",
-            Op::LeakyRelu { .. } => "LeakyRelu",
+            Op::Act(a) => a.name(),
+            Op::PRelu { .. } => "PRelu",
             Op::Clip { .. } => "Clip",
-            Op::HardSigmoid { .. } => "HardSigmoid",
-            Op::HardSwish => "HardSwish",
-            Op::Sigmoid => "Sigmoid",
             Op::Add => "Add",
             Op::Mul => "Mul",
             Op::ConstBinary { kind, .. } => match kind {

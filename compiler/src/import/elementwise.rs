@@ -2,7 +2,7 @@
 
 use super::builder::{bad, Builder, Val};
 use super::ops::Site;
-use crate::graph::{BinKind, Op, Tensor};
+use crate::graph::{broadcast_shape, Activation, BinKind, Op, Tensor};
 use crate::Error;
 
 impl Builder {
@@ -12,17 +12,41 @@ impl Builder {
     }
 
     pub(super) fn leaky_relu(&mut self, s: &Site) -> Result<(), Error> {
-        let op = Op::LeakyRelu {
+        let op = Op::Act(Activation::LeakyRelu {
             alpha: s.a.float("alpha", 0.01),
+        });
+        self.unary(s, op)
+    }
+
+    /// PRelu with one slope is a LeakyRelu (torch's `nn.PReLU()` default); other slopes
+    /// (torch's `nn.PReLU(C)`) import for the float model, and the quantizer refuses them.
+    pub(super) fn prelu(&mut self, s: &Site) -> Result<(), Error> {
+        let Some(slope) = self.constant(s.n, 1, "slope")? else {
+            return bad("PRelu needs its slope input");
+        };
+        let v = slope.to_f32();
+        let op = match v.as_slice() {
+            [a, rest @ ..] if rest.iter().all(|b| b.to_bits() == a.to_bits()) => {
+                Op::Act(Activation::LeakyRelu { alpha: *a })
+            }
+            _ => {
+                if broadcast_shape(&s.xs, &slope.shape).as_deref() != Some(&s.xs[..]) {
+                    return bad(format!(
+                        "slope shape {:?} does not broadcast to the input's {:?}",
+                        slope.shape, s.xs
+                    ));
+                }
+                Op::PRelu { slope }
+            }
         };
         self.unary(s, op)
     }
 
     pub(super) fn hard_sigmoid(&mut self, s: &Site) -> Result<(), Error> {
-        let op = Op::HardSigmoid {
+        let op = Op::Act(Activation::HardSigmoid {
             alpha: s.a.float("alpha", 0.2),
             beta: s.a.float("beta", 0.5),
-        };
+        });
         self.unary(s, op)
     }
 

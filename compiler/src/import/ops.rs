@@ -6,7 +6,7 @@ use tract_onnx::pb;
 
 use super::builder::Builder;
 use super::proto::Attrs;
-use crate::graph::{Op, ValueId};
+use crate::graph::{Activation, Op, ValueId};
 use crate::Error;
 
 /// A node whose first input is an activation (or, with [`OpSpec::constant_operands`], may be a
@@ -73,12 +73,13 @@ const fn fold(name: &'static str) -> OpSpec {
 pub const OPS: &[OpSpec] = &[
     net("Conv", |b, s| b.conv(s)),
     net("BatchNormalization", |b, s| b.batchnorm(s)),
-    net("Relu", |b, s| b.unary(s, Op::Relu)),
+    net("Relu", |b, s| b.unary(s, Op::Act(Activation::Relu))),
     net("LeakyRelu", |b, s| b.leaky_relu(s)),
+    net("PRelu", |b, s| b.prelu(s)),
     net("Clip", |b, s| b.clip(s)),
-    net("HardSwish", |b, s| b.unary(s, Op::HardSwish)),
+    net("HardSwish", |b, s| b.unary(s, Op::Act(Activation::HardSwish))),
     net("HardSigmoid", |b, s| b.hard_sigmoid(s)),
-    net("Sigmoid", |b, s| b.unary(s, Op::Sigmoid)),
+    net("Sigmoid", |b, s| b.unary(s, Op::Act(Activation::Sigmoid))),
     operands("Add", |b, s| b.binary(s)),
     operands("Sub", |b, s| b.binary(s)),
     operands("Mul", |b, s| b.binary(s)),

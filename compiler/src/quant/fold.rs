@@ -45,6 +45,16 @@ fn input_affine_target(
     }
 }
 
+/// A Clip that does not fuse into its producer: ReLU's and ReLU6's bounds keep their own
+/// tables, any other bounds a [`Activation::Clip`] table.
+fn clip_activation(min: f32, max: f32) -> Activation {
+    match (min, max) {
+        (0.0, 6.0) => Activation::Relu6,
+        (0.0, f32::INFINITY) => Activation::Relu,
+        _ => Activation::Clip { min, max },
+    }
+}
+
 fn unsupported(node: &str, what: &str) -> Error {
     Error::Input(format!(
         "node '{node}': {what} is not supported by the quantizer"
@@ -193,7 +203,7 @@ pub fn fold(g: &Graph, bits: Bits) -> Result<QuantGraph, Error> {
                 return Fused::None;
             };
             let f = match g.nodes[j].op {
-                Op::Relu => Fused::Relu,
+                Op::Act(Activation::Relu) => Fused::Relu,
                 Op::Clip { min, max } if min == 0.0 && max == 6.0 => Fused::Relu6,
                 Op::Clip { min, max } if min == 0.0 && max == f32::INFINITY => Fused::Relu,
                 _ => return Fused::None,
@@ -318,22 +328,8 @@ pub fn fold(g: &Graph, bits: Bits) -> Result<QuantGraph, Error> {
                 },
                 None,
             ),
-            Op::Relu => (QOp::Act(Activation::Relu), None),
-            Op::Clip { min, max } if *min == 0.0 && *max == 6.0 => {
-                (QOp::Act(Activation::Relu6), None)
-            }
-            Op::Clip { min, max } if *min == 0.0 && *max == f32::INFINITY => {
-                (QOp::Act(Activation::Relu), None)
-            }
-            Op::HardSigmoid { alpha, beta } => (
-                QOp::Act(Activation::HardSigmoid {
-                    alpha: *alpha,
-                    beta: *beta,
-                }),
-                None,
-            ),
-            Op::HardSwish => (QOp::Act(Activation::HardSwish), None),
-            Op::Sigmoid => (QOp::Act(Activation::Sigmoid), None),
+            Op::Act(a) => (QOp::Act(*a), None),
+            Op::Clip { min, max } => (QOp::Act(clip_activation(*min, *max)), None),
             Op::Pool(p) => {
                 let geom = p.geom();
                 match p.kind {
@@ -360,11 +356,13 @@ pub fn fold(g: &Graph, bits: Bits) -> Result<QuantGraph, Error> {
                 }
                 (QOp::Softmax, None)
             }
-            Op::LeakyRelu { .. } => return Err(unsupported(&n.name, "LeakyRelu")),
-            Op::Clip { min, max } => {
+            Op::PRelu { slope } => {
                 return Err(unsupported(
                     &n.name,
-                    &format!("Clip({min}, {max}) (only ReLU and ReLU6 ranges)"),
+                    &format!(
+                        "PRelu with a slope per channel (shape {:?}; one slope is supported)",
+                        slope.shape
+                    ),
                 ))
             }
             Op::ConstBinary { .. } => {

@@ -150,11 +150,7 @@ impl QOp {
             QOp::GlobalAvgPool => "GlobalAvgPool",
             QOp::Concat { .. } => "Concat",
             QOp::Reshape => "Reshape",
-            QOp::Act(Activation::Relu) => "Relu",
-            QOp::Act(Activation::Relu6) => "Relu6",
-            QOp::Act(Activation::HardSigmoid { .. }) => "HardSigmoid",
-            QOp::Act(Activation::HardSwish) => "HardSwish",
-            QOp::Act(Activation::Sigmoid) => "Sigmoid",
+            QOp::Act(a) => a.name(),
             QOp::Softmax => "Softmax",
         }
     }

@@ -10,7 +10,8 @@ use candle_core::{Device, Tensor, D};
 use super::fakequant::{FakeQuant, LsqQuant};
 use diffdfq_runtime::numerics::code_max;
 
-use super::{ActQuant, Activation, Fused, QOp, QuantGraph, TensorId};
+use super::{ActQuant, Fused, QOp, QuantGraph, TensorId};
+use crate::reference::activation;
 use crate::graph::{Pool, PoolKind};
 use crate::reference::pointwise::{clamp, relu};
 use crate::rng::Rng;
@@ -94,16 +95,6 @@ fn apply_fused(x: Tensor, f: Fused) -> candle_core::Result<Tensor> {
         Fused::None => Ok(x),
         Fused::Relu => relu(&x),
         Fused::Relu6 => clamp(&x, 0.0, 6.0),
-    }
-}
-
-fn activation(x: &Tensor, a: Activation) -> candle_core::Result<Tensor> {
-    match a {
-        Activation::Relu => relu(x),
-        Activation::Relu6 => clamp(x, 0.0, 6.0),
-        Activation::HardSigmoid { alpha, beta } => crate::reference::hard_sigmoid(x, alpha, beta),
-        Activation::HardSwish => crate::reference::hard_swish(x),
-        Activation::Sigmoid => crate::reference::sigmoid(x),
     }
 }
 

@@ -138,7 +138,7 @@ fn correct_biases_with(q: &mut QuantGraph, input_means: &[Option<Moments>]) -> u
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::graph::{BatchNorm, Conv, Node, Op, Tensor as GTensor, Value};
+    use crate::graph::{Activation, BatchNorm, Conv, Node, Op, Tensor as GTensor, Value};
     use crate::quant::qmodel::{Mode, QModel};
     use crate::quant::ConvGeom;
     use candle_core::{Device, Tensor};
@@ -246,7 +246,7 @@ mod tests {
             nodes: vec![
                 node("conv1", conv(take(24, 0.5), vec![8, 3, 1, 1], 0), 0),
                 node("bn1", bn(8), 1),
-                node("relu", Op::Relu, 2),
+                node("relu", Op::Act(Activation::Relu), 2),
                 node("conv2", conv(take(288, 0.2), vec![4, 8, 3, 3], 1), 3),
                 node("bn2", bn(4), 4),
             ],
@@ -409,9 +409,9 @@ mod tests {
             ],
             nodes: vec![
                 node("dense_a", dense(&wa, 16, 24), 0),
-                node("relu_a", Op::Relu, 1),
+                node("relu_a", Op::Act(Activation::Relu), 1),
                 node("dense_b", dense(&wb, 24, 3), 2),
-                node("relu_b", Op::Relu, 3),
+                node("relu_b", Op::Act(Activation::Relu), 3),
                 node("dense_c", dense(&wc, 3, 2), 4),
             ],
             inputs: vec![0],
@@ -512,7 +512,7 @@ mod tests {
                     node("bn1", bn(4, gamma), 2),
                     node("pool", pool, 3),
                     node("conv2", conv(take(12), vec![3, 4, 1, 1]), 4),
-                    node("relu2", Op::Relu, 5),
+                    node("relu2", Op::Act(Activation::Relu), 5),
                     node("bn2", bn(3, 0.9), 6),
                     node("flatten", Op::Reshape, 7),
                     node(
@@ -530,7 +530,7 @@ mod tests {
                 opset: 13,
             }
         };
-        let g = keras(0.7, Op::Relu);
+        let g = keras(0.7, Op::Act(Activation::Relu));
         // Without bias correction the layers' biases are the folded float ones.
         let opts = RtnOptions {
             bias_correction: false,
@@ -558,7 +558,7 @@ mod tests {
         let d6 = max_gap(outputs(&relu6, &q6, &x, Mode::Float));
         assert!(d6 < 1e-4, "folded ReLU6 network differs by {d6}");
         // A negative scale does not commute with the pool: a named error, not a wrong fold.
-        let e = quantize(&keras(-0.7, Op::Relu), &opts).unwrap_err();
+        let e = quantize(&keras(-0.7, Op::Act(Activation::Relu)), &opts).unwrap_err();
         assert!(e.to_string().contains("bn1"), "{e}");
     }
 }

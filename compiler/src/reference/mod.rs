@@ -103,7 +103,9 @@ impl FloatModel {
                         host: (mul, add),
                     }
                 }
-                Op::ConstBinary { value, .. } => Params::Const(t(value, device)?),
+                Op::ConstBinary { value, .. } | Op::PRelu { slope: value } => {
+                    Params::Const(t(value, device)?)
+                }
                 Op::MatMul { b, bias, .. } => Params::MatMul {
                     b: t(b, device)?,
                     bias: bias.as_ref().map(|x| t(x, device)).transpose()?,
@@ -217,16 +219,15 @@ impl FloatModel {
                         x.broadcast_mul(mul)?.broadcast_add(add)?
                     }
                 }
-                (Op::Relu, _) => relu(x)?,
-                (Op::LeakyRelu { alpha }, _) => (x.relu()? - (x.neg()?.relu()? * *alpha as f64)?)?,
+                (Op::Act(a), _) => activation(x, *a)?,
+                (Op::PRelu { .. }, Params::Const(s)) => {
+                    (x.relu()? - s.broadcast_mul(&x.neg()?.relu()?)?)?
+                }
                 (Op::Clip { min, max }, _) => clip(
                     x,
                     Some(*min).filter(|v| v.is_finite()),
                     Some(*max).filter(|v| v.is_finite()),
                 )?,
-                (Op::HardSigmoid { alpha, beta }, _) => hard_sigmoid(x, *alpha, *beta)?,
-                (Op::HardSwish, _) => hard_swish(x)?,
-                (Op::Sigmoid, _) => sigmoid(x)?,
                 (Op::Add, _) => x.broadcast_add(get(1)?)?,
                 (Op::Mul, _) => x.broadcast_mul(get(1)?)?,
                 (
@@ -384,7 +385,27 @@ fn conv_candle(
     }
 }
 
-/// `clamp(αx + β, 0, 1)`; the float reference and the fake-quantized model both use it.
+/// `a` on `x`, differentiable (synthesis and reconstruction take gradients through it); the
+/// float reference and the fake-quantized model both use it. [`Activation::apply`] is the same
+/// function in `f64` for the runtime's tables.
+pub fn activation(x: &Tensor, a: graph::Activation) -> candle_core::Result<Tensor> {
+    use graph::Activation as A;
+    match a {
+        A::Relu => relu(x),
+        A::Relu6 => clamp(x, 0.0, 6.0),
+        A::HardSigmoid { alpha, beta } => hard_sigmoid(x, alpha, beta),
+        A::HardSwish => hard_swish(x),
+        A::Sigmoid => sigmoid(x),
+        A::LeakyRelu { alpha } => x.relu()? - (x.neg()?.relu()? * alpha as f64)?,
+        A::Clip { min, max } => clip(
+            x,
+            Some(min).filter(|v| v.is_finite()),
+            Some(max).filter(|v| v.is_finite()),
+        ),
+    }
+}
+
+/// `clamp(αx + β, 0, 1)`.
 pub fn hard_sigmoid(x: &Tensor, alpha: f32, beta: f32) -> candle_core::Result<Tensor> {
     clamp(&x.affine(alpha as f64, beta as f64)?, 0.0, 1.0)
 }

@@ -6,7 +6,9 @@ use super::*;
 use crate::numerics::{clamp_bounds, quantize_multiplier, round_half_away_f64, Fused};
 use alloc::vec::Vec;
 
-/// A float activation function turned into a 256-entry code table.
+/// A float activation function turned into a 256-entry code table. The one place an
+/// elementwise activation's definition lives (docs/design.md §2, "Adding an op"): the graph,
+/// the float reference, the quantizer and the writer all take it from here.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Activation {
     Relu,
@@ -20,6 +22,15 @@ pub enum Activation {
     HardSwish,
     /// `1 / (1 + e^−x)`.
     Sigmoid,
+    /// `x` for `x ≥ 0`, else `alpha·x` (ONNX LeakyRelu, and PRelu with one slope).
+    LeakyRelu {
+        alpha: f32,
+    },
+    /// `min(max(x, min), max)` for bounds other than ReLU's and ReLU6's.
+    Clip {
+        min: f32,
+        max: f32,
+    },
 }
 
 impl Activation {
@@ -31,6 +42,20 @@ impl Activation {
             Activation::HardSigmoid { .. } => 3,
             Activation::HardSwish => 4,
             Activation::Sigmoid => 5,
+            Activation::LeakyRelu { .. } => 6,
+            Activation::Clip { .. } => 7,
+        }
+    }
+    /// The op's name in reports and errors.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Activation::Relu => "Relu",
+            Activation::Relu6 => "Relu6",
+            Activation::HardSigmoid { .. } => "HardSigmoid",
+            Activation::HardSwish => "HardSwish",
+            Activation::Sigmoid => "Sigmoid",
+            Activation::LeakyRelu { .. } => "LeakyRelu",
+            Activation::Clip { .. } => "Clip",
         }
     }
     /// The function, in `f64`.
@@ -44,6 +69,15 @@ impl Activation {
             }
             Activation::HardSwish => x * relu6(x + 3.0) / 6.0,
             Activation::Sigmoid => 1.0 / (1.0 + numerics::exp(-x)),
+            Activation::LeakyRelu { alpha } => {
+                if x >= 0.0 {
+                    x
+                } else {
+                    alpha as f64 * x
+                }
+            }
+            // max then min: NaN-free bounds with min > max give max, as ONNX's reference does.
+            Activation::Clip { min, max } => x.max(min as f64).min(max as f64),
         }
     }
 }
