@@ -1104,7 +1104,12 @@ fn leaky_relu_prelu_and_any_clip_run_as_tables() {
     let p = write(
         dir.path(),
         "tables.onnx",
-        &model(&[1.0, -0.5, -2.0, 0.25], &[1.0, 1.0], tail((&[1], &[0.5])), "y"),
+        &model(
+            &[1.0, -0.5, -2.0, 0.25],
+            &[1.0, 1.0],
+            tail((&[1], &[0.5])),
+            "y",
+        ),
     );
     let table = String::from_utf8(compile_ok(&["--inspect", &p]).stdout).unwrap();
     for op in ["LeakyRelu", "Clip"] {
@@ -1130,26 +1135,28 @@ fn leaky_relu_prelu_and_any_clip_run_as_tables() {
     }
     assert!(float.iter().any(|&v| v == -0.3) && float.iter().any(|&v| v == 1.5));
     assert!(float.iter().any(|&v| v < 0.0 && v > -0.3));
-    let o = dir.path().join("q");
-    compile_ok(&[
-        &p,
-        "--bits",
-        "8",
-        "--no-lib",
-        "--quiet",
-        "-o",
-        o.to_str().unwrap(),
-    ]);
-    let q = run_one(dir.path(), o.join("tables.dfq").to_str().unwrap(), &x);
+    let o = dir.path().join("q").display().to_string();
+    compile_ok(&[&p, "--bits", "8", "--no-lib", "--quiet", "-o", &o]);
+    let q = run_one(dir.path(), &format!("{o}/tables.dfq"), &x);
     for i in 0..32 {
-        assert!((q[i] - float[i]).abs() < 0.05, "{i}: {} vs {}", q[i], float[i]);
+        assert!(
+            (q[i] - float[i]).abs() < 0.05,
+            "{i}: {} vs {}",
+            q[i],
+            float[i]
+        );
     }
     // A slope per channel runs in float (torch's `nn.PReLU(C)`); it would need a table per
     // channel, so the quantizer refuses it by name.
     let p = write(
         dir.path(),
         "prelu_c.onnx",
-        &model(&[1.0, -0.5, -2.0, 0.25], &[1.0, 1.0], tail((&[2, 1, 1], &[0.5, 0.25])), "y"),
+        &model(
+            &[1.0, -0.5, -2.0, 0.25],
+            &[1.0, 1.0],
+            tail((&[2, 1, 1], &[0.5, 0.25])),
+            "y",
+        ),
     );
     let float = run_one(dir.path(), &p, &x);
     for i in 0..32 {
@@ -1162,7 +1169,11 @@ fn leaky_relu_prelu_and_any_clip_run_as_tables() {
     let o = dir.path().join("qc");
     assert_bad_input(
         &compile(&[&p, "--no-lib", "-o", o.to_str().unwrap()]),
-        &["prelu_c.onnx", "'prelu'", "PRelu with a slope per channel (shape [2, 1, 1]"],
+        &[
+            "prelu_c.onnx",
+            "'prelu'",
+            "PRelu with a slope per channel (shape [2, 1, 1]",
+        ],
     );
     assert!(!o.exists());
 }

@@ -354,7 +354,12 @@ mod tests {
         let mut g = graph();
         let x = value(&mut g, &[1, 4, 1, 1]);
         g.inputs.push(x);
-        let h = node(&mut g, Op::Act(Activation::HardSwish), vec![x], &[1, 4, 1, 1]);
+        let h = node(
+            &mut g,
+            Op::Act(Activation::HardSwish),
+            vec![x],
+            &[1, 4, 1, 1],
+        );
         let s = node(
             &mut g,
             cb(BinKind::Mul, vec![1], vec![0.8], false),

@@ -77,7 +77,9 @@ pub const OPS: &[OpSpec] = &[
     net("LeakyRelu", |b, s| b.leaky_relu(s)),
     net("PRelu", |b, s| b.prelu(s)),
     net("Clip", |b, s| b.clip(s)),
-    net("HardSwish", |b, s| b.unary(s, Op::Act(Activation::HardSwish))),
+    net("HardSwish", |b, s| {
+        b.unary(s, Op::Act(Activation::HardSwish))
+    }),
     net("HardSigmoid", |b, s| b.hard_sigmoid(s)),
     net("Sigmoid", |b, s| b.unary(s, Op::Act(Activation::Sigmoid))),
     operands("Add", |b, s| b.binary(s)),

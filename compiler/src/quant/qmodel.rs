@@ -11,8 +11,8 @@ use super::fakequant::{FakeQuant, LsqQuant};
 use diffdfq_runtime::numerics::code_max;
 
 use super::{ActQuant, Fused, QOp, QuantGraph, TensorId};
-use crate::reference::activation;
 use crate::graph::{Pool, PoolKind};
+use crate::reference::activation;
 use crate::reference::pointwise::{clamp, relu};
 use crate::rng::Rng;
 use crate::Error;
