@@ -1080,9 +1080,9 @@ fn the_readme_cli_reference_is_the_help() {
 }
 
 #[test]
-fn leaky_relu_prelu_and_any_clip_run_as_tables() {
-    // Conv → BN → LeakyRelu(0.5) → PRelu(one slope, 0.5) → Clip(−0.3, 1.5): three code
-    // tables in the runtime, within a few output steps of the float model.
+fn leaky_relu_prelu_any_clip_and_tanh_run_as_tables() {
+    // Conv → BN → LeakyRelu(0.5) → PRelu(one slope, 0.5) → Clip(−0.3, 1.5) → Tanh: four
+    // code tables in the runtime, within a few output steps of the float model.
     let dir = tempfile::tempdir().unwrap();
     let mut leaky = node("leaky", "LeakyRelu", &["h"], "la");
     leaky.attribute.push(pb::AttributeProto {
@@ -1098,7 +1098,8 @@ fn leaky_relu_prelu_and_any_clip_run_as_tables() {
             node("prelu", "PRelu", &["la", "slope"], "pr"),
             tensor_constant("lo", &[], &[-0.3]),
             tensor_constant("hi", &[], &[1.5]),
-            node("clip", "Clip", &["pr", "lo", "hi"], "y"),
+            node("clip", "Clip", &["pr", "lo", "hi"], "cl"),
+            node("tanh", "Tanh", &["cl"], "y"),
         ]
     };
     let p = write(
@@ -1112,15 +1113,15 @@ fn leaky_relu_prelu_and_any_clip_run_as_tables() {
         ),
     );
     let table = String::from_utf8(compile_ok(&["--inspect", &p]).stdout).unwrap();
-    for op in ["LeakyRelu", "Clip"] {
+    for op in ["LeakyRelu", "Clip", "Tanh"] {
         assert!(table.contains(op), "{table}");
     }
     let x: Vec<f32> = (0..32).map(|i| ((i * 7 % 11) as f32 - 5.0) / 2.0).collect();
     let float = run_one(dir.path(), &p, &x);
-    // The float model itself: both negative slopes and both clip bounds are reached.
-    let expect = |v: f32| {
+    // The float model itself, with PRelu's slope `s`.
+    let clipped = |v: f32, s: f32| {
         let a = if v >= 0.0 { v } else { 0.5 * v };
-        let b = if a >= 0.0 { a } else { 0.5 * a };
+        let b = if a >= 0.0 { a } else { s * a };
         b.clamp(-0.3, 1.5)
     };
     let conv: Vec<f32> = (0..32)
@@ -1131,10 +1132,15 @@ fn leaky_relu_prelu_and_any_clip_run_as_tables() {
         })
         .collect();
     for i in 0..32 {
-        assert!((float[i] - expect(conv[i])).abs() < 1e-5, "{i}");
+        assert!(
+            (float[i] - clipped(conv[i], 0.5).tanh()).abs() < 1e-5,
+            "{i}"
+        );
     }
-    assert!(float.iter().any(|&v| v == -0.3) && float.iter().any(|&v| v == 1.5));
-    assert!(float.iter().any(|&v| v < 0.0 && v > -0.3));
+    // Both negative slopes and both clip bounds are reached.
+    let pre: Vec<f32> = conv.iter().map(|&v| clipped(v, 0.5)).collect();
+    assert!(pre.contains(&-0.3) && pre.contains(&1.5));
+    assert!(pre.iter().any(|&v| v < 0.0 && v > -0.3));
     let o = dir.path().join("q").display().to_string();
     compile_ok(&[&p, "--bits", "8", "--no-lib", "--quiet", "-o", &o]);
     let q = run_one(dir.path(), &format!("{o}/tables.dfq"), &x);
@@ -1160,10 +1166,7 @@ fn leaky_relu_prelu_and_any_clip_run_as_tables() {
     );
     let float = run_one(dir.path(), &p, &x);
     for i in 0..32 {
-        let s = [0.5, 0.25][i / 16];
-        let v = conv[i];
-        let a = if v >= 0.0 { v } else { 0.5 * v };
-        let want = (if a >= 0.0 { a } else { s * a }).clamp(-0.3, 1.5);
+        let want = clipped(conv[i], [0.5, 0.25][i / 16]).tanh();
         assert!((float[i] - want).abs() < 1e-5, "{i}");
     }
     let o = dir.path().join("qc");

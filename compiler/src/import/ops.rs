@@ -82,6 +82,7 @@ pub const OPS: &[OpSpec] = &[
     }),
     net("HardSigmoid", |b, s| b.hard_sigmoid(s)),
     net("Sigmoid", |b, s| b.unary(s, Op::Act(Activation::Sigmoid))),
+    net("Tanh", |b, s| b.unary(s, Op::Act(Activation::Tanh))),
     operands("Add", |b, s| b.binary(s)),
     operands("Sub", |b, s| b.binary(s)),
     operands("Mul", |b, s| b.binary(s)),

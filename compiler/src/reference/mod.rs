@@ -396,6 +396,7 @@ pub fn activation(x: &Tensor, a: graph::Activation) -> candle_core::Result<Tenso
         A::HardSigmoid { alpha, beta } => hard_sigmoid(x, alpha, beta),
         A::HardSwish => hard_swish(x),
         A::Sigmoid => sigmoid(x),
+        A::Tanh => x.tanh(),
         A::LeakyRelu { alpha } => x.relu()? - (x.neg()?.relu()? * alpha as f64)?,
         A::Clip { min, max } => clip(
             x,

@@ -31,6 +31,8 @@ pub enum Activation {
         min: f32,
         max: f32,
     },
+    /// `(e^x − e^−x) / (e^x + e^−x)`.
+    Tanh,
 }
 
 impl Activation {
@@ -44,6 +46,7 @@ impl Activation {
             Activation::Sigmoid => 5,
             Activation::LeakyRelu { .. } => 6,
             Activation::Clip { .. } => 7,
+            Activation::Tanh => 8,
         }
     }
     /// The op's name in reports and errors.
@@ -56,6 +59,7 @@ impl Activation {
             Activation::Sigmoid => "Sigmoid",
             Activation::LeakyRelu { .. } => "LeakyRelu",
             Activation::Clip { .. } => "Clip",
+            Activation::Tanh => "Tanh",
         }
     }
     /// The function, in `f64`.
@@ -78,6 +82,8 @@ impl Activation {
             }
             // max then min: NaN-free bounds with min > max give max, as ONNX's reference does.
             Activation::Clip { min, max } => x.max(min as f64).min(max as f64),
+            // 1 − 2/(e^2x + 1): no ∞/∞ for large |x| (e^2x → ∞ gives 1, → 0 gives −1).
+            Activation::Tanh => 1.0 - 2.0 / (numerics::exp(2.0 * x) + 1.0),
         }
     }
 }
