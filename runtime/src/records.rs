@@ -250,8 +250,8 @@ pub struct ConcatRecord {
 }
 const _: () = assert!(size_of::<ConcatRecord>() == 8);
 
-/// Lut parameters (kind 10). `func` names the function for tools (0 custom, 1 ReLU, 2 ReLU6,
-/// 3 HardSigmoid, 4 HardSwish, 5 Sigmoid); the runtime only applies the table.
+/// Lut parameters (kind 10). `func` names the function for tools (0 custom, else the writer's
+/// `Activation::func_id`, the one list); the runtime only applies the table.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct LutRecord {
