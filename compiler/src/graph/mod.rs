@@ -103,12 +103,27 @@ pub struct BatchNorm {
 }
 
 impl BatchNorm {
+    /// Per-channel `√(σ² + ε)`, the one place the BN's deviation is computed.
+    fn deviation(&self) -> impl Iterator<Item = f32> + '_ {
+        self.var.iter().map(|v| (v + self.eps).sqrt())
+    }
+
     /// Per-channel gain `γ/√(σ² + ε)`: the BN is `y = gain·(x − μ) + β`.
     pub fn gain(&self) -> Vec<f32> {
         self.scale
             .iter()
-            .zip(&self.var)
-            .map(|(s, v)| s / (v + self.eps).sqrt())
+            .zip(self.deviation())
+            .map(|(s, d)| s / d)
+            .collect()
+    }
+
+    /// The same gain rounded as `γ·(1/√(σ² + ε))`, which BN folding into a layer uses: the
+    /// two differ in the last bit, and every artifact so far was folded this way.
+    pub fn folded_gain(&self) -> Vec<f32> {
+        self.scale
+            .iter()
+            .zip(self.deviation())
+            .map(|(s, d)| s * (1.0 / d))
             .collect()
     }
 }

@@ -228,11 +228,7 @@ pub fn fold(g: &Graph, bits: Bits) -> Result<QuantGraph, Error> {
                 mean: Vec::new(),
                 std: Vec::new(),
             };
-            for c in 0..layer.c_out {
-                // γ·(1/√(σ² + ε)), not `BatchNorm::gain`'s γ/√(σ² + ε): they differ in the last
-                // bit, and every artifact so far was folded this way.
-                let inv = 1.0 / (bn.var[c] + bn.eps).sqrt();
-                let a = bn.scale[c] * inv;
+            for (c, a) in bn.folded_gain().into_iter().enumerate() {
                 for w in &mut layer.weight[c * layer.k..(c + 1) * layer.k] {
                     *w *= a;
                 }

@@ -34,6 +34,7 @@ use super::chain::LinearChain;
 use super::{ActQuant, Activation, ConvGeom, Fused, QOp, QuantGraph};
 use crate::graph::Graph;
 use crate::reference::FloatModel;
+use crate::rng::Rng;
 use crate::Error;
 
 /// How many standard deviations of a BN output an activation range keeps. The MSE-optimal
@@ -70,22 +71,9 @@ pub(super) fn image(act: Activation, (lo, hi): (f32, f32)) -> (f32, f32) {
     r
 }
 
-/// Seeded standard normal samples (xorshift64* + Box–Muller).
+/// Seeded standard normal samples ([`Rng::unmixed`]).
 pub fn normal_samples(seed: u64, n: usize) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut next = || {
-        s ^= s >> 12;
-        s ^= s << 25;
-        s ^= s >> 27;
-        // 53 random bits in (0, 1].
-        ((s.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 + 1.0) / (1u64 << 53) as f64
-    };
-    (0..n)
-        .map(|_| {
-            let (u, v) = (next(), next());
-            ((-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()) as f32
-        })
-        .collect()
+    Rng::unmixed(seed).normals(n)
 }
 
 /// Min–max of the given source-graph values over `samples` float forward passes on Gaussian
