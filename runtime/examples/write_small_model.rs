@@ -3,8 +3,7 @@
 //!
 //! `cargo run --example write_small_model -- OUT.dfq [WEIGHT_BITS] [ACT_BITS]`
 
-#[path = "../tests/common/mod.rs"]
-mod common;
+use diffdfq_runtime_testkit as common;
 
 fn main() {
     let mut args = std::env::args().skip(1);

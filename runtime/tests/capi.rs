@@ -3,7 +3,7 @@
 
 #![allow(clippy::needless_range_loop, clippy::too_many_arguments)]
 
-mod common;
+use diffdfq_runtime_testkit as common;
 
 use common::*;
 use diffdfq_runtime::capi::{

@@ -5,7 +5,7 @@
 //! over their whole range. Byte-identical outputs or the test fails. `use_kernels` switches
 //! the kernels of the whole process, so this binary holds one test that switches in turn.
 
-mod common;
+use diffdfq_runtime_testkit as common;
 
 use common::*;
 use diffdfq_runtime::format::ChannelRecord;

@@ -1,6 +1,7 @@
-//! Shared test helpers: a seeded generator, aligned arenas, packing of test weights, and an
-//! independent reference requantization (exact rational arithmetic in i128).
-#![allow(dead_code)]
+//! The runtime's test helpers, shared by its tests and the `write_small_model` example: a
+//! seeded generator, aligned arenas, packing of test weights, an independent reference
+//! requantization (exact rational arithmetic in i128) and the small test model. A crate of its
+//! own so the runtime stays dependency-free (it is only a dev-dependency).
 
 use diffdfq_runtime::format::{pack_row, row_bytes, ChannelRecord};
 
