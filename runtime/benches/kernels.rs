@@ -8,6 +8,7 @@
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use diffdfq_runtime::format::{pack_row, row_bytes, ChannelRecord, Weights};
 use diffdfq_runtime::kernels::{self, ConvGeom, Isa, QIn, QOut};
+use diffdfq_runtime::numerics::code_max;
 use diffdfq_runtime::quantize_multiplier;
 
 /// (label, C_in, H, W, C_out, kernel, stride, groups)
@@ -70,7 +71,7 @@ fn bench(c: &mut Criterion) {
         let mut group = c.benchmark_group(label);
         group.throughput(Throughput::Elements((c_out * oh * ow * kk) as u64));
         for bits in [3u8, 8] {
-            let codes = bytes(c_out * kk, 11, ((1u16 << bits) - 1) as u8);
+            let codes = bytes(c_out * kk, 11, code_max(bits));
             let rb = row_bytes(bits, kk).unwrap();
             let mut rows = vec![0u8; rb * c_out];
             for (src, dst) in codes.chunks_exact(kk).zip(rows.chunks_exact_mut(rb)) {

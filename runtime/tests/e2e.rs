@@ -9,7 +9,7 @@ use diffdfq_runtime_testkit as common;
 use common::*;
 use diffdfq_runtime::format::{Activation, DType, Layer, ModelBuilder};
 use diffdfq_runtime::kernels::{ConvGeom, PoolGeom};
-use diffdfq_runtime::numerics::Fused;
+use diffdfq_runtime::numerics::{code_max, Fused};
 use diffdfq_runtime::{run, Model};
 
 // ------------------------------------------------------------------- a tiny f64 tensor library
@@ -156,7 +156,7 @@ fn softmax(x: &[f64]) -> Vec<f64> {
 /// Asymmetric (scale, zero point) covering [min, max] ∪ {0}.
 fn qparams(min: f64, max: f64, bits: u8) -> (f32, u8) {
     let (lo, hi) = (min.min(0.0), max.max(0.0));
-    let levels = ((1u32 << bits) - 1) as f64;
+    let levels = code_max(bits) as f64;
     let s = ((hi - lo) / levels).max(1e-6);
     let z = (-lo / s).round().clamp(0.0, levels);
     (s as f32, z as u8)
@@ -178,7 +178,7 @@ fn quantize_layer(w: &[f64], b: &[f64], c_out: usize, bits: u8) -> QLayer {
         zps: vec![],
         bias: b.iter().map(|&v| v as f32).collect(),
     };
-    let levels = ((1u32 << bits) - 1) as f64;
+    let levels = code_max(bits) as f64;
     for row in w.chunks_exact(k) {
         let (mn, mx) = row
             .iter()
@@ -235,7 +235,7 @@ fn act(bits: u8) -> DType {
 }
 
 fn quant_codes(x: &T, s: f32, z: u8, bits: u8, lo: u8) -> T {
-    let hi = ((1u32 << bits) - 1) as f64;
+    let hi = code_max(bits) as f64;
     x.map(|v| (((v as f32 / s) as f64).round() + z as f64).clamp(lo as f64, hi))
 }
 

@@ -11,7 +11,7 @@ use diffdfq_runtime::format::{
     OpKind, HEADER_LEN,
 };
 use diffdfq_runtime::kernels::ConvGeom;
-use diffdfq_runtime::numerics::Fused;
+use diffdfq_runtime::numerics::{code_max, Fused};
 use diffdfq_runtime::{run, Error};
 use proptest::prelude::*;
 
@@ -19,7 +19,7 @@ use proptest::prelude::*;
 
 fn codes_strategy() -> impl Strategy<Value = (u8, Vec<u8>)> {
     prop::sample::select(vec![2u8, 3, 4, 8]).prop_flat_map(|bits| {
-        let max = ((1u16 << bits) - 1) as u8;
+        let max = code_max(bits);
         (Just(bits), prop::collection::vec(0..=max, 0..200))
     })
 }

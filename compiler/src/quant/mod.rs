@@ -24,6 +24,15 @@ pub use diffdfq_runtime::kernels::{ConvGeom, PoolGeom};
 use diffdfq_runtime::numerics::code_max;
 
 pub use diffdfq_runtime::numerics::Fused;
+
+/// The activation a fused clamp stands for (the runtime applies it as output code bounds).
+pub fn fused_activation(f: Fused) -> Option<Activation> {
+    match f {
+        Fused::None => None,
+        Fused::Relu => Some(Activation::Relu),
+        Fused::Relu6 => Some(Activation::Relu6),
+    }
+}
 pub use fold::fold;
 pub use layer::{lp_clip, QLayer};
 

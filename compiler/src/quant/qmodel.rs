@@ -10,10 +10,10 @@ use candle_core::{Device, Tensor, D};
 use super::fakequant::{FakeQuant, LsqQuant};
 use diffdfq_runtime::numerics::code_max;
 
-use super::{ActQuant, Fused, QOp, QuantGraph, TensorId};
+use super::{fused_activation, ActQuant, Fused, QOp, QuantGraph, TensorId};
 use crate::graph::{Pool, PoolKind};
 use crate::reference::activation;
-use crate::reference::pointwise::{clamp, relu};
+use crate::reference::pointwise::clamp;
 use crate::rng::Rng;
 use crate::Error;
 
@@ -91,10 +91,9 @@ pub fn fake_quant(x: &Tensor, aq: &ActQuant, step: Option<&Tensor>) -> candle_co
 }
 
 fn apply_fused(x: Tensor, f: Fused) -> candle_core::Result<Tensor> {
-    match f {
-        Fused::None => Ok(x),
-        Fused::Relu => relu(&x),
-        Fused::Relu6 => clamp(&x, 0.0, 6.0),
+    match fused_activation(f) {
+        None => Ok(x),
+        Some(a) => activation(&x, a),
     }
 }
 

@@ -31,7 +31,7 @@
 use candle_core::{Device, Tensor};
 
 use super::chain::LinearChain;
-use super::{ActQuant, Activation, ConvGeom, Fused, QOp, QuantGraph};
+use super::{fused_activation, ActQuant, Activation, ConvGeom, Fused, QOp, QuantGraph};
 use crate::graph::Graph;
 use crate::reference::FloatModel;
 use crate::rng::Rng;
@@ -170,11 +170,7 @@ pub(crate) fn rectified_source(mean: f64, std: f64) -> (f64, f64) {
 }
 
 pub(super) fn fused_fn(f: Fused) -> impl Fn(f64) -> f64 {
-    move |x: f64| match f {
-        Fused::None => x,
-        Fused::Relu => x.max(0.0),
-        Fused::Relu6 => x.clamp(0.0, 6.0),
-    }
+    move |x: f64| fused_activation(f).map_or(x, |a| a.apply(x))
 }
 
 pub(super) fn map_moments(mo: &Moments, f: impl Fn(f64) -> f64) -> Moments {

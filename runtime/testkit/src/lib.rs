@@ -4,6 +4,7 @@
 //! own so the runtime stays dependency-free (it is only a dev-dependency).
 
 use diffdfq_runtime::format::{pack_row, row_bytes, ChannelRecord};
+use diffdfq_runtime::numerics::code_max;
 
 /// xorshift64* — deterministic test data.
 pub struct Gen(u64);
@@ -25,7 +26,7 @@ impl Gen {
         lo + (self.next_u64() % ((hi - lo + 1) as u64)) as i64
     }
     pub fn code(&mut self, bits: u8) -> u8 {
-        self.range(0, (1i64 << bits) - 1) as u8
+        self.range(0, code_max(bits) as i64) as u8
     }
     pub fn codes(&mut self, n: usize, bits: u8) -> Vec<u8> {
         (0..n).map(|_| self.code(bits)).collect()
