@@ -17,7 +17,7 @@ use serde::Serialize;
 use crate::evaluate::{EvalOptions, HeldOut};
 use crate::graph::Graph;
 use crate::quant::qmodel::{Mode, QModel};
-use crate::quant::{rtn, Bits};
+use crate::quant::{rtn, Bits, QOp, QuantGraph};
 use crate::Error;
 
 /// Weight bit widths a layer may take, lowest first.
@@ -37,6 +37,18 @@ pub struct LayerSensitivity {
     pub sensitivity: [f64; 4],
 }
 
+/// One activation tensor's sensitivity to 4-bit codes.
+#[derive(Debug, Clone, Serialize)]
+pub struct ActSensitivity {
+    pub name: String,
+    /// Codes per sample (its share of the arena at one code per element).
+    pub elements: usize,
+    /// Increase of the output MSE against FP32 when this tensor alone (with the pools and
+    /// reshapes that share its codes) takes the 4-bit codes `--act-bits 4` would give it,
+    /// every other tensor at 8 bits.
+    pub sensitivity: f64,
+}
+
 /// The per-layer widths `--flash` chose, with what they were chosen from.
 #[derive(Debug, Clone)]
 pub struct Assignment {
@@ -45,6 +57,9 @@ pub struct Assignment {
     pub layers: Vec<LayerSensitivity>,
     /// Chosen bits per layer, in graph order.
     pub bits: Vec<u8>,
+    /// Per-tensor sensitivity to 4-bit activations (recorded; the runtime stores a 4-bit code
+    /// per byte, so an arena budget has nothing to trade yet).
+    pub activations: Vec<ActSensitivity>,
 }
 
 fn choice(b: u8) -> usize {
@@ -81,8 +96,54 @@ impl Assignment {
                 "bytes": l.bytes,
                 "sensitivity": l.sensitivity,
             })).collect::<Vec<_>>(),
+            "activations_a4": self.activations,
         })
     }
+}
+
+/// The rtn model the probes start from (8-bit weights, `act`-bit activations), the held-out
+/// samples as a batch, and the float output on them.
+struct Probe {
+    m: QModel,
+    x: Tensor,
+    float: Tensor,
+}
+
+impl Probe {
+    fn new(g: &Graph, act: u8, opts: &EvalOptions, held: &HeldOut) -> Result<Probe, Error> {
+        let q = rtn_model(g, act, opts)?;
+        let dev = Device::Cpu;
+        let samples = held.samples.clone();
+        let mut shape = q.tensors[q.input].shape.clone();
+        let per: usize = shape[1..].iter().product();
+        shape[0] = samples.len() / per.max(1);
+        let x = Tensor::from_vec(samples, shape.as_slice(), &dev)?;
+        let m = QModel::new(q, &dev)?;
+        let float = m.forward(&x, Mode::Float)?;
+        Ok(Probe { m, x, float })
+    }
+
+    /// Output MSE of the quantized model against FP32.
+    fn mse(&self) -> Result<f64, Error> {
+        let y = self.m.forward(&self.x, Mode::Quant)?;
+        Ok((&y - &self.float)?.sqr()?.mean_all()?.to_scalar::<f32>()? as f64)
+    }
+}
+
+fn rtn_model(g: &Graph, act: u8, opts: &EvalOptions) -> Result<QuantGraph, Error> {
+    rtn::quantize(
+        g,
+        &rtn::RtnOptions {
+            bits: Bits {
+                weight: 8,
+                act,
+                first_last: 8,
+            },
+            seed: opts.seed,
+            input_range: opts.input_range,
+            ..Default::default()
+        },
+    )
 }
 
 /// Measures every layer's sensitivity on the held-out samples `held`. `act` is the
@@ -93,37 +154,12 @@ pub fn sensitivities(
     opts: &EvalOptions,
     held: &HeldOut,
 ) -> Result<Vec<LayerSensitivity>, Error> {
-    let bits = Bits {
-        weight: 8,
-        act,
-        first_last: 8,
-    };
-    let q = rtn::quantize(
-        g,
-        &rtn::RtnOptions {
-            bits,
-            seed: opts.seed,
-            input_range: opts.input_range,
-            ..Default::default()
-        },
-    )?;
-    let dev = Device::Cpu;
-    let samples = held.samples.clone();
-    let mut shape = q.tensors[q.input].shape.clone();
-    let per: usize = shape[1..].iter().product();
-    shape[0] = samples.len() / per.max(1);
-    let x = Tensor::from_vec(samples, shape.as_slice(), &dev)?;
-    let mut m = QModel::new(q, &dev)?;
-    let float = m.forward(&x, Mode::Float)?;
-    let mse = |m: &QModel| -> Result<f64, Error> {
-        let y = m.forward(&x, Mode::Quant)?;
-        Ok((&y - &float)?.sqr()?.mean_all()?.to_scalar::<f32>()? as f64)
-    };
-    let base = mse(&m)?;
-    let layers: Vec<usize> = m.q.layers().collect();
+    let mut p = Probe::new(g, act, opts, held)?;
+    let base = p.mse()?;
+    let layers: Vec<usize> = p.m.q.layers().collect();
     let mut out = Vec::with_capacity(layers.len());
     for i in layers {
-        let orig = m.q.nodes[i]
+        let orig = p.m.q.nodes[i]
             .op
             .layer()
             .cloned()
@@ -131,7 +167,7 @@ pub fn sensitivities(
         let mut bytes = [0; 4];
         let mut sens = [0.0; 4];
         for (k, &b) in CHOICES.iter().enumerate() {
-            let l = m.q.nodes[i]
+            let l = p.m.q.nodes[i]
                 .op
                 .layer_mut()
                 .ok_or_else(|| Error::Internal("layer".into()))?;
@@ -141,18 +177,75 @@ pub fn sensitivities(
             l.quantize_lp();
             bytes[k] = l.packed_bytes();
             if b < 8 {
-                m.refresh_weights(i)?;
-                sens[k] = (mse(&m)? - base).max(0.0);
+                p.m.refresh_weights(i)?;
+                sens[k] = (p.mse()? - base).max(0.0);
             }
         }
-        if let Some(l) = m.q.nodes[i].op.layer_mut() {
+        if let Some(l) = p.m.q.nodes[i].op.layer_mut() {
             *l = orig;
         }
-        m.refresh_weights(i)?;
+        p.m.refresh_weights(i)?;
         out.push(LayerSensitivity {
-            name: m.q.nodes[i].name.clone(),
+            name: p.m.q.nodes[i].name.clone(),
             bytes,
             sensitivity: sens,
+        });
+    }
+    Ok(out)
+}
+
+/// Each activation tensor's sensitivity to 4-bit codes on the held-out samples `held`: the
+/// 8-bit rtn model with one tensor (and the pools and reshapes sharing its codes) given the
+/// quantization the 4-bit rtn model gives it. The model's input and output stay 8-bit, as
+/// `--act-bits 4` keeps them.
+pub fn act_sensitivities(
+    g: &Graph,
+    opts: &EvalOptions,
+    held: &HeldOut,
+) -> Result<Vec<ActSensitivity>, Error> {
+    let mut p = Probe::new(g, 8, opts, held)?;
+    let q4 = rtn_model(g, 4, opts)?;
+    if q4.tensors.len() != p.m.q.tensors.len() {
+        return Err(Error::Internal(
+            "act sensitivity: tensor lists differ".into(),
+        ));
+    }
+    let base = p.mse()?;
+    let passes = |op: &QOp| matches!(op, QOp::MaxPool { .. } | QOp::Reshape);
+    let mut out = Vec::new();
+    for t in 0..q4.tensors.len() {
+        let carried =
+            p.m.q
+                .producer(t)
+                .is_some_and(|i| passes(&p.m.q.nodes[i].op));
+        if q4.tensors[t].quant.bits != 4 || carried {
+            continue;
+        }
+        // `t` and the pass-through outputs that carry its codes on.
+        let mut group = vec![t];
+        let mut k = 0;
+        while k < group.len() {
+            let src = group[k];
+            for n in &p.m.q.nodes {
+                if n.inputs.first() == Some(&src) && passes(&n.op) {
+                    group.push(n.output);
+                }
+            }
+            k += 1;
+        }
+        let saved: Vec<_> = group.iter().map(|&u| p.m.q.tensors[u].quant).collect();
+        for &u in &group {
+            p.m.q.tensors[u].quant = q4.tensors[u].quant;
+        }
+        let sensitivity = (p.mse()? - base).max(0.0);
+        for (&u, qt) in group.iter().zip(saved) {
+            p.m.q.tensors[u].quant = qt;
+        }
+        let tensor = &p.m.q.tensors[t];
+        out.push(ActSensitivity {
+            name: tensor.name.clone(),
+            elements: tensor.shape.iter().product(),
+            sensitivity,
         });
     }
     Ok(out)

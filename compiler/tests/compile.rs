@@ -619,6 +619,17 @@ fn flash_budgets_choose_per_layer_bits_that_fit() {
         .filter_map(|l| l["weight_bits"].as_u64())
         .collect();
     assert_eq!(chosen, shipped, "the report's choice is what was compiled");
+    // Each tensor `--act-bits 4` would lower, once (pools and reshapes ride with their
+    // source), with its sensitivity to 4-bit codes.
+    let acts = rep["mixed_precision"]["activations_a4"].as_array().unwrap();
+    let names: std::collections::BTreeSet<&str> =
+        acts.iter().map(|a| a["name"].as_str().unwrap()).collect();
+    assert!(acts.len() > 20 && names.len() == acts.len(), "{acts:?}");
+    assert!(acts.iter().all(|a| a["elements"].as_u64().unwrap() > 0
+        && a["sensitivity"].as_f64().is_some_and(|v| v >= 0.0)));
+    assert!(acts
+        .iter()
+        .any(|a| a["sensitivity"].as_f64().unwrap() > 0.0));
     assert!(
         chosen.iter().any(|&b| b > 2) && chosen.contains(&2),
         "{chosen:?}"

@@ -279,10 +279,15 @@ fn run(a: &Args) -> Result<(), Error> {
         bits.weight = chosen.iter().copied().min().unwrap_or(2);
         let secs = t0.elapsed().as_secs_f64();
         stages.push(("sensitivity", secs));
+        let t1 = std::time::Instant::now();
+        let activations = mixed::act_sensitivities(&graph, &eval_opts, held)
+            .map_err(|e| e.context(&a.model.display().to_string()))?;
+        stages.push(("activation sensitivity", t1.elapsed().as_secs_f64()));
         let m = mixed::Assignment {
             budget,
             layers: sens,
             bits: chosen,
+            activations,
         };
         if !quiet {
             eprintln!(
