@@ -41,8 +41,10 @@ step "x86_64: fmt + clippy + tests ($(cargo --version))"
 cargo fmt --manifest-path "$RT" --check
 cargo fmt --manifest-path "$ROOT/runtime/nostd-check/Cargo.toml" --check
 cargo fmt --manifest-path "$ROOT/runtime/staticlib/Cargo.toml" --check
+cargo fmt --manifest-path "$ROOT/runtime/testkit/Cargo.toml" --check
 cargo clippy --manifest-path "$RT" --all-targets -- -D warnings
 cargo clippy --manifest-path "$RT" --lib --no-default-features -- -D warnings
+cargo clippy --manifest-path "$ROOT/runtime/testkit/Cargo.toml" -- -D warnings
 cargo test --manifest-path "$RT"
 
 # --- 2. no-std check -------------------------------------------------------------------------

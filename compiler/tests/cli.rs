@@ -1175,7 +1175,7 @@ fn leaky_relu_prelu_any_clip_and_tanh_run_as_tables() {
         &[
             "prelu_c.onnx",
             "'prelu'",
-            "PRelu with a slope per channel (shape [2, 1, 1]",
+            "PRelu whose slope varies (shape [2, 1, 1]",
         ],
     );
     assert!(!o.exists());

@@ -114,6 +114,8 @@ pub fn npy(data: &[u8]) {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Reached {
     Rejected,
+    /// Imported, and past [`MAX_CASE_MACS`] or [`MAX_CASE_ELEMENTS`]: not compiled.
+    Skipped,
     Imported,
     Quantized,
     Lowered,
@@ -132,7 +134,7 @@ pub fn onnx(data: &[u8]) -> Reached {
         .map(|v| v.shape.iter().map(|&d| d as u64).product::<u64>())
         .sum();
     if macs > MAX_CASE_MACS || elements > MAX_CASE_ELEMENTS {
-        return Reached::Imported;
+        return Reached::Skipped;
     }
     let opts = RtnOptions {
         samples: 2,

@@ -62,3 +62,24 @@ fn structural_mutants_of_the_fixtures_compile_or_fail_cleanly() {
     assert!(reached.get(&Reached::Rejected).copied().unwrap_or(0) >= 5);
     assert!(reached.get(&Reached::Lowered).copied().unwrap_or(0) >= 5);
 }
+
+/// The seeds `scripts/fuzz` gives the ONNX target go all the way through (none is past the
+/// size cap that skips compiling): the fixtures always, the real models where fetched.
+#[test]
+fn the_seed_models_compile_within_the_case_cap() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut seeds = vec![
+        root.join("examples/models/mobilenet_fmnist.onnx"),
+        root.join("examples/models/resnet_fmnist.onnx"),
+    ];
+    for m in ["cifar10_keras", "ppocrv5_cls"] {
+        let p = root.join(format!("target/real-models/{m}.onnx"));
+        if p.exists() {
+            seeds.push(p);
+        }
+    }
+    for p in seeds {
+        let r = diffdfq_fuzz::onnx(&std::fs::read(&p).unwrap());
+        assert_eq!(r, diffdfq_fuzz::Reached::Lowered, "{}", p.display());
+    }
+}

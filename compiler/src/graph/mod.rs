@@ -179,7 +179,7 @@ pub enum Op {
     Conv(Conv),
     BatchNorm(BatchNorm),
     /// An elementwise activation: its definition, name and table live with
-    /// [`Activation`] (one place, docs/design.md §2 "Adding an op").
+    /// [`Activation`] (one place, docs/design.md §7 "Adding an op").
     Act(Activation),
     /// `x` where `x ≥ 0`, else `slope·x`, `slope` broadcast to `x` (one slope imports as
     /// [`Activation::LeakyRelu`]; this is the per-channel or per-element form, float only).
@@ -255,7 +255,7 @@ impl Op {
             Op::Conv(c) => c.weight.len() + c.bias.as_ref().map_or(0, Vec::len),
             Op::BatchNorm(b) => 4 * b.mean.len(),
             Op::MatMul { b, bias, .. } => b.len() + bias.as_ref().map_or(0, Tensor::len),
-            Op::ConstBinary { value, .. } => value.len(),
+            Op::ConstBinary { value, .. } | Op::PRelu { slope: value } => value.len(),
             _ => 0,
         }
     }

@@ -12,10 +12,11 @@ impl Builder {
     }
 
     pub(super) fn leaky_relu(&mut self, s: &Site) -> Result<(), Error> {
-        let op = Op::Act(Activation::LeakyRelu {
-            alpha: s.a.float("alpha", 0.01),
-        });
-        self.unary(s, op)
+        let alpha = s.a.float("alpha", 0.01);
+        if !alpha.is_finite() {
+            return bad(format!("alpha {alpha} is not a finite number"));
+        }
+        self.unary(s, Op::Act(Activation::LeakyRelu { alpha }))
     }
 
     /// PRelu with one slope is a LeakyRelu (torch's `nn.PReLU()` default); other slopes
@@ -24,20 +25,21 @@ impl Builder {
         let Some(slope) = self.constant(s.n, 1, "slope")? else {
             return bad("PRelu needs its slope input");
         };
+        if broadcast_shape(&s.xs, &slope.shape).as_deref() != Some(&s.xs[..]) {
+            return bad(format!(
+                "slope shape {:?} does not broadcast to the input's {:?}",
+                slope.shape, s.xs
+            ));
+        }
         let v = slope.to_f32();
+        if let Some(bad_v) = v.iter().find(|v| !v.is_finite()) {
+            return bad(format!("slope {bad_v} is not a finite number"));
+        }
         let op = match v.as_slice() {
-            [a, rest @ ..] if rest.iter().all(|b| b.to_bits() == a.to_bits()) => {
+            [a, rest @ ..] if rest.iter().all(|b| b == a) => {
                 Op::Act(Activation::LeakyRelu { alpha: *a })
             }
-            _ => {
-                if broadcast_shape(&s.xs, &slope.shape).as_deref() != Some(&s.xs[..]) {
-                    return bad(format!(
-                        "slope shape {:?} does not broadcast to the input's {:?}",
-                        slope.shape, s.xs
-                    ));
-                }
-                Op::PRelu { slope }
-            }
+            _ => Op::PRelu { slope },
         };
         self.unary(s, op)
     }

@@ -55,6 +55,15 @@ fn clip_activation(min: f32, max: f32) -> Activation {
     }
 }
 
+/// The fused form of `a`: ReLU and ReLU6 become output clamps of the op before them.
+fn fusable(a: Activation) -> Fused {
+    match a {
+        Activation::Relu => Fused::Relu,
+        Activation::Relu6 => Fused::Relu6,
+        _ => Fused::None,
+    }
+}
+
 fn unsupported(node: &str, what: &str) -> Error {
     Error::Input(format!(
         "node '{node}': {what} is not supported by the quantizer"
@@ -203,11 +212,13 @@ pub fn fold(g: &Graph, bits: Bits) -> Result<QuantGraph, Error> {
                 return Fused::None;
             };
             let f = match g.nodes[j].op {
-                Op::Act(Activation::Relu) => Fused::Relu,
-                Op::Clip { min, max } if min == 0.0 && max == 6.0 => Fused::Relu6,
-                Op::Clip { min, max } if min == 0.0 && max == f32::INFINITY => Fused::Relu,
-                _ => return Fused::None,
+                Op::Act(a) => fusable(a),
+                Op::Clip { min, max } => fusable(clip_activation(min, max)),
+                _ => Fused::None,
             };
+            if f == Fused::None {
+                return f;
+            }
             done[j] = true;
             *out_v = g.nodes[j].output;
             f
@@ -356,7 +367,7 @@ pub fn fold(g: &Graph, bits: Bits) -> Result<QuantGraph, Error> {
                 return Err(unsupported(
                     &n.name,
                     &format!(
-                        "PRelu with a slope per channel (shape {:?}; one slope is supported)",
+                        "PRelu whose slope varies (shape {:?}; one slope is supported)",
                         slope.shape
                     ),
                 ))

@@ -223,10 +223,12 @@ impl FloatModel {
                 (Op::PRelu { .. }, Params::Const(s)) => {
                     (x.relu()? - s.broadcast_mul(&x.neg()?.relu()?)?)?
                 }
-                (Op::Clip { min, max }, _) => clip(
+                (Op::Clip { min, max }, _) => activation(
                     x,
-                    Some(*min).filter(|v| v.is_finite()),
-                    Some(*max).filter(|v| v.is_finite()),
+                    graph::Activation::Clip {
+                        min: *min,
+                        max: *max,
+                    },
                 )?,
                 (Op::Add, _) => x.broadcast_add(get(1)?)?,
                 (Op::Mul, _) => x.broadcast_mul(get(1)?)?,
@@ -498,4 +500,56 @@ pub fn channel_stats(x: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
     let centered = x3.broadcast_sub(&mean.reshape((1, c, 1))?)?;
     let var = (centered.sqr()?.sum(2)?.sum(0)? / count)?;
     Ok((mean, var))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use graph::Activation as A;
+
+    /// The differentiable form and the `f64` form the runtime's tables come from are one
+    /// function: every variant, over a sweep, the extremes, and odd parameters.
+    #[test]
+    fn activation_forms_agree() {
+        let mut xs: Vec<f32> = (0..=800).map(|i| -20.0 + i as f32 * 0.05).collect();
+        xs.extend([-400.0, 400.0, 0.0, -0.0, 1e-30, -1e-30]);
+        let inf = f32::INFINITY;
+        let all = [
+            A::Relu,
+            A::Relu6,
+            A::HardSigmoid {
+                alpha: 0.2,
+                beta: 0.5,
+            },
+            A::HardSwish,
+            A::Sigmoid,
+            A::LeakyRelu { alpha: 0.1 },
+            A::LeakyRelu { alpha: -0.5 },
+            A::Clip {
+                min: -1.0,
+                max: 2.0,
+            },
+            A::Clip { min: 3.0, max: 1.0 },
+            A::Clip {
+                min: -inf,
+                max: 0.5,
+            },
+            A::Clip {
+                min: -inf,
+                max: inf,
+            },
+            A::Tanh,
+        ];
+        let x = Tensor::from_vec(xs.clone(), xs.len(), &Device::Cpu).unwrap();
+        for a in all {
+            let y = activation(&x, a).unwrap().to_vec1::<f32>().unwrap();
+            for (&xi, &yi) in xs.iter().zip(&y) {
+                let want = a.apply(xi as f64) as f32;
+                assert!(
+                    (yi - want).abs() <= 1e-5 * want.abs().max(1.0),
+                    "{a:?} at {xi}: candle {yi}, apply {want}"
+                );
+            }
+        }
+    }
 }

@@ -7,7 +7,7 @@ use crate::numerics::{clamp_bounds, quantize_multiplier, round_half_away_f64, Fu
 use alloc::vec::Vec;
 
 /// A float activation function turned into a 256-entry code table. The one place an
-/// elementwise activation's definition lives (docs/design.md §2, "Adding an op"): the graph,
+/// elementwise activation's definition lives (docs/design.md §7, "Adding an op"): the graph,
 /// the float reference, the quantizer and the writer all take it from here.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Activation {
