@@ -134,6 +134,15 @@ fn firmware_outputs_are_identical_on_x86_64_aarch64_and_diffdfq_run() {
             ] {
                 assert!(dir.join(f).is_file(), "{f} missing");
             }
+            // Each target's baseline SIMD kernels run here: the aarch64 firmware runs NEON's.
+            let kernels = if target == "aarch64" { "neon" } else { "sse2" };
+            let header = std::fs::read_to_string(dir.join("resnet_fmnist.h")).unwrap();
+            assert!(
+                header.contains(&format!(
+                    "Runtime kernels in libresnet_fmnist.a: {kernels} ("
+                )),
+                "{header}"
+            );
             let app = firmware(&dir, "resnet_fmnist", cc);
             let y = dir.join("y.f32");
             let mut cmd = match runner {

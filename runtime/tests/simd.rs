@@ -191,7 +191,7 @@ fn run(p: &Problem, scratch_for: Option<Isa>) -> Option<Vec<u8>> {
 
 #[test]
 fn simd_kernels_equal_the_portable_loops() {
-    let simd: Vec<Isa> = [Isa::Sse2, Isa::Avx2, Isa::Avx512Vnni]
+    let simd: Vec<Isa> = [Isa::Sse2, Isa::Avx2, Isa::Avx512Vnni, Isa::Neon]
         .into_iter()
         .filter(|&isa| {
             let ok = kernels::use_kernels(isa);

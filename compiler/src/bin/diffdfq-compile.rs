@@ -74,7 +74,7 @@ struct Args {
     target: Option<String>,
     /// CPU libNAME.a is built for, which decides its SIMD kernels: `native` (this machine) or
     /// a name the target's rustc knows (x86-64-v3, x86-64-v4, cortex-a55, neoverse-n1, ...);
-    /// default: the target's baseline (x86_64: SSE2)
+    /// default: the target's baseline (x86_64: SSE2, aarch64: NEON)
     #[arg(long)]
     cpu: Option<String>,
     /// Output directory

@@ -67,6 +67,10 @@ const SOURCES: &[(&str, &str)] = &[
         include_str!("../../../runtime/src/kernels/plan.rs"),
     ),
     (
+        "src/kernels/neon.rs",
+        include_str!("../../../runtime/src/kernels/neon.rs"),
+    ),
+    (
         "src/kernels/x86.rs",
         include_str!("../../../runtime/src/kernels/x86.rs"),
     ),
@@ -276,7 +280,7 @@ pub fn kernels(target: &Target, cpu: Option<&Cpu>) -> Isa {
         }
         diffdfq_targets::Arch::X86_64 if has("avx2") => Isa::Avx2,
         diffdfq_targets::Arch::X86_64 => Isa::Sse2,
-        diffdfq_targets::Arch::Aarch64 => Isa::Portable,
+        diffdfq_targets::Arch::Aarch64 => Isa::Neon,
     }
 }
 

@@ -19,8 +19,9 @@ use crate::packing::{unpack_group, unpack_row, ChannelRecord, Weights};
 /// compiler's `--cpu` sets `-C target-cpu`; no run-time detection in `no_std`): `avx512vnni`
 /// (x86_64 with AVX2, AVX-512 VNNI and VL: `avx2`'s kernels, the 1×1 convolution of ≤ 4-bit
 /// weights on `vpdpbusd`), `avx2` (x86_64 with AVX2: 1×1 and depthwise convolutions,
-/// requantization), `sse2` (x86_64 baseline: the 1×1 convolution), else `portable` (loops the
-/// compiler vectorizes for the target). The compiler's `emit::runtime_lib::kernels` makes the
+/// requantization), `sse2` (x86_64 baseline: the 1×1 convolution), `neon` (aarch64 with
+/// Advanced SIMD, every AArch64 target the compiler names: 1×1 convolution, tap rows,
+/// requantization), else `portable` (loops the compiler vectorizes for the target). The compiler's `emit::runtime_lib::kernels` makes the
 /// same choice for the header and report.
 pub const KERNELS: &str = KERNELS_NUL.split_at(KERNELS_NUL.len() - 1).0;
 
@@ -37,6 +38,10 @@ pub enum Isa {
     /// x86_64 with AVX2, AVX-512 VNNI and AVX-512 VL: `Avx2`, with the 1×1 convolution of
     /// ≤ 4-bit weights on `vpdpbusd`.
     Avx512Vnni = 3,
+    /// aarch64 with NEON (Advanced SIMD): the 1×1 convolution, the tap rows of the other
+    /// convolutions and requantization (`neon.rs`). Not ordered against the x86 levels: the
+    /// `>=` tests below all sit behind `cfg(target_arch = "x86_64")`.
+    Neon = 4,
 }
 
 impl Isa {
@@ -47,6 +52,7 @@ impl Isa {
             Isa::Sse2 => "sse2",
             Isa::Avx2 => "avx2",
             Isa::Avx512Vnni => "avx512vnni",
+            Isa::Neon => "neon",
         }
     }
 }
@@ -59,6 +65,9 @@ const VNNI_BUILD: bool = cfg!(all(
     target_feature = "avx512vl"
 ));
 
+/// Whether this build is for aarch64 with NEON.
+const NEON_BUILD: bool = cfg!(all(target_arch = "aarch64", target_feature = "neon"));
+
 /// The kernels this build holds, named by [`KERNELS`].
 pub const COMPILED: Isa = if VNNI_BUILD {
     Isa::Avx512Vnni
@@ -66,6 +75,8 @@ pub const COMPILED: Isa = if VNNI_BUILD {
     Isa::Avx2
 } else if cfg!(target_arch = "x86_64") {
     Isa::Sse2
+} else if NEON_BUILD {
+    Isa::Neon
 } else {
     Isa::Portable
 };
@@ -80,6 +91,7 @@ fn active() -> Isa {
     #[cfg(feature = "std")]
     {
         match ACTIVE.load(core::sync::atomic::Ordering::Relaxed) {
+            4 => Isa::Neon,
             3 => Isa::Avx512Vnni,
             2 => Isa::Avx2,
             1 => Isa::Sse2,
@@ -110,7 +122,9 @@ pub fn use_kernels(isa: Isa) -> bool {
                 && std::is_x86_feature_detected!("avx512vnni")
                 && std::is_x86_feature_detected!("avx512vl")
         }
-        #[cfg(not(target_arch = "x86_64"))]
+        #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
+        Isa::Neon => true,
+        #[allow(unreachable_patterns)]
         _ => false,
     };
     if ok {
@@ -126,6 +140,8 @@ pub(crate) const KERNELS_NUL: &str = if VNNI_BUILD {
     "avx2\0"
 } else if cfg!(target_arch = "x86_64") {
     "sse2\0"
+} else if NEON_BUILD {
+    "neon\0"
 } else {
     "portable\0"
 };
@@ -256,6 +272,7 @@ pub fn conv2d(
         let in_group = input
             .get(g * s.c_in_g * plane..(g + 1) * s.c_in_g * plane)
             .ok_or(Error::BadArgument)?;
+        #[allow(unused_mut)]
         let mut first = g * s.c_out_g;
         #[cfg(target_arch = "x86_64")]
         if !pointwise && active() >= Isa::Avx2 && !plan::direct_fits(geom, &s) {
@@ -339,8 +356,8 @@ pub fn conv2d(
     Ok(())
 }
 
-/// [`pointwise_tile`] with the SIMD kernel where the target has one (x86_64: SSE2, part of
-/// the base ISA) for whole blocks of 16 pixels, the portable loop for the rest.
+/// [`pointwise_tile`] with the SIMD kernel where the target has one (x86_64: SSE2, aarch64:
+/// NEON, part of each base ISA) for whole blocks of 16 pixels, the portable loop for the rest.
 #[inline]
 fn pointwise_block(
     in_group: &[u8],
@@ -358,10 +375,18 @@ fn pointwise_block(
         unsafe { x86::pointwise_sse2(in_group, plane, codes, zw, p0, head)? };
         return pointwise_tile(in_group, plane, codes, zw, p0 + done, tail);
     }
+    #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
+    if active() == Isa::Neon {
+        let done = acc.len() / 16 * 16;
+        let (head, tail) = acc.split_at_mut(done);
+        // SAFETY: NEON is part of this build's target features (`NEON_BUILD`).
+        unsafe { neon::pointwise_neon(in_group, plane, codes, zw, p0, head)? };
+        return pointwise_tile(in_group, plane, codes, zw, p0 + done, tail);
+    }
     pointwise_tile(in_group, plane, codes, zw, p0, acc)
 }
 
-/// `out[i] = req.apply(acc[i])`: AVX2 eight at a time where it runs.
+/// `out[i] = req.apply(acc[i])`: AVX2 or NEON eight at a time where they run.
 #[inline]
 fn requant_tile(req: &numerics::ChannelRequant, acc: &[i32], out: &mut [u8]) {
     #[allow(unused_mut)]
@@ -384,6 +409,11 @@ fn requant_tile(req: &numerics::ChannelRequant, acc: &[i32], out: &mut [u8]) {
             )
         };
     }
+    #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
+    if active() == Isa::Neon {
+        // SAFETY: as in `pointwise_block`.
+        done = unsafe { neon::requant_neon(req, acc, out) };
+    }
     for (o, &a) in out.iter_mut().zip(acc).skip(done) {
         *o = req.apply(a);
     }
@@ -401,6 +431,11 @@ fn tap_row(acc: &mut [i32], xs: &[u8], sw: usize, wv: i32) {
         // SAFETY: as in `requant_tile`.
         done = unsafe { x86::tap_row_avx2(acc, xs, sw, wv) };
     }
+    #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
+    if active() == Isa::Neon {
+        // SAFETY: as in `pointwise_block`.
+        done = unsafe { neon::tap_row_neon(acc, xs, sw, wv) };
+    }
     let rest = acc.get_mut(done..).unwrap_or_default();
     let xs = xs.get(done * sw..).unwrap_or_default();
     if sw == 1 {
@@ -416,6 +451,8 @@ fn tap_row(acc: &mut [i32], xs: &[u8], sw: usize, wv: i32) {
 
 mod plan;
 pub use plan::conv_scratch_len_for;
+#[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
+mod neon;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 

@@ -96,7 +96,11 @@ pub(super) fn panel_slice_elems(isa: Isa, bits: u8) -> usize {
 pub(super) fn panel_elems(isa: Isa, geom: &ConvGeom, s: &ConvShape, bits: u8) -> usize {
     let out_plane = s.out_h * s.out_w;
     let oc = s.c_out_g.min(COL_OC) / col_width(isa, bits) * col_width(isa, bits);
-    if isa < Isa::Avx2 || is_pointwise(geom, s) || direct_fits(geom, s) || out_plane <= COL_PX {
+    if !matches!(isa, Isa::Avx2 | Isa::Avx512Vnni)
+        || is_pointwise(geom, s)
+        || direct_fits(geom, s)
+        || out_plane <= COL_PX
+    {
         return 0;
     }
     s.k.div_ceil(QUAD_KC) * panel_slice_elems(isa, bits) * oc
