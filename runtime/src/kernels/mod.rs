@@ -289,18 +289,9 @@ pub fn conv2d(
                 &mut *_panel,
             )?;
         }
-        #[cfg(target_arch = "x86_64")]
-        if pointwise && active() >= Isa::Avx2 {
-            first = x86::pointwise_quads(
-                weights,
-                in_group,
-                plane,
-                z,
-                (y.zero, y.lo, y.hi),
-                out,
-                (first, s.c_out_g),
-                active() == Isa::Avx512Vnni,
-            )?;
+        if pointwise {
+            let y = (y.zero, y.lo, y.hi);
+            first = pointwise_groups(weights, in_group, plane, z, y, out, (first, s.c_out_g))?;
         }
         for co in first..(g + 1) * s.c_out_g {
             let ch = weights.channel(co).ok_or(Error::BadArgument)?;
@@ -354,6 +345,36 @@ pub fn conv2d(
         }
     }
     Ok(())
+}
+
+/// The 1×1 convolution of [`conv2d`] for output channels `first .. first + count` by groups
+/// of several output channels where the kernels in use have such a kernel (x86_64 AVX2 and
+/// up, aarch64 NEON); returns the first channel left to the one-channel path (`first` where
+/// none runs).
+#[inline]
+fn pointwise_groups(
+    weights: &Weights<'_>,
+    in_group: &[u8],
+    plane: usize,
+    z: i32,
+    y: (u8, u8, u8),
+    out: &mut [u8],
+    (first, count): (usize, usize),
+) -> Result<usize, Error> {
+    #[cfg(target_arch = "x86_64")]
+    if active() >= Isa::Avx2 {
+        let vnni = active() == Isa::Avx512Vnni;
+        return x86::pointwise_quads(weights, in_group, plane, z, y, out, (first, count), vnni);
+    }
+    #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
+    if active() == Isa::Neon {
+        // SAFETY: NEON is part of this build's target features (`NEON_BUILD`).
+        return unsafe {
+            neon::pointwise_quads_neon(weights, in_group, plane, z, y, out, (first, count))
+        };
+    }
+    let _ = (weights, in_group, plane, z, y, out, count);
+    Ok(first)
 }
 
 /// [`pointwise_tile`] with the SIMD kernel where the target has one (x86_64: SSE2, aarch64:
@@ -447,6 +468,38 @@ fn tap_row(acc: &mut [i32], xs: &[u8], sw: usize, wv: i32) {
             *a = a.wrapping_add(wv * v as i32);
         }
     }
+}
+
+/// Per output channel `co + j`, `j < rows.len()`: its packed row, weight zero point,
+/// requantization and the constant `bias − z·(Σq − K·z_c)` its accumulators start from (the
+/// zero-point terms folded as in [`conv2d`]).
+#[cfg(any(
+    target_arch = "x86_64",
+    all(target_arch = "aarch64", target_feature = "neon")
+))]
+#[allow(clippy::too_many_arguments)]
+fn channel_constants<'w>(
+    weights: &crate::packing::Weights<'w>,
+    co: usize,
+    z: i32,
+    (y_zero, y_lo, y_hi): (u8, u8, u8),
+    rows: &mut [&'w [u8]],
+    zw: &mut [i32],
+    reqs: &mut [crate::numerics::ChannelRequant],
+    c0: &mut [i32],
+) -> Result<(), Error> {
+    let k = weights.k as i32;
+    let each = rows.iter_mut().zip(zw).zip(reqs).zip(c0);
+    for (j, (((row, zwj), req), c0j)) in each.enumerate() {
+        let ch = weights.channel(co + j).ok_or(Error::BadArgument)?;
+        *row = weights.row(co + j).ok_or(Error::BadArgument)?;
+        *zwj = ch.w_zero as i32;
+        *req = crate::numerics::ChannelRequant::new(ch.mult, ch.shift, y_zero as i32, y_lo, y_hi);
+        *c0j = ch
+            .bias
+            .wrapping_sub(z.wrapping_mul(ch.sum_q.wrapping_sub(k.wrapping_mul(*zwj))));
+    }
+    Ok(())
 }
 
 mod plan;

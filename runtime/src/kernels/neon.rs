@@ -1,7 +1,8 @@
 //! aarch64 NEON kernels (Advanced SIMD, part of every AArch64 CPU the targets name), each
-//! bit-identical to its portable twin in [`super`]: the 1×1 convolution ([`pointwise_neon`]),
-//! the tap rows of the other convolutions ([`tap_row_neon`]) and requantization
-//! ([`requant_neon`]). Each function's doc comment states why its integer arithmetic cannot
+//! bit-identical to its portable twin in [`super`]: the 1×1 convolution four output channels
+//! per pass ([`pointwise_quads_neon`]) and one at a time for the last few
+//! ([`pointwise_neon`]), the tap rows of the other convolutions ([`tap_row_neon`]) and
+//! requantization ([`requant_neon`]). Each function's doc comment states why its integer arithmetic cannot
 //! saturate or round differently from the portable loops.
 
 use core::arch::aarch64::*;
@@ -147,4 +148,172 @@ pub(super) fn requant_neon(
         i += 8;
     }
     i
+}
+
+/// Input channels per weight slice of [`pointwise_quads_neon`] (a multiple of 8: packed rows
+/// hold their codes in groups of 8).
+const PW_KC: usize = 64;
+
+/// The 1×1 convolution of [`super::conv2d`] (stride 1, no pads) for output channels
+/// `first .. first + count` of a group, four at a time: each block of 16 input codes is
+/// loaded and widened once and multiplied into the accumulators of four output channels
+/// (`smlal` by lane: `acc_j += w_j · a`), 16 pixels per block, the 16 accumulator vectors in
+/// registers over a slice of [`PW_KC`] input channels. Exact for the reasons
+/// [`pointwise_neon`] gives (`|q − z_c| ≤ 255` is a valid i16). The weights of a slice are
+/// unpacked into a stack buffer once per tile of [`super::CONV_TILE`] pixels. Returns the
+/// first output channel it left to the one-channel path (fewer than four remain).
+#[target_feature(enable = "neon")]
+pub(super) fn pointwise_quads_neon(
+    weights: &crate::packing::Weights<'_>,
+    in_group: &[u8],
+    plane: usize,
+    z: i32,
+    y: (u8, u8, u8),
+    out: &mut [u8],
+    (first, count): (usize, usize),
+) -> Result<usize, Error> {
+    let k = weights.k;
+    if in_group.len() < k.checked_mul(plane).ok_or(Error::BadArgument)? {
+        return Err(Error::BadArgument);
+    }
+    let mut co = first;
+    while co + 4 <= first + count {
+        let mut reqs = [crate::numerics::ChannelRequant::new(0, 0, 0, 0, 0); 4];
+        let mut c0 = [0i32; 4];
+        let mut zw = [0i32; 4];
+        let mut rows: [&[u8]; 4] = [&[]; 4];
+        super::channel_constants(weights, co, z, y, &mut rows, &mut zw, &mut reqs, &mut c0)?;
+        let mut p0 = 0;
+        while p0 < plane {
+            let n = super::CONV_TILE.min(plane - p0);
+            let mut acc = [[0i32; super::CONV_TILE]; 4];
+            for (a, &c) in acc.iter_mut().zip(&c0) {
+                a.fill(c);
+            }
+            let mut c = 0;
+            while c < k {
+                let kc = PW_KC.min(k - c);
+                let mut wq = [[0i16; 4]; PW_KC];
+                weight_lanes(weights.bits, &rows, &zw, c, kc, &mut wq)?;
+                let wq = wq.get(..kc).ok_or(Error::BadArgument)?;
+                let xs = in_group.get(c * plane..).ok_or(Error::BadArgument)?;
+                quad_tile(xs, plane, wq, p0, n, &mut acc)?;
+                c += kc;
+            }
+            for (j, (a, req)) in acc.iter().zip(&reqs).enumerate() {
+                let dst = out
+                    .get_mut((co + j) * plane + p0..(co + j) * plane + p0 + n)
+                    .ok_or(Error::BadArgument)?;
+                super::requant_tile(req, a.get(..n).ok_or(Error::BadArgument)?, dst);
+            }
+            p0 += n;
+        }
+        co += 4;
+    }
+    Ok(co)
+}
+
+/// `q − z_j` of input channels `c .. c + kc` (`c` a multiple of 8) for the four rows, one
+/// `[i16; 4]` (the four output channels) per input channel of `out`.
+fn weight_lanes(
+    bits: u8,
+    rows: &[&[u8]; 4],
+    zw: &[i32; 4],
+    c: usize,
+    kc: usize,
+    out: &mut [[i16; 4]],
+) -> Result<(), Error> {
+    let b = bits as usize;
+    for (j, (row, &zwj)) in rows.iter().zip(zw).enumerate() {
+        let mut codes = [0u8; 8];
+        for (gi, lanes) in out.chunks_mut(8).take(kc.div_ceil(8)).enumerate() {
+            let g0 = (c / 8 + gi) * b;
+            let group = row.get(g0..g0 + b).ok_or(Error::BadArgument)?;
+            crate::packing::unpack_group(bits, group, &mut codes);
+            for (l, &q) in lanes.iter_mut().zip(&codes) {
+                if let Some(v) = l.get_mut(j) {
+                    *v = (q as i32 - zwj) as i16;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `acc[j][i] += Σ_c w[c][j] · x_c[p0 + i]` for `i < n` over the input channels of `w`
+/// (`xs` starts at the first of them): whole blocks of 16 pixels on `smlal` by lane, the
+/// rest in the portable form.
+#[target_feature(enable = "neon")]
+fn quad_tile(
+    xs: &[u8],
+    plane: usize,
+    w: &[[i16; 4]],
+    p0: usize,
+    n: usize,
+    acc: &mut [[i32; super::CONV_TILE]; 4],
+) -> Result<(), Error> {
+    let whole = n / 16 * 16;
+    let mut p = 0;
+    while p < whole {
+        let mut s = [[vdupq_n_s32(0); 4]; 4];
+        for (sj, aj) in s.iter_mut().zip(acc.iter()) {
+            let a = aj.get(p..p + 16).ok_or(Error::BadArgument)?;
+            // SAFETY: `a` holds exactly the 16 i32 the four loads read.
+            unsafe {
+                let at = a.as_ptr();
+                *sj = [
+                    vld1q_s32(at),
+                    vld1q_s32(at.add(4)),
+                    vld1q_s32(at.add(8)),
+                    vld1q_s32(at.add(12)),
+                ];
+            }
+        }
+        for (c, wc) in w.iter().enumerate() {
+            let at = c * plane + p0 + p;
+            let src = xs.get(at..at + 16).ok_or(Error::BadArgument)?;
+            // SAFETY: `src` holds exactly the 16 bytes the load reads, `wc` the 4 i16.
+            let (x, wv) = unsafe { (vld1q_u8(src.as_ptr()), vld1_s16(wc.as_ptr())) };
+            let lo = vreinterpretq_s16_u16(vmovl_u8(vget_low_u8(x)));
+            let hi = vreinterpretq_s16_u16(vmovl_high_u8(x));
+            let [s0, s1, s2, s3] = &mut s;
+            mla_lane::<0>(s0, lo, hi, wv);
+            mla_lane::<1>(s1, lo, hi, wv);
+            mla_lane::<2>(s2, lo, hi, wv);
+            mla_lane::<3>(s3, lo, hi, wv);
+        }
+        for (sj, aj) in s.iter().zip(acc.iter_mut()) {
+            let a = aj.get_mut(p..p + 16).ok_or(Error::BadArgument)?;
+            // SAFETY: `a` holds exactly the 16 i32 the four stores write.
+            unsafe {
+                let at = a.as_mut_ptr();
+                vst1q_s32(at, sj[0]);
+                vst1q_s32(at.add(4), sj[1]);
+                vst1q_s32(at.add(8), sj[2]);
+                vst1q_s32(at.add(12), sj[3]);
+            }
+        }
+        p += 16;
+    }
+    for (c, wc) in w.iter().enumerate() {
+        let at = c * plane + p0;
+        let rest = xs.get(at + whole..at + n).ok_or(Error::BadArgument)?;
+        for (aj, &wj) in acc.iter_mut().zip(wc) {
+            let dst = aj.get_mut(whole..n).ok_or(Error::BadArgument)?;
+            for (a, &v) in dst.iter_mut().zip(rest) {
+                *a = a.wrapping_add(i32::from(wj) * i32::from(v));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `s += w[L] · (lo, hi)` over 16 pixels: the four quarters on `smlal`/`smlal2` by lane.
+#[target_feature(enable = "neon")]
+#[inline]
+fn mla_lane<const L: i32>(s: &mut [int32x4_t; 4], lo: int16x8_t, hi: int16x8_t, w: int16x4_t) {
+    s[0] = vmlal_lane_s16::<L>(s[0], vget_low_s16(lo), w);
+    s[1] = vmlal_high_lane_s16::<L>(s[1], lo, w);
+    s[2] = vmlal_lane_s16::<L>(s[2], vget_low_s16(hi), w);
+    s[3] = vmlal_high_lane_s16::<L>(s[3], hi, w);
 }

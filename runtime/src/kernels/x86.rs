@@ -9,6 +9,7 @@
 
 use core::arch::x86_64::*;
 
+use super::channel_constants;
 use super::plan::{
     band_input_rows, padded_row, COL_OC, COL_PX, DIRECT_MAX_K, DIRECT_ROWS, QUAD_KC,
 };
@@ -474,34 +475,6 @@ fn pointwise_groups<const N: usize>(
         co += N;
     }
     Ok(co)
-}
-
-/// Per output channel `co + j`, `j < rows.len()`: its packed row, weight zero point,
-/// requantization and the constant `bias − z·(Σq − K·z_c)` its accumulators start from (the
-/// zero-point terms folded as in [`super::conv2d`]).
-#[allow(clippy::too_many_arguments)]
-fn channel_constants<'w>(
-    weights: &crate::packing::Weights<'w>,
-    co: usize,
-    z: i32,
-    (y_zero, y_lo, y_hi): (u8, u8, u8),
-    rows: &mut [&'w [u8]],
-    zw: &mut [i32],
-    reqs: &mut [crate::numerics::ChannelRequant],
-    c0: &mut [i32],
-) -> Result<(), Error> {
-    let k = weights.k as i32;
-    let each = rows.iter_mut().zip(zw).zip(reqs).zip(c0);
-    for (j, (((row, zwj), req), c0j)) in each.enumerate() {
-        let ch = weights.channel(co + j).ok_or(Error::BadArgument)?;
-        *row = weights.row(co + j).ok_or(Error::BadArgument)?;
-        *zwj = ch.w_zero as i32;
-        *req = crate::numerics::ChannelRequant::new(ch.mult, ch.shift, y_zero as i32, y_lo, y_hi);
-        *c0j = ch
-            .bias
-            .wrapping_sub(z.wrapping_mul(ch.sum_q.wrapping_sub(k.wrapping_mul(*zwj))));
-    }
-    Ok(())
 }
 
 /// `(w_{c+1} << 16 | w_c as u16)` of input channels `c .. c + kc` (`c` a multiple of 8) for
