@@ -175,6 +175,94 @@ fn firmware_outputs_are_identical_on_x86_64_aarch64_and_diffdfq_run() {
     }
 }
 
+/// A real model from another exporter (paddle2onnx's PP-LCNet text-line classifier, fetched
+/// by scripts/fetch-real-models: 1×1 convolutions of 32 to 1280 output channels, depthwise
+/// 3×3 and 5×5, SE blocks, HardSwish tables) as firmware on both targets: the aarch64
+/// library runs the NEON kernels (four output channels per pass in the 1×1 layers), which
+/// must give what x86_64's firmware and diffdfq-run give, byte for byte.
+#[test]
+fn a_real_model_runs_byte_identically_on_aarch64_neon() {
+    let model = root().join("target/real-models/ppocrv5_cls.onnx");
+    assert!(
+        model.exists(),
+        "{} is missing: run scripts/fetch-real-models",
+        model.display()
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    // Three seeded images in [−2, 2) (xorshift64): the kernels see every code.
+    let mut s = 0x2545_f491_4f6c_dd1d_u64;
+    let x: Vec<f32> = (0..3 * 3 * 80 * 160)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 24) as f32 * 4.0 - 2.0
+        })
+        .collect();
+    let npy = tmp.path().join("x.npy");
+    std::fs::write(
+        &npy,
+        diffdfq_compiler::npy::to_bytes(&[3, 3, 80, 160], &x).unwrap(),
+    )
+    .unwrap();
+    let raw = tmp.path().join("x.f32");
+    let bytes: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
+    std::fs::write(&raw, bytes).unwrap();
+    let mut outputs = Vec::new();
+    for (target, cc, kernels) in [
+        ("x86_64", "gcc", "sse2"),
+        ("aarch64", "aarch64-linux-gnu-gcc", "neon"),
+    ] {
+        let dir = tmp.path().join(target);
+        let out = compile(&[
+            model.to_str().unwrap(),
+            "--bits",
+            "4",
+            "--target",
+            target,
+            "-o",
+            dir.to_str().unwrap(),
+            "--quiet",
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let header = std::fs::read_to_string(dir.join("ppocrv5_cls.h")).unwrap();
+        assert!(
+            header.contains(&format!("Runtime kernels in libppocrv5_cls.a: {kernels} (")),
+            "{header}"
+        );
+        let app = firmware(&dir, "ppocrv5_cls", cc);
+        let y = dir.join("y.f32");
+        let mut cmd = if target == "aarch64" {
+            let mut c = Command::new("qemu-aarch64");
+            c.arg(&app);
+            c
+        } else {
+            Command::new(&app)
+        };
+        ok(cmd.arg(&raw).arg(&y));
+        outputs.push((target, std::fs::read(&y).unwrap()));
+    }
+    let yn = tmp.path().join("y.npy");
+    ok(Command::new(env!("CARGO_BIN_EXE_diffdfq-run"))
+        .arg(tmp.path().join("x86_64/ppocrv5_cls.dfq"))
+        .arg("--input")
+        .arg(&npy)
+        .arg("--output")
+        .arg(&yn));
+    outputs.push(("diffdfq-run", npy_payload(&yn)));
+    assert_eq!(outputs[0].1.len(), 3 * 2 * 4);
+    for (who, bytes) in &outputs[1..] {
+        assert!(
+            bytes == &outputs[0].1,
+            "{who} differs from the x86_64 firmware"
+        );
+    }
+}
+
 #[test]
 fn same_input_flags_and_seed_give_byte_identical_artifacts() {
     let tmp = tempfile::tempdir().unwrap();
