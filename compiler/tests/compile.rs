@@ -178,8 +178,9 @@ fn firmware_outputs_are_identical_on_x86_64_aarch64_and_diffdfq_run() {
 /// A real model from another exporter (paddle2onnx's PP-LCNet text-line classifier, fetched
 /// by scripts/fetch-real-models: 1×1 convolutions of 32 to 1280 output channels, depthwise
 /// 3×3 and 5×5, SE blocks, HardSwish tables) as firmware on both targets: the aarch64
-/// library runs the NEON kernels (four output channels per pass in the 1×1 layers), which
-/// must give what x86_64's firmware and diffdfq-run give, byte for byte.
+/// libraries run the NEON kernels (four output channels per pass in the 1×1 layers; with
+/// `--cpu cortex-a55`, whose dotprod extension qemu's `max` CPU has, on `udot`), which must
+/// give what x86_64's firmware and diffdfq-run give, byte for byte.
 #[test]
 fn a_real_model_runs_byte_identically_on_aarch64_neon() {
     let model = root().join("target/real-models/ppocrv5_cls.onnx");
@@ -209,21 +210,23 @@ fn a_real_model_runs_byte_identically_on_aarch64_neon() {
     let bytes: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
     std::fs::write(&raw, bytes).unwrap();
     let mut outputs = Vec::new();
-    for (target, cc, kernels) in [
-        ("x86_64", "gcc", "sse2"),
-        ("aarch64", "aarch64-linux-gnu-gcc", "neon"),
+    for (target, cpu, cc, kernels) in [
+        ("x86_64", None, "gcc", "sse2"),
+        ("aarch64", None, "aarch64-linux-gnu-gcc", "neon"),
+        (
+            "aarch64",
+            Some("cortex-a55"),
+            "aarch64-linux-gnu-gcc",
+            "neondot",
+        ),
     ] {
-        let dir = tmp.path().join(target);
-        let out = compile(&[
-            model.to_str().unwrap(),
-            "--bits",
-            "4",
-            "--target",
-            target,
-            "-o",
-            dir.to_str().unwrap(),
-            "--quiet",
-        ]);
+        let dir = tmp.path().join(kernels);
+        let mut args = vec![model.to_str().unwrap(), "--bits", "4", "--target", target];
+        args.extend(["-o", dir.to_str().unwrap(), "--quiet"]);
+        if let Some(c) = cpu {
+            args.extend(["--cpu", c]);
+        }
+        let out = compile(&args);
         assert!(
             out.status.success(),
             "{}",
@@ -237,18 +240,19 @@ fn a_real_model_runs_byte_identically_on_aarch64_neon() {
         let app = firmware(&dir, "ppocrv5_cls", cc);
         let y = dir.join("y.f32");
         let mut cmd = if target == "aarch64" {
+            // `max`: every extension qemu emulates, dotprod included.
             let mut c = Command::new("qemu-aarch64");
-            c.arg(&app);
+            c.env("QEMU_CPU", "max").arg(&app);
             c
         } else {
             Command::new(&app)
         };
         ok(cmd.arg(&raw).arg(&y));
-        outputs.push((target, std::fs::read(&y).unwrap()));
+        outputs.push((kernels, std::fs::read(&y).unwrap()));
     }
     let yn = tmp.path().join("y.npy");
     ok(Command::new(env!("CARGO_BIN_EXE_diffdfq-run"))
-        .arg(tmp.path().join("x86_64/ppocrv5_cls.dfq"))
+        .arg(tmp.path().join("sse2/ppocrv5_cls.dfq"))
         .arg("--input")
         .arg(&npy)
         .arg("--output")

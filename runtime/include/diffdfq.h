@@ -79,9 +79,9 @@ int dfq_run_prepared(const dfq_model *m, const float *input, size_t input_len, f
 /* A static NUL-terminated description of a status ("unknown status" for unknown codes). */
 const char *dfq_status_str(int status);
 
-/* The SIMD kernels this build of the runtime holds ("avx512vnni", "avx2", "sse2", "neon"
- * or "portable"): chosen at compile time from the CPU it was built for (diffdfq-compile
- * --cpu). */
+/* The SIMD kernels this build of the runtime holds ("avx512vnni", "avx2", "sse2",
+ * "neondot", "neon" or "portable"): chosen at compile time from the CPU it was built for
+ * (diffdfq-compile --cpu). */
 const char *dfq_kernels(void);
 
 /* Bytes of arena the model needs; 0 if the model is NULL or invalid. */

@@ -57,8 +57,10 @@ fn header_matches_the_rust_side() {
     // dfq_kernels names the kernels this build holds.
     let k = unsafe { CStr::from_ptr(diffdfq_runtime::capi::dfq_kernels()) };
     assert_eq!(k.to_str().unwrap(), diffdfq_runtime::kernels::KERNELS);
-    assert!(["avx512vnni", "avx2", "sse2", "neon", "portable"]
-        .contains(&diffdfq_runtime::kernels::KERNELS));
+    assert!(
+        ["avx512vnni", "avx2", "sse2", "neondot", "neon", "portable"]
+            .contains(&diffdfq_runtime::kernels::KERNELS)
+    );
     // The caller allocates dfq_model: its C layout is the Rust one.
     assert!(HEADER.contains(
         "typedef struct {\n    const uint8_t *model;\n    size_t model_len;\n    uint32_t checksum;\n    uint32_t tag;\n} dfq_model;"

@@ -191,16 +191,22 @@ fn run(p: &Problem, scratch_for: Option<Isa>) -> Option<Vec<u8>> {
 
 #[test]
 fn simd_kernels_equal_the_portable_loops() {
-    let simd: Vec<Isa> = [Isa::Sse2, Isa::Avx2, Isa::Avx512Vnni, Isa::Neon]
-        .into_iter()
-        .filter(|&isa| {
-            let ok = kernels::use_kernels(isa);
-            if !ok {
-                println!("{isa:?}: not on this CPU, not compared");
-            }
-            ok
-        })
-        .collect();
+    let simd: Vec<Isa> = [
+        Isa::Sse2,
+        Isa::Avx2,
+        Isa::Avx512Vnni,
+        Isa::Neon,
+        Isa::NeonDot,
+    ]
+    .into_iter()
+    .filter(|&isa| {
+        let ok = kernels::use_kernels(isa);
+        if !ok {
+            println!("{isa:?}: not on this CPU, not compared");
+        }
+        ok
+    })
+    .collect();
     assert!(kernels::use_kernels(Isa::Portable));
     let mut runner = TestRunner::new(Config {
         cases: 400,

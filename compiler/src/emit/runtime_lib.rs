@@ -280,6 +280,7 @@ pub fn kernels(target: &Target, cpu: Option<&Cpu>) -> Isa {
         }
         diffdfq_targets::Arch::X86_64 if has("avx2") => Isa::Avx2,
         diffdfq_targets::Arch::X86_64 => Isa::Sse2,
+        diffdfq_targets::Arch::Aarch64 if has("dotprod") => Isa::NeonDot,
         diffdfq_targets::Arch::Aarch64 => Isa::Neon,
     }
 }

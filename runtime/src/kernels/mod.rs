@@ -19,9 +19,10 @@ use crate::packing::{unpack_group, unpack_row, ChannelRecord, Weights};
 /// compiler's `--cpu` sets `-C target-cpu`; no run-time detection in `no_std`): `avx512vnni`
 /// (x86_64 with AVX2, AVX-512 VNNI and VL: `avx2`'s kernels, the 1×1 convolution of ≤ 4-bit
 /// weights on `vpdpbusd`), `avx2` (x86_64 with AVX2: 1×1 and depthwise convolutions,
-/// requantization), `sse2` (x86_64 baseline: the 1×1 convolution), `neon` (aarch64 with
-/// Advanced SIMD, every AArch64 target the compiler names: 1×1 convolution, tap rows,
-/// requantization), else `portable` (loops the compiler vectorizes for the target). The compiler's `emit::runtime_lib::kernels` makes the
+/// requantization), `sse2` (x86_64 baseline: the 1×1 convolution), `neondot` (aarch64 with the
+/// dotprod extension: `neon`'s kernels, the grouped 1×1 convolution on `udot`), `neon`
+/// (aarch64 with Advanced SIMD, every AArch64 target the compiler names: 1×1 convolution, tap
+/// rows, requantization), else `portable` (loops the compiler vectorizes for the target). The compiler's `emit::runtime_lib::kernels` makes the
 /// same choice for the header and report.
 pub const KERNELS: &str = KERNELS_NUL.split_at(KERNELS_NUL.len() - 1).0;
 
@@ -42,6 +43,9 @@ pub enum Isa {
     /// convolutions and requantization (`neon.rs`). Not ordered against the x86 levels: the
     /// `>=` tests below all sit behind `cfg(target_arch = "x86_64")`.
     Neon = 4,
+    /// aarch64 with NEON and the dotprod extension: `Neon`, with the grouped 1×1 convolution
+    /// on `udot`.
+    NeonDot = 5,
 }
 
 impl Isa {
@@ -53,6 +57,7 @@ impl Isa {
             Isa::Avx2 => "avx2",
             Isa::Avx512Vnni => "avx512vnni",
             Isa::Neon => "neon",
+            Isa::NeonDot => "neondot",
         }
     }
 }
@@ -68,6 +73,13 @@ const VNNI_BUILD: bool = cfg!(all(
 /// Whether this build is for aarch64 with NEON.
 const NEON_BUILD: bool = cfg!(all(target_arch = "aarch64", target_feature = "neon"));
 
+/// Whether this build is for aarch64 with NEON and dotprod.
+const NEONDOT_BUILD: bool = cfg!(all(
+    target_arch = "aarch64",
+    target_feature = "neon",
+    target_feature = "dotprod"
+));
+
 /// The kernels this build holds, named by [`KERNELS`].
 pub const COMPILED: Isa = if VNNI_BUILD {
     Isa::Avx512Vnni
@@ -75,11 +87,20 @@ pub const COMPILED: Isa = if VNNI_BUILD {
     Isa::Avx2
 } else if cfg!(target_arch = "x86_64") {
     Isa::Sse2
+} else if NEONDOT_BUILD {
+    Isa::NeonDot
 } else if NEON_BUILD {
     Isa::Neon
 } else {
     Isa::Portable
 };
+
+/// Whether the NEON kernels run (at `neon` and `neondot`).
+#[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
+#[inline(always)]
+fn neon_active() -> bool {
+    matches!(active(), Isa::Neon | Isa::NeonDot)
+}
 
 /// With `std` (host tools and tests only): the kernels in use, switched by [`use_kernels`].
 #[cfg(feature = "std")]
@@ -91,6 +112,7 @@ fn active() -> Isa {
     #[cfg(feature = "std")]
     {
         match ACTIVE.load(core::sync::atomic::Ordering::Relaxed) {
+            5 => Isa::NeonDot,
             4 => Isa::Neon,
             3 => Isa::Avx512Vnni,
             2 => Isa::Avx2,
@@ -124,6 +146,8 @@ pub fn use_kernels(isa: Isa) -> bool {
         }
         #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
         Isa::Neon => true,
+        #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
+        Isa::NeonDot => std::arch::is_aarch64_feature_detected!("dotprod"),
         #[allow(unreachable_patterns)]
         _ => false,
     };
@@ -140,6 +164,8 @@ pub(crate) const KERNELS_NUL: &str = if VNNI_BUILD {
     "avx2\0"
 } else if cfg!(target_arch = "x86_64") {
     "sse2\0"
+} else if NEONDOT_BUILD {
+    "neondot\0"
 } else if NEON_BUILD {
     "neon\0"
 } else {
@@ -367,7 +393,15 @@ fn pointwise_groups(
         return x86::pointwise_quads(weights, in_group, plane, z, y, out, (first, count), vnni);
     }
     #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
-    if active() == Isa::Neon {
+    if active() == Isa::NeonDot {
+        // SAFETY: `active()` is NeonDot only where the CPU has dotprod (compiled for it, or
+        // detected by `use_kernels`); NEON is part of this build's target features.
+        return unsafe {
+            neon::pointwise_quads_dot(weights, in_group, plane, z, y, out, (first, count))
+        };
+    }
+    #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
+    if neon_active() {
         // SAFETY: NEON is part of this build's target features (`NEON_BUILD`).
         return unsafe {
             neon::pointwise_quads_neon(weights, in_group, plane, z, y, out, (first, count))
@@ -397,7 +431,7 @@ fn pointwise_block(
         return pointwise_tile(in_group, plane, codes, zw, p0 + done, tail);
     }
     #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
-    if active() == Isa::Neon {
+    if neon_active() {
         let done = acc.len() / 16 * 16;
         let (head, tail) = acc.split_at_mut(done);
         // SAFETY: NEON is part of this build's target features (`NEON_BUILD`).
@@ -431,7 +465,7 @@ fn requant_tile(req: &numerics::ChannelRequant, acc: &[i32], out: &mut [u8]) {
         };
     }
     #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
-    if active() == Isa::Neon {
+    if neon_active() {
         // SAFETY: as in `pointwise_block`.
         done = unsafe { neon::requant_neon(req, acc, out) };
     }
@@ -453,7 +487,7 @@ fn tap_row(acc: &mut [i32], xs: &[u8], sw: usize, wv: i32) {
         done = unsafe { x86::tap_row_avx2(acc, xs, sw, wv) };
     }
     #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
-    if active() == Isa::Neon {
+    if neon_active() {
         // SAFETY: as in `pointwise_block`.
         done = unsafe { neon::tap_row_neon(acc, xs, sw, wv) };
     }

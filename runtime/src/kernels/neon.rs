@@ -2,8 +2,10 @@
 //! bit-identical to its portable twin in [`super`]: the 1×1 convolution four output channels
 //! per pass ([`pointwise_quads_neon`]) and one at a time for the last few
 //! ([`pointwise_neon`]), the tap rows of the other convolutions ([`tap_row_neon`]) and
-//! requantization ([`requant_neon`]). Each function's doc comment states why its integer arithmetic cannot
-//! saturate or round differently from the portable loops.
+//! requantization ([`requant_neon`]); with the dotprod extension (the `neondot` level) the
+//! grouped 1×1 convolution on `udot` ([`pointwise_quads_dot`]). Each function's doc comment
+//! states why its integer arithmetic cannot saturate or round differently from the portable
+//! loops.
 
 use core::arch::aarch64::*;
 
@@ -316,4 +318,214 @@ fn mla_lane<const L: i32>(s: &mut [int32x4_t; 4], lo: int16x8_t, hi: int16x8_t, 
     s[1] = vmlal_high_lane_s16::<L>(s[1], lo, w);
     s[2] = vmlal_lane_s16::<L>(s[2], vget_low_s16(hi), w);
     s[3] = vmlal_high_lane_s16::<L>(s[3], hi, w);
+}
+
+/// `acc + Σ_k a[4i + k] · b[4i + k]` per u32 lane `i` (`udot`, the dotprod extension). By
+/// `asm!`: the dotprod intrinsics are not stable in the Rust versions the project builds with.
+#[target_feature(enable = "neon,dotprod")]
+#[inline]
+fn udot(acc: uint32x4_t, a: uint8x16_t, b: uint8x16_t) -> uint32x4_t {
+    let mut r = acc;
+    // SAFETY: a register-only instruction of the dotprod extension, which this function's
+    // target features (and so every caller's) include.
+    unsafe {
+        core::arch::asm!(
+            "udot {r:v}.4s, {a:v}.16b, {b:v}.16b",
+            r = inout(vreg) r,
+            a = in(vreg) a,
+            b = in(vreg) b,
+            options(pure, nomem, nostack, preserves_flags)
+        );
+    }
+    r
+}
+
+/// [`pointwise_quads_neon`] on `udot` (the `neondot` level): per 16-pixel block and four
+/// input channels, the four rows of codes are interleaved into four vectors of four pixels ×
+/// four channels (`zip1`/`zip2`), and `udot` adds `Σ_k q_{o,c+k} · a_{c+k}` for each of four
+/// output channels, with the raw codes `q` as unsigned bytes; one more `udot` against ones
+/// gives `Σ a` per pixel, and the zero point comes out at the end:
+/// `Σ (q − z_o)·a = Σ q·a − z_o·Σ a`. Exact: every step is u32/i32 arithmetic modulo 2³²
+/// (`udot` wraps, it does not saturate), so the result is the portable loop's wrapping sum.
+/// Channels past `K` in the last four read a zero vector with zero weights.
+#[target_feature(enable = "neon,dotprod")]
+pub(super) fn pointwise_quads_dot(
+    weights: &crate::packing::Weights<'_>,
+    in_group: &[u8],
+    plane: usize,
+    z: i32,
+    y: (u8, u8, u8),
+    out: &mut [u8],
+    (first, count): (usize, usize),
+) -> Result<usize, Error> {
+    let k = weights.k;
+    if in_group.len() < k.checked_mul(plane).ok_or(Error::BadArgument)? {
+        return Err(Error::BadArgument);
+    }
+    let mut co = first;
+    while co + 4 <= first + count {
+        let mut reqs = [crate::numerics::ChannelRequant::new(0, 0, 0, 0, 0); 4];
+        let mut c0 = [0i32; 4];
+        let mut zw = [0i32; 4];
+        let mut rows: [&[u8]; 4] = [&[]; 4];
+        super::channel_constants(weights, co, z, y, &mut rows, &mut zw, &mut reqs, &mut c0)?;
+        let mut p0 = 0;
+        while p0 < plane {
+            let n = super::CONV_TILE.min(plane - p0);
+            let mut acc = [[0i32; super::CONV_TILE]; 4];
+            for (a, &c) in acc.iter_mut().zip(&c0) {
+                a.fill(c);
+            }
+            let mut c = 0;
+            while c < k {
+                let kc = PW_KC.min(k - c);
+                let mut wq = [[0u32; 4]; PW_KC / 4];
+                code_quads(weights.bits, &rows, c, kc, &mut wq)?;
+                let wq = wq.get(..kc.div_ceil(4)).ok_or(Error::BadArgument)?;
+                let xs = in_group
+                    .get(c * plane..k * plane)
+                    .ok_or(Error::BadArgument)?;
+                dot_tile(xs, plane, kc, wq, &zw, p0, n, &mut acc)?;
+                c += kc;
+            }
+            for (j, (a, req)) in acc.iter().zip(&reqs).enumerate() {
+                let dst = out
+                    .get_mut((co + j) * plane + p0..(co + j) * plane + p0 + n)
+                    .ok_or(Error::BadArgument)?;
+                super::requant_tile(req, a.get(..n).ok_or(Error::BadArgument)?, dst);
+            }
+            p0 += n;
+        }
+        co += 4;
+    }
+    Ok(co)
+}
+
+/// The raw codes of input channels `c .. c + kc` (`c` a multiple of 8) for the four rows,
+/// four channels to a `u32` (channel `c + 4i + b` in byte `b`), one `[u32; 4]` (the four
+/// output channels) per four input channels of `out`; channels past `kc` get code 0.
+fn code_quads(
+    bits: u8,
+    rows: &[&[u8]; 4],
+    c: usize,
+    kc: usize,
+    out: &mut [[u32; 4]],
+) -> Result<(), Error> {
+    let b = bits as usize;
+    for (j, row) in rows.iter().enumerate() {
+        let mut codes = [0u8; 8];
+        for (gi, pair) in out.chunks_mut(2).take(kc.div_ceil(8)).enumerate() {
+            let g0 = (c / 8 + gi) * b;
+            let group = row.get(g0..g0 + b).ok_or(Error::BadArgument)?;
+            crate::packing::unpack_group(bits, group, &mut codes);
+            for (t, code) in codes.iter_mut().enumerate() {
+                if gi * 8 + t >= kc {
+                    *code = 0;
+                }
+            }
+            let [a0, a1, a2, a3, b0, b1, b2, b3] = codes;
+            for (quad, bytes) in pair.iter_mut().zip([[a0, a1, a2, a3], [b0, b1, b2, b3]]) {
+                if let Some(v) = quad.get_mut(j) {
+                    *v = u32::from_le_bytes(bytes);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `acc[j][i] += Σ_c (q_{j,c} − z_j) · x_c[p0 + i]` for `i < n` over the `kc` input channels
+/// whose codes `w` holds four to a `u32` (`xs` starts at the first of them): whole blocks of
+/// 16 pixels on `udot`, the rest in the portable form.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "neon,dotprod")]
+fn dot_tile(
+    xs: &[u8],
+    plane: usize,
+    kc: usize,
+    w: &[[u32; 4]],
+    zw: &[i32; 4],
+    p0: usize,
+    n: usize,
+    acc: &mut [[i32; super::CONV_TILE]; 4],
+) -> Result<(), Error> {
+    let whole = n / 16 * 16;
+    let ones = vdupq_n_u8(1);
+    let row = |c: usize, p: usize| -> Result<uint8x16_t, Error> {
+        if c >= kc {
+            return Ok(vdupq_n_u8(0));
+        }
+        let at = c * plane + p0 + p;
+        let src = xs.get(at..at + 16).ok_or(Error::BadArgument)?;
+        // SAFETY: `src` holds exactly the 16 bytes the load reads.
+        Ok(unsafe { vld1q_u8(src.as_ptr()) })
+    };
+    let mut p = 0;
+    while p < whole {
+        let mut s = [[vdupq_n_u32(0); 4]; 4];
+        let mut sum_a = [vdupq_n_u32(0); 4];
+        for (cq, wc) in w.iter().enumerate() {
+            let c = 4 * cq;
+            let (r0, r1, r2, r3) = (row(c, p)?, row(c + 1, p)?, row(c + 2, p)?, row(c + 3, p)?);
+            // Pixel-major quads: x[q] holds pixels 4q .. 4q + 3, each as its four channels.
+            let (t01, t23) = (vzip1q_u8(r0, r1), vzip1q_u8(r2, r3));
+            let (u01, u23) = (vzip2q_u8(r0, r1), vzip2q_u8(r2, r3));
+            let x = [
+                vreinterpretq_u8_u16(vzip1q_u16(
+                    vreinterpretq_u16_u8(t01),
+                    vreinterpretq_u16_u8(t23),
+                )),
+                vreinterpretq_u8_u16(vzip2q_u16(
+                    vreinterpretq_u16_u8(t01),
+                    vreinterpretq_u16_u8(t23),
+                )),
+                vreinterpretq_u8_u16(vzip1q_u16(
+                    vreinterpretq_u16_u8(u01),
+                    vreinterpretq_u16_u8(u23),
+                )),
+                vreinterpretq_u8_u16(vzip2q_u16(
+                    vreinterpretq_u16_u8(u01),
+                    vreinterpretq_u16_u8(u23),
+                )),
+            ];
+            for (sq, &xq) in sum_a.iter_mut().zip(&x) {
+                *sq = udot(*sq, xq, ones);
+            }
+            for (sj, &wj) in s.iter_mut().zip(wc) {
+                let wv = vreinterpretq_u8_u32(vdupq_n_u32(wj));
+                for (sjq, &xq) in sj.iter_mut().zip(&x) {
+                    *sjq = udot(*sjq, xq, wv);
+                }
+            }
+        }
+        for ((sj, aj), &z) in s.iter().zip(acc.iter_mut()).zip(zw) {
+            let a = aj.get_mut(p..p + 16).ok_or(Error::BadArgument)?;
+            let zv = vdupq_n_s32(z);
+            for (q, (&sjq, &sa)) in sj.iter().zip(&sum_a).enumerate() {
+                let dst = a.get_mut(4 * q..4 * q + 4).ok_or(Error::BadArgument)?;
+                // SAFETY: `dst` holds exactly the 4 i32 loaded and stored.
+                unsafe {
+                    let at = dst.as_mut_ptr();
+                    let qa = vreinterpretq_s32_u32(sjq);
+                    let fix = vmulq_s32(zv, vreinterpretq_s32_u32(sa));
+                    vst1q_s32(at, vaddq_s32(vld1q_s32(at), vsubq_s32(qa, fix)));
+                }
+            }
+        }
+        p += 16;
+    }
+    for (cq, wc) in w.iter().enumerate() {
+        for (b, c) in (4 * cq..(4 * cq + 4).min(kc)).enumerate() {
+            let at = c * plane + p0;
+            let rest = xs.get(at + whole..at + n).ok_or(Error::BadArgument)?;
+            for ((aj, &wj), &z) in acc.iter_mut().zip(wc).zip(zw) {
+                let wv = i32::from(wj.to_le_bytes().get(b).copied().unwrap_or(0)) - z;
+                let dst = aj.get_mut(whole..n).ok_or(Error::BadArgument)?;
+                for (a, &v) in dst.iter_mut().zip(rest) {
+                    *a = a.wrapping_add(wv * i32::from(v));
+                }
+            }
+        }
+    }
+    Ok(())
 }
