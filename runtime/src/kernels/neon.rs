@@ -172,7 +172,50 @@ pub(super) fn pointwise_quads_neon(
     z: i32,
     y: (u8, u8, u8),
     out: &mut [u8],
+    range: (usize, usize),
+) -> Result<usize, Error> {
+    let bits = weights.bits;
+    let slice = |g: &Slice<'_>, acc: &mut Acc| {
+        let mut wq = [[0i16; 4]; PW_KC];
+        weight_lanes(bits, g.rows, g.zw, g.c, g.kc, &mut wq)?;
+        let wq = wq.get(..g.kc).ok_or(Error::BadArgument)?;
+        // The closure has this function's target features, which are the callee's.
+        quad_tile(g.xs, plane, wq, g.p0, g.n, acc)
+    };
+    pointwise_quads_by(weights, in_group, plane, z, y, out, range, slice)
+}
+
+/// The accumulators of [`pointwise_quads_by`]: four output channels × one tile.
+type Acc = [[i32; super::CONV_TILE]; 4];
+
+/// One slice of input channels of one tile, as [`pointwise_quads_by`] hands it over.
+struct Slice<'a> {
+    /// The four output channels' packed rows and weight zero points.
+    rows: &'a [&'a [u8]; 4],
+    zw: &'a [i32; 4],
+    /// The slice: input channels `c .. c + kc`, whose codes start `xs`.
+    c: usize,
+    kc: usize,
+    xs: &'a [u8],
+    /// The tile: output pixels `p0 .. p0 + n`.
+    p0: usize,
+    n: usize,
+}
+
+/// The loop both grouped 1×1 kernels share: four output channels at a time, tiles of
+/// [`super::CONV_TILE`] pixels whose accumulators start at each channel's constant, slices of
+/// [`PW_KC`] input channels added by `slice`, then requantization. Returns the first output
+/// channel it left to the one-channel path (fewer than four remain).
+#[allow(clippy::too_many_arguments)]
+fn pointwise_quads_by(
+    weights: &crate::packing::Weights<'_>,
+    in_group: &[u8],
+    plane: usize,
+    z: i32,
+    y: (u8, u8, u8),
+    out: &mut [u8],
     (first, count): (usize, usize),
+    slice: impl Fn(&Slice<'_>, &mut Acc) -> Result<(), Error>,
 ) -> Result<usize, Error> {
     let k = weights.k;
     if in_group.len() < k.checked_mul(plane).ok_or(Error::BadArgument)? {
@@ -195,11 +238,22 @@ pub(super) fn pointwise_quads_neon(
             let mut c = 0;
             while c < k {
                 let kc = PW_KC.min(k - c);
-                let mut wq = [[0i16; 4]; PW_KC];
-                weight_lanes(weights.bits, &rows, &zw, c, kc, &mut wq)?;
-                let wq = wq.get(..kc).ok_or(Error::BadArgument)?;
-                let xs = in_group.get(c * plane..).ok_or(Error::BadArgument)?;
-                quad_tile(xs, plane, wq, p0, n, &mut acc)?;
+                let xs = in_group
+                    .get(c * plane..k * plane)
+                    .ok_or(Error::BadArgument)?;
+                let (rows, zw) = (&rows, &zw);
+                slice(
+                    &Slice {
+                        rows,
+                        zw,
+                        c,
+                        kc,
+                        xs,
+                        p0,
+                        n,
+                    },
+                    &mut acc,
+                )?;
                 c += kc;
             }
             for (j, (a, req)) in acc.iter().zip(&reqs).enumerate() {
@@ -252,7 +306,7 @@ fn quad_tile(
     w: &[[i16; 4]],
     p0: usize,
     n: usize,
-    acc: &mut [[i32; super::CONV_TILE]; 4],
+    acc: &mut Acc,
 ) -> Result<(), Error> {
     let whole = n / 16 * 16;
     let mut p = 0;
@@ -356,49 +410,17 @@ pub(super) fn pointwise_quads_dot(
     z: i32,
     y: (u8, u8, u8),
     out: &mut [u8],
-    (first, count): (usize, usize),
+    range: (usize, usize),
 ) -> Result<usize, Error> {
-    let k = weights.k;
-    if in_group.len() < k.checked_mul(plane).ok_or(Error::BadArgument)? {
-        return Err(Error::BadArgument);
-    }
-    let mut co = first;
-    while co + 4 <= first + count {
-        let mut reqs = [crate::numerics::ChannelRequant::new(0, 0, 0, 0, 0); 4];
-        let mut c0 = [0i32; 4];
-        let mut zw = [0i32; 4];
-        let mut rows: [&[u8]; 4] = [&[]; 4];
-        super::channel_constants(weights, co, z, y, &mut rows, &mut zw, &mut reqs, &mut c0)?;
-        let mut p0 = 0;
-        while p0 < plane {
-            let n = super::CONV_TILE.min(plane - p0);
-            let mut acc = [[0i32; super::CONV_TILE]; 4];
-            for (a, &c) in acc.iter_mut().zip(&c0) {
-                a.fill(c);
-            }
-            let mut c = 0;
-            while c < k {
-                let kc = PW_KC.min(k - c);
-                let mut wq = [[0u32; 4]; PW_KC / 4];
-                code_quads(weights.bits, &rows, c, kc, &mut wq)?;
-                let wq = wq.get(..kc.div_ceil(4)).ok_or(Error::BadArgument)?;
-                let xs = in_group
-                    .get(c * plane..k * plane)
-                    .ok_or(Error::BadArgument)?;
-                dot_tile(xs, plane, kc, wq, &zw, p0, n, &mut acc)?;
-                c += kc;
-            }
-            for (j, (a, req)) in acc.iter().zip(&reqs).enumerate() {
-                let dst = out
-                    .get_mut((co + j) * plane + p0..(co + j) * plane + p0 + n)
-                    .ok_or(Error::BadArgument)?;
-                super::requant_tile(req, a.get(..n).ok_or(Error::BadArgument)?, dst);
-            }
-            p0 += n;
-        }
-        co += 4;
-    }
-    Ok(co)
+    let bits = weights.bits;
+    let slice = |g: &Slice<'_>, acc: &mut Acc| {
+        let mut wq = [[0u32; 4]; PW_KC / 4];
+        code_quads(bits, g.rows, g.c, g.kc, &mut wq)?;
+        let wq = wq.get(..g.kc.div_ceil(4)).ok_or(Error::BadArgument)?;
+        // The closure has this function's target features, which are the callee's.
+        dot_tile(g.xs, plane, g.kc, wq, g.zw, g.p0, g.n, acc)
+    };
+    pointwise_quads_by(weights, in_group, plane, z, y, out, range, slice)
 }
 
 /// The raw codes of input channels `c .. c + kc` (`c` a multiple of 8) for the four rows,
@@ -447,7 +469,7 @@ fn dot_tile(
     zw: &[i32; 4],
     p0: usize,
     n: usize,
-    acc: &mut [[i32; super::CONV_TILE]; 4],
+    acc: &mut Acc,
 ) -> Result<(), Error> {
     let whole = n / 16 * 16;
     let ones = vdupq_n_u8(1);
