@@ -93,6 +93,52 @@ fn npy_payload(p: &Path) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
+/// Asserts the header names the SIMD kernels libNAME.a holds.
+fn assert_kernels(dir: &Path, name: &str, kernels: &str) {
+    let header = std::fs::read_to_string(dir.join(format!("{name}.h"))).unwrap();
+    assert!(
+        header.contains(&format!("Runtime kernels in lib{name}.a: {kernels} (")),
+        "{header}"
+    );
+}
+
+/// Runs a firmware built by [`firmware`] on raw inputs (aarch64 under qemu-aarch64, `max`: every
+/// extension qemu emulates, dotprod included) and returns the raw outputs it wrote.
+fn run_firmware(app: &Path, target: &str, raw: &Path) -> Vec<u8> {
+    let y = app.with_file_name("y.f32");
+    let mut cmd = if target == "aarch64" {
+        let mut c = Command::new("qemu-aarch64");
+        c.env("QEMU_CPU", "max").arg(app);
+        c
+    } else {
+        Command::new(app)
+    };
+    ok(cmd.arg(raw).arg(&y));
+    std::fs::read(&y).unwrap()
+}
+
+/// diffdfq-run on a blob, through the host runtime: the outputs as the firmware writes them.
+fn diffdfq_run(dfq: &Path, npy: &Path) -> Vec<u8> {
+    let yn = dfq.with_file_name("y.npy");
+    ok(Command::new(env!("CARGO_BIN_EXE_diffdfq-run"))
+        .arg(dfq)
+        .arg("--input")
+        .arg(npy)
+        .arg("--output")
+        .arg(&yn));
+    npy_payload(&yn)
+}
+
+/// Writes `x` (shape `shape`) as `x.npy` and as the raw `x.f32` the firmware reads.
+fn write_inputs(dir: &Path, shape: &[usize], x: &[f32]) -> (PathBuf, PathBuf) {
+    let npy = dir.join("x.npy");
+    std::fs::write(&npy, diffdfq_compiler::npy::to_bytes(shape, x).unwrap()).unwrap();
+    let raw = dir.join("x.f32");
+    let bytes: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
+    std::fs::write(&raw, bytes).unwrap();
+    (npy, raw)
+}
+
 #[test]
 fn firmware_outputs_are_identical_on_x86_64_aarch64_and_diffdfq_run() {
     let tmp = tempfile::tempdir().unwrap();
@@ -101,27 +147,10 @@ fn firmware_outputs_are_identical_on_x86_64_aarch64_and_diffdfq_run() {
     let batch: Vec<f32> = (0..4)
         .flat_map(|k| x.iter().map(move |v| v * (1.0 - 0.2 * k as f32)))
         .collect();
-    let npy = tmp.path().join("x.npy");
-    std::fs::write(
-        &npy,
-        diffdfq_compiler::npy::to_bytes(&[4, 1, 28, 28], &batch).unwrap(),
-    )
-    .unwrap();
-    let raw = tmp.path().join("x.f32");
-    std::fs::write(
-        &raw,
-        batch
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect::<Vec<u8>>(),
-    )
-    .unwrap();
+    let (npy, raw) = write_inputs(tmp.path(), &[4, 1, 28, 28], &batch);
     for bits in [2u8, 3, 4, 8] {
         let mut outputs = Vec::new();
-        for (target, cc, runner) in [
-            ("x86_64", "gcc", None),
-            ("aarch64", "aarch64-linux-gnu-gcc", Some("qemu-aarch64")),
-        ] {
+        for (target, cc) in [("x86_64", "gcc"), ("aarch64", "aarch64-linux-gnu-gcc")] {
             let dir = tmp.path().join(format!("{target}-w{bits}"));
             compile_ok("resnet_fmnist.onnx", bits, target, &dir);
             for f in [
@@ -136,34 +165,14 @@ fn firmware_outputs_are_identical_on_x86_64_aarch64_and_diffdfq_run() {
             }
             // Each target's baseline SIMD kernels run here: the aarch64 firmware runs NEON's.
             let kernels = if target == "aarch64" { "neon" } else { "sse2" };
-            let header = std::fs::read_to_string(dir.join("resnet_fmnist.h")).unwrap();
-            assert!(
-                header.contains(&format!(
-                    "Runtime kernels in libresnet_fmnist.a: {kernels} ("
-                )),
-                "{header}"
-            );
+            assert_kernels(&dir, "resnet_fmnist", kernels);
             let app = firmware(&dir, "resnet_fmnist", cc);
-            let y = dir.join("y.f32");
-            let mut cmd = match runner {
-                Some(r) => {
-                    let mut c = Command::new(r);
-                    c.arg(&app);
-                    c
-                }
-                None => Command::new(&app),
-            };
-            ok(cmd.arg(&raw).arg(&y));
-            outputs.push((target, std::fs::read(&y).unwrap()));
+            outputs.push((target, run_firmware(&app, target, &raw)));
             // diffdfq-run on the same blob, through the host runtime.
-            let yn = dir.join("y.npy");
-            ok(Command::new(env!("CARGO_BIN_EXE_diffdfq-run"))
-                .arg(dir.join("resnet_fmnist.dfq"))
-                .arg("--input")
-                .arg(&npy)
-                .arg("--output")
-                .arg(&yn));
-            outputs.push(("diffdfq-run", npy_payload(&yn)));
+            outputs.push((
+                "diffdfq-run",
+                diffdfq_run(&dir.join("resnet_fmnist.dfq"), &npy),
+            ));
         }
         assert_eq!(outputs[0].1.len(), 4 * 10 * 4);
         for (who, bytes) in &outputs[1..] {
@@ -200,15 +209,7 @@ fn a_real_model_runs_byte_identically_on_aarch64_neon() {
             (s >> 40) as f32 / (1u64 << 24) as f32 * 4.0 - 2.0
         })
         .collect();
-    let npy = tmp.path().join("x.npy");
-    std::fs::write(
-        &npy,
-        diffdfq_compiler::npy::to_bytes(&[3, 3, 80, 160], &x).unwrap(),
-    )
-    .unwrap();
-    let raw = tmp.path().join("x.f32");
-    let bytes: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
-    std::fs::write(&raw, bytes).unwrap();
+    let (npy, raw) = write_inputs(tmp.path(), &[3, 3, 80, 160], &x);
     let mut outputs = Vec::new();
     for (target, cpu, cc, kernels) in [
         ("x86_64", None, "gcc", "sse2"),
@@ -232,32 +233,12 @@ fn a_real_model_runs_byte_identically_on_aarch64_neon() {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let header = std::fs::read_to_string(dir.join("ppocrv5_cls.h")).unwrap();
-        assert!(
-            header.contains(&format!("Runtime kernels in libppocrv5_cls.a: {kernels} (")),
-            "{header}"
-        );
+        assert_kernels(&dir, "ppocrv5_cls", kernels);
         let app = firmware(&dir, "ppocrv5_cls", cc);
-        let y = dir.join("y.f32");
-        let mut cmd = if target == "aarch64" {
-            // `max`: every extension qemu emulates, dotprod included.
-            let mut c = Command::new("qemu-aarch64");
-            c.env("QEMU_CPU", "max").arg(&app);
-            c
-        } else {
-            Command::new(&app)
-        };
-        ok(cmd.arg(&raw).arg(&y));
-        outputs.push((kernels, std::fs::read(&y).unwrap()));
+        outputs.push((kernels, run_firmware(&app, target, &raw)));
     }
-    let yn = tmp.path().join("y.npy");
-    ok(Command::new(env!("CARGO_BIN_EXE_diffdfq-run"))
-        .arg(tmp.path().join("sse2/ppocrv5_cls.dfq"))
-        .arg("--input")
-        .arg(&npy)
-        .arg("--output")
-        .arg(&yn));
-    outputs.push(("diffdfq-run", npy_payload(&yn)));
+    let dfq = tmp.path().join("sse2/ppocrv5_cls.dfq");
+    outputs.push(("diffdfq-run", diffdfq_run(&dfq, &npy)));
     assert_eq!(outputs[0].1.len(), 3 * 2 * 4);
     for (who, bytes) in &outputs[1..] {
         assert!(
