@@ -1,13 +1,21 @@
-//! diffdfq-compile: ONNX CNN → ultra-low-bit integer artifact.
+//! diffdfq-compile: ONNX CNN → ultra-low-bit integer artifact. `main.rs` holds the flags and
+//! the pipeline in order; `widths.rs` checks the target and widths and chooses per-layer
+//! bits, `calibrated.rs` runs calibration and its held-out selection.
+
+mod calibrated;
+mod widths;
+
+use calibrated::calibrated;
+use widths::{check_widths, choose_widths, resolve_target};
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, ValueEnum};
-use diffdfq_compiler::calib::{self, budget, CalibOptions, DeviceKind, Progress};
+use diffdfq_compiler::calib::budget;
 use diffdfq_compiler::emit::{self, header, report};
 use diffdfq_compiler::import::{import_path, ImportOptions};
-use diffdfq_compiler::quant::{rtn, Bits, QuantGraph};
+use diffdfq_compiler::quant::rtn;
 use diffdfq_compiler::{evaluate, inspect, lower, mixed, Error};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -153,38 +161,8 @@ fn run(a: &Args) -> Result<(), Error> {
         print!("{}", inspect::render(&file, &graph));
         return Ok(());
     }
-    let target = match &a.target {
-        Some(t) => diffdfq_targets::lookup(t).map_err(|e| Error::Input(e.to_string()))?,
-        None => diffdfq_targets::host().ok_or_else(|| {
-            Error::Input(format!(
-                "this machine is no known target; pass --target ({})",
-                diffdfq_targets::known_names()
-            ))
-        })?,
-    };
-    // Checked before calibration, so that a wrong name costs no minutes.
-    let cpu = match (&a.cpu, a.no_lib) {
-        (Some(_), true) => {
-            return Err(Error::Input(
-                "--cpu chooses the kernels of libNAME.a, which --no-lib skips".into(),
-            ))
-        }
-        (Some(c), false) => Some(emit::runtime_lib::Cpu::resolve(target, c)?),
-        (None, _) => None,
-    };
-    let isa = emit::runtime_lib::kernels(target, cpu.as_ref());
+    let (target, cpu, isa, kernels_line) = resolve_target(a)?;
     let kernels = isa.name();
-    let kernels_line = match &cpu {
-        Some(c) => format!(
-            "{kernels} (--cpu {}{})",
-            c.name,
-            c.resolved
-                .as_deref()
-                .map(|r| format!(" = {r}"))
-                .unwrap_or_default()
-        ),
-        None => format!("{kernels} (the target's baseline; --cpu chooses others)"),
-    };
     let name = match &a.name {
         Some(n) => n.clone(),
         None => header::name_from_stem(
@@ -195,48 +173,7 @@ fn run(a: &Args) -> Result<(), Error> {
         ),
     };
     header::check_name(&name).map_err(Error::Input)?;
-    let whole = (a.bits.fract() == 0.0 && (2.0..=8.0).contains(&a.bits)).then_some(a.bits as u8);
-    let mut bits = Bits {
-        weight: whole.unwrap_or(2),
-        act: a.act_bits,
-        first_last: a.first_last_bits,
-    };
-    let wb = diffdfq_runtime::format::WEIGHT_BITS;
-    if a.act_bits != 8 && a.act_bits != 4 {
-        return Err(Error::Input(format!(
-            "--act-bits {}: takes 8 or 4",
-            a.act_bits
-        )));
-    }
-    if !wb.contains(&a.first_last_bits) {
-        return Err(Error::Input(format!(
-            "--first-last-bits {}: takes 2, 3, 4 or 8",
-            a.first_last_bits
-        )));
-    }
-    if let Some(b) = a.layer_bits.iter().flatten().find(|b| !wb.contains(b)) {
-        return Err(Error::Input(format!(
-            "--layer-bits: {b} is not a weight width (takes 2, 3, 4 or 8)"
-        )));
-    }
-    // --flash conflicts with --bits, which then keeps its valid default.
-    let whole_ok = whole.is_some_and(|b| wb.contains(&b));
-    let fraction_ok = whole.is_none() && a.bits > 2.0 && a.bits < 8.0;
-    if !whole_ok && !fraction_ok {
-        return Err(Error::Input(format!(
-            "--bits {}: takes 2, 3, 4 or 8, or a fraction between 2 and 8 for mixed precision",
-            a.bits
-        )));
-    }
-    let input_range = match a.input_range.as_deref() {
-        None => None,
-        Some(&[lo, hi]) if lo.is_finite() && hi.is_finite() && lo < hi => Some((lo, hi)),
-        Some(v) => {
-            return Err(Error::Input(format!(
-                "--input-range takes LO,HI with LO < HI (finite), got {v:?}"
-            )))
-        }
-    };
+    let (whole, mut bits, input_range) = check_widths(a)?;
     let macs: Vec<u64> = graph.nodes.iter().map(|n| graph.macs(n)).collect();
     let size = budget::ModelSize {
         macs: macs.iter().sum(),
@@ -251,59 +188,15 @@ fn run(a: &Args) -> Result<(), Error> {
     };
     // The held-out samples, synthesized once for the sensitivity and the evaluation.
     let mut held_out: Option<evaluate::HeldOut> = None;
-    let mixed = if a.layer_bits.is_none() && (a.flash.is_some() || whole.is_none()) {
-        let t0 = std::time::Instant::now();
-        let held = held_out.insert(
-            evaluate::held_out_samples(&graph, &eval_opts)
-                .map_err(|e| e.context(&a.model.display().to_string()))?,
-        );
-        let sens = mixed::sensitivities(&graph, bits.act, &eval_opts, held)
-            .map_err(|e| e.context(&a.model.display().to_string()))?;
-        let budget = match &a.flash {
-            Some(f) => mixed::parse_bytes(f)?,
-            None => {
-                // Between the uniform models of the neighbouring widths, by the fraction.
-                let lo = mixed::CHOICES.iter().rev().find(|&&c| (c as f32) < a.bits);
-                let hi = mixed::CHOICES.iter().find(|&&c| (c as f32) > a.bits);
-                let (Some(&lo), Some(&hi)) = (lo, hi) else {
-                    return Err(Error::Internal("--bits interpolation".into()));
-                };
-                let (blo, bhi) = (
-                    mixed::uniform_bytes(&sens, lo, bits.first_last) as f64,
-                    mixed::uniform_bytes(&sens, hi, bits.first_last) as f64,
-                );
-                (blo + (bhi - blo) * (a.bits - lo as f32) as f64 / (hi - lo) as f64) as usize
-            }
-        };
-        let chosen = mixed::choose(&sens, budget)?;
-        bits.weight = chosen.iter().copied().min().unwrap_or(2);
-        let secs = t0.elapsed().as_secs_f64();
-        stages.push(("sensitivity", secs));
-        let t1 = std::time::Instant::now();
-        let activations = mixed::act_sensitivities(&graph, &eval_opts, held)
-            .map_err(|e| e.context(&a.model.display().to_string()))?;
-        stages.push(("activation sensitivity", t1.elapsed().as_secs_f64()));
-        let m = mixed::Assignment {
-            budget,
-            layers: sens,
-            bits: chosen,
-            activations,
-        };
-        if !quiet {
-            eprintln!(
-                "mixed precision: {} layers at {:?} bits, {} of {budget} weight bytes \
-                 (sensitivity of {} layers on {} held-out samples, {secs:.1} s)",
-                m.bits.len(),
-                m.bits,
-                m.used_bytes(),
-                m.layers.len(),
-                eval_opts.samples
-            );
-        }
-        Some(m)
-    } else {
-        None
-    };
+    let mixed = choose_widths(
+        a,
+        &graph,
+        whole,
+        &mut bits,
+        &eval_opts,
+        &mut held_out,
+        &mut stages,
+    )?;
     let layer_bits = match (&a.layer_bits, &mixed) {
         (Some(b), _) => {
             bits.weight = b.iter().copied().min().unwrap_or(2);
@@ -333,113 +226,18 @@ fn run(a: &Args) -> Result<(), Error> {
             (q, "rtn", None)
         }
         Method::Diffdfq | Method::Genie => {
-            let dev = calib::device(match a.device {
-                DeviceArg::Cpu => DeviceKind::Cpu,
-                DeviceArg::Cuda => DeviceKind::Cuda,
-            })?;
-            let diffusion = a.method == Method::Diffdfq;
-            if [a.samples, a.synth_iters, a.recon_iters].contains(&Some(0)) {
-                return Err(Error::Input(
-                    "--samples, --synth-iters and --recon-iters must be at least 1".into(),
-                ));
-            }
-            if !(a.budget.is_finite() && a.budget > 0.0) {
-                return Err(Error::Input(format!(
-                    "--budget takes a positive number of minutes, got {}",
-                    a.budget
-                )));
-            }
-            let fixed = budget::Fixed {
-                samples: a.samples,
-                synth_iters: a.synth_iters,
-                recon_iters: a.recon_iters,
-            };
-            let plan = budget::plan(&size, a.budget, fixed, diffusion);
-            let s = plan.settings;
-            if !quiet {
-                eprintln!(
-                    "budget {} min: {} samples x {} synthesis iterations, {} reconstruction \
-                     iterations per block at batch {} (estimated {:.1} min on 2 cores)",
-                    a.budget,
-                    s.samples,
-                    s.synth_iters,
-                    s.recon_iters,
-                    s.recon_batch,
-                    plan.estimate_s / 60.0
-                );
-                if !plan.fits {
-                    eprintln!(
-                        "warning: the leanest settings exceed --budget {}; raise it, or fix \
-                         --samples/--synth-iters/--recon-iters yourself",
-                        a.budget
-                    );
-                }
-            }
-            let mut co = CalibOptions::new(bits, a.seed, diffusion);
-            co.synth.samples = s.samples;
-            co.synth.iters = s.synth_iters;
-            co.synth.input_range = input_range;
-            co.recon.iters = s.recon_iters;
-            co.recon.batch = s.recon_batch;
-            co.recon.eval_samples = s.eval_samples;
-            co.layer_bits = layer_bits.clone();
-            // With held-out samples, bias correction after reconstruction is not applied
-            // blindly: the candidates below are compared on them.
-            let select = a.eval_samples.unwrap_or(eval_n) > 0;
-            co.bias_correction = !select;
-            let (q, rep) = calib::calibrate(&graph, &co, &dev, Progress::new(quiet))
-                .map_err(|e| e.context(&model_name))?;
-            stages.push(("synthesis", rep.synthesis_s));
-            stages.push(("reconstruction", rep.reconstruction_s));
-            if !quiet {
-                // Against the plan's per-stage estimates: where the cost model misses shows.
-                eprintln!(
-                    "calibrated: synthesis {:.1} s (estimated {:.1}), reconstruction {:.1} s \
-                     (estimated {:.1}), {} blocks on levels {:?}",
-                    rep.synthesis_s,
-                    plan.estimate_synthesis_s,
-                    rep.reconstruction_s,
-                    plan.estimate_s - plan.estimate_synthesis_s,
-                    rep.recon.blocks.len(),
-                    rep.recon.levels
-                );
-            }
-            let mut json = serde_json::to_value(&rep.recon)
-                .map_err(|e| Error::Internal(format!("report: {e}")))?;
-            if let Some(o) = json.as_object_mut() {
-                let b = serde_json::to_value(plan)
-                    .map_err(|e| Error::Internal(format!("report: {e}")))?;
-                o.insert("budget".into(), b);
-            }
-            let q = if select {
-                let t0 = std::time::Instant::now();
-                if held_out.is_none() {
-                    held_out = Some(
-                        evaluate::held_out_samples(&graph, &eval_opts)
-                            .map_err(|e| e.context(&model_name))?,
-                    );
-                }
-                let Some(held) = held_out.as_ref() else {
-                    return Err(Error::Internal("held-out samples".into()));
-                };
-                let (kept, q, sel) = select_candidate(&graph, q, &co, input_range, held)
-                    .map_err(|e| e.context(&model_name))?;
-                let secs = t0.elapsed().as_secs_f64();
-                stages.push(("selection", secs));
-                if !quiet {
-                    eprintln!(
-                        "kept: {kept} (lowest output MSE on the held-out samples, {secs:.1} s)"
-                    );
-                }
-                if let Some(o) = json.as_object_mut() {
-                    o.insert("selection".into(), sel);
-                }
-                shipped = kept;
-                q
-            } else {
-                q
-            };
-            (q, if diffusion { "diffdfq" } else { "genie" }, Some(json))
+            let c = calibrated(
+                a,
+                &graph,
+                &size,
+                bits,
+                layer_bits.clone(),
+                input_range,
+                (&eval_opts, eval_n, &mut held_out),
+                &mut stages,
+            )?;
+            shipped = c.shipped;
+            (c.q, c.method, Some(c.report))
         }
     };
     let low = lower::lower_for(&q, isa)?;
@@ -591,51 +389,4 @@ fn main() -> ExitCode {
             ExitCode::from(e.exit_code() as u8)
         }
     }
-}
-
-/// The candidate of a calibrated compile with the least output MSE against FP32 on the
-/// held-out samples: the calibrated model, the same with bias correction (where it applies),
-/// and what `--method rtn` gives for the same bits, so that calibration never ships a model
-/// these samples say is worse than rtn's. Ties keep the earlier candidate.
-fn select_candidate(
-    g: &diffdfq_compiler::graph::Graph,
-    calibrated: QuantGraph,
-    co: &CalibOptions,
-    input_range: Option<(f32, f32)>,
-    held: &evaluate::HeldOut,
-) -> Result<(&'static str, QuantGraph, serde_json::Value), Error> {
-    let mut cands: Vec<(&'static str, QuantGraph)> = Vec::new();
-    if calib::corrects_biases(co) {
-        cands.push((
-            "calibrated+bias-correction",
-            calib::bias_corrected(&calibrated)?,
-        ));
-    }
-    cands.push(("calibrated", calibrated));
-    let rq = rtn::quantize(
-        g,
-        &rtn::RtnOptions {
-            bits: co.bits,
-            seed: co.seed,
-            input_range,
-            layer_bits: co.layer_bits.clone(),
-            ..Default::default()
-        },
-    )?;
-    cands.push(("rtn", rq));
-    let mut mse = Vec::with_capacity(cands.len());
-    for (_, c) in &cands {
-        mse.push(evaluate::output_mse(c, held)?);
-    }
-    let best = (0..cands.len()).fold(0, |b, i| if mse[i] < mse[b] { i } else { b });
-    let json = serde_json::json!({
-        "metric": "output MSE against FP32 on the held-out samples",
-        "candidates": cands.iter().zip(&mse).map(|((n, _), m)| serde_json::json!({
-            "name": n,
-            "output_mse": m,
-        })).collect::<Vec<_>>(),
-        "kept": cands[best].0,
-    });
-    let (kept, q) = cands.swap_remove(best);
-    Ok((kept, q, json))
 }

@@ -1,0 +1,195 @@
+//! A calibrated compile: settings from the budget, calibration, the held-out selection.
+
+use diffdfq_compiler::calib::{self, budget, CalibOptions, DeviceKind, Progress};
+use diffdfq_compiler::quant::{rtn, Bits, QuantGraph};
+use diffdfq_compiler::{evaluate, Error};
+
+use super::{Args, DeviceArg, Method};
+
+/// What a calibrated compile ships and reports.
+pub(crate) struct Calibrated {
+    pub q: QuantGraph,
+    pub method: &'static str,
+    /// report.json's `calibration`.
+    pub report: serde_json::Value,
+    /// The candidate the held-out selection kept ("" without it).
+    pub shipped: &'static str,
+}
+
+/// `--method diffdfq` or `genie`: settings from `--budget`, calibration, then the held-out
+/// selection (see [`select_candidate`]).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn calibrated(
+    a: &Args,
+    graph: &diffdfq_compiler::graph::Graph,
+    size: &budget::ModelSize,
+    bits: Bits,
+    layer_bits: Option<Vec<u8>>,
+    input_range: Option<(f32, f32)>,
+    held: (
+        &evaluate::EvalOptions,
+        usize,
+        &mut Option<evaluate::HeldOut>,
+    ),
+    stages: &mut Vec<(&'static str, f64)>,
+) -> Result<Calibrated, Error> {
+    let quiet = a.quiet || a.json;
+    let model_name = a.model.display().to_string();
+    let (eval_opts, eval_n, held_out) = held;
+    let mut shipped = "";
+    let dev = calib::device(match a.device {
+        DeviceArg::Cpu => DeviceKind::Cpu,
+        DeviceArg::Cuda => DeviceKind::Cuda,
+    })?;
+    let diffusion = a.method == Method::Diffdfq;
+    if [a.samples, a.synth_iters, a.recon_iters].contains(&Some(0)) {
+        return Err(Error::Input(
+            "--samples, --synth-iters and --recon-iters must be at least 1".into(),
+        ));
+    }
+    if !(a.budget.is_finite() && a.budget > 0.0) {
+        return Err(Error::Input(format!(
+            "--budget takes a positive number of minutes, got {}",
+            a.budget
+        )));
+    }
+    let fixed = budget::Fixed {
+        samples: a.samples,
+        synth_iters: a.synth_iters,
+        recon_iters: a.recon_iters,
+    };
+    let plan = budget::plan(size, a.budget, fixed, diffusion);
+    let s = plan.settings;
+    if !quiet {
+        eprintln!(
+            "budget {} min: {} samples x {} synthesis iterations, {} reconstruction \
+             iterations per block at batch {} (estimated {:.1} min on 2 cores)",
+            a.budget,
+            s.samples,
+            s.synth_iters,
+            s.recon_iters,
+            s.recon_batch,
+            plan.estimate_s / 60.0
+        );
+        if !plan.fits {
+            eprintln!(
+                "warning: the leanest settings exceed --budget {}; raise it, or fix \
+                 --samples/--synth-iters/--recon-iters yourself",
+                a.budget
+            );
+        }
+    }
+    let mut co = CalibOptions::new(bits, a.seed, diffusion);
+    co.synth.samples = s.samples;
+    co.synth.iters = s.synth_iters;
+    co.synth.input_range = input_range;
+    co.recon.iters = s.recon_iters;
+    co.recon.batch = s.recon_batch;
+    co.recon.eval_samples = s.eval_samples;
+    co.layer_bits = layer_bits.clone();
+    // With held-out samples, bias correction after reconstruction is not applied
+    // blindly: the candidates below are compared on them.
+    let select = a.eval_samples.unwrap_or(eval_n) > 0;
+    co.bias_correction = !select;
+    let (q, rep) = calib::calibrate(graph, &co, &dev, Progress::new(quiet))
+        .map_err(|e| e.context(&model_name))?;
+    stages.push(("synthesis", rep.synthesis_s));
+    stages.push(("reconstruction", rep.reconstruction_s));
+    if !quiet {
+        // Against the plan's per-stage estimates: where the cost model misses shows.
+        eprintln!(
+            "calibrated: synthesis {:.1} s (estimated {:.1}), reconstruction {:.1} s \
+             (estimated {:.1}), {} blocks on levels {:?}",
+            rep.synthesis_s,
+            plan.estimate_synthesis_s,
+            rep.reconstruction_s,
+            plan.estimate_s - plan.estimate_synthesis_s,
+            rep.recon.blocks.len(),
+            rep.recon.levels
+        );
+    }
+    let mut json =
+        serde_json::to_value(&rep.recon).map_err(|e| Error::Internal(format!("report: {e}")))?;
+    if let Some(o) = json.as_object_mut() {
+        let b = serde_json::to_value(plan).map_err(|e| Error::Internal(format!("report: {e}")))?;
+        o.insert("budget".into(), b);
+    }
+    let q = if select {
+        let t0 = std::time::Instant::now();
+        if held_out.is_none() {
+            *held_out = Some(
+                evaluate::held_out_samples(graph, eval_opts).map_err(|e| e.context(&model_name))?,
+            );
+        }
+        let Some(held) = held_out.as_ref() else {
+            return Err(Error::Internal("held-out samples".into()));
+        };
+        let (kept, q, sel) = select_candidate(graph, q, &co, input_range, held)
+            .map_err(|e| e.context(&model_name))?;
+        let secs = t0.elapsed().as_secs_f64();
+        stages.push(("selection", secs));
+        if !quiet {
+            eprintln!("kept: {kept} (lowest output MSE on the held-out samples, {secs:.1} s)");
+        }
+        if let Some(o) = json.as_object_mut() {
+            o.insert("selection".into(), sel);
+        }
+        shipped = kept;
+        q
+    } else {
+        q
+    };
+    Ok(Calibrated {
+        q,
+        method: if diffusion { "diffdfq" } else { "genie" },
+        report: json,
+        shipped,
+    })
+}
+
+/// The candidate of a calibrated compile with the least output MSE against FP32 on the
+/// held-out samples: the calibrated model, the same with bias correction (where it applies),
+/// and what `--method rtn` gives for the same bits, so that calibration never ships a model
+/// these samples say is worse than rtn's. Ties keep the earlier candidate.
+fn select_candidate(
+    g: &diffdfq_compiler::graph::Graph,
+    calibrated: QuantGraph,
+    co: &CalibOptions,
+    input_range: Option<(f32, f32)>,
+    held: &evaluate::HeldOut,
+) -> Result<(&'static str, QuantGraph, serde_json::Value), Error> {
+    let mut cands: Vec<(&'static str, QuantGraph)> = Vec::new();
+    if calib::corrects_biases(co) {
+        cands.push((
+            "calibrated+bias-correction",
+            calib::bias_corrected(&calibrated)?,
+        ));
+    }
+    cands.push(("calibrated", calibrated));
+    let rq = rtn::quantize(
+        g,
+        &rtn::RtnOptions {
+            bits: co.bits,
+            seed: co.seed,
+            input_range,
+            layer_bits: co.layer_bits.clone(),
+            ..Default::default()
+        },
+    )?;
+    cands.push(("rtn", rq));
+    let mut mse = Vec::with_capacity(cands.len());
+    for (_, c) in &cands {
+        mse.push(evaluate::output_mse(c, held)?);
+    }
+    let best = (0..cands.len()).fold(0, |b, i| if mse[i] < mse[b] { i } else { b });
+    let json = serde_json::json!({
+        "metric": "output MSE against FP32 on the held-out samples",
+        "candidates": cands.iter().zip(&mse).map(|((n, _), m)| serde_json::json!({
+            "name": n,
+            "output_mse": m,
+        })).collect::<Vec<_>>(),
+        "kept": cands[best].0,
+    });
+    let (kept, q) = cands.swap_remove(best);
+    Ok((kept, q, json))
+}
