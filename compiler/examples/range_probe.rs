@@ -8,7 +8,7 @@
 //! from INPUTS themselves, clipped at the quantile in the `PCT` environment variable, default
 //! 1.0). `W` sets the weight bits (default 8); `NO_BC=1` turns bias correction off (`act`
 //! runs without it); `RANGE=LO,HI` is `--input-range`; `ONLY=i` quantizes node `i`'s weights
-//! alone (`weight` mode).
+//! alone (`weight` mode); `ACT_ONLY=t` quantizes tensor `t` alone (`act` mode).
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -100,6 +100,15 @@ fn main() {
             };
         }
     }
+    // `ACT_ONLY=t` (`act` mode): tensor `t` alone keeps its codes, every other stays float.
+    if let Some(only) = std::env::var("ACT_ONLY")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+    {
+        for (t, tq) in q.tensors.iter_mut().enumerate() {
+            tq.is_f32 |= t != only;
+        }
+    }
     q.fit_accumulators();
 
     let fp = FloatModel::new(&g, &dev).unwrap();
@@ -137,15 +146,20 @@ fn main() {
         vals[q.output].take().unwrap()
     };
     let rows = |y: Tensor| y.flatten_from(1).unwrap().to_vec2::<f32>().unwrap();
-    let mut agree = 0;
+    let (mut agree, mut se, mut count) = (0, 0f64, 0usize);
     for xs in batches() {
         let yf = rows(fp.forward(std::slice::from_ref(&xs)).unwrap().remove(0));
         let yq = rows(forward(&xs));
-        agree += yf
-            .iter()
-            .zip(&yq)
-            .filter(|(a, b)| argmax(a) == argmax(b))
-            .count();
+        for (a, b) in yf.iter().zip(&yq) {
+            agree += usize::from(argmax(a) == argmax(b));
+            se += a
+                .iter()
+                .zip(b)
+                .map(|(x, y)| f64::from(x - y).powi(2))
+                .sum::<f64>();
+            count += a.len();
+        }
     }
-    println!("{mode}: fake-quant top-1 agreement with FP32 {agree}/{n}");
+    let rmse = (se / count.max(1) as f64).sqrt();
+    println!("{mode}: fake-quant top-1 agreement with FP32 {agree}/{n}, output RMSE {rmse:.4}");
 }
