@@ -8,7 +8,9 @@
 //! from INPUTS themselves, clipped at the quantile in the `PCT` environment variable, default
 //! 1.0). `W` sets the weight bits (default 8); `NO_BC=1` turns bias correction off (`act`
 //! runs without it); `RANGE=LO,HI` is `--input-range`; `ONLY=i` quantizes node `i`'s weights
-//! alone (`weight` mode); `ACT_ONLY=t` quantizes tensor `t` alone (`act` mode).
+//! alone (`weight` mode); `ACT_ONLY=t` quantizes tensor `t` alone (`act` mode);
+//! `LP=1` takes the weights' steps from the Lp(2.4) clipping search calibration starts from
+//! instead of rtn's min–max.
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -36,14 +38,15 @@ fn main() {
     let g = import_path(Path::new(&a[1]), &ImportOptions::default()).unwrap();
     let (shape, x) = diffdfq_compiler::npy::read_f32(Path::new(&a[2])).unwrap();
     let mode = a.get(3).map_or("full", |s| s.as_str());
+    let lp = std::env::var("LP");
     let opts = RtnOptions {
         bits: Bits {
             weight: env("W", 8),
             act: 8,
             first_last: 8,
         },
-        // Corrected biases belong to quantized weights.
-        bias_correction: mode != "act" && std::env::var("NO_BC").is_err(),
+        // Corrected biases belong to quantized weights (made after the Lp search with `LP=1`).
+        bias_correction: mode != "act" && std::env::var("NO_BC").is_err() && lp.is_err(),
         input_range: std::env::var("RANGE").ok().map(|v| {
             let (lo, hi) = v.split_once(',').expect("RANGE=LO,HI");
             (lo.parse().unwrap(), hi.parse().unwrap())
@@ -51,6 +54,16 @@ fn main() {
         ..Default::default()
     };
     let mut q = rtn::quantize(&g, &opts).unwrap();
+    if lp.is_ok() {
+        for n in &mut q.nodes {
+            if let Some(l) = n.op.layer_mut() {
+                l.quantize_lp();
+            }
+        }
+        if mode != "act" && std::env::var("NO_BC").is_err() {
+            rtn::correct_biases(&mut q).unwrap();
+        }
+    }
     let dev = Device::Cpu;
     let n = shape[0];
     let xt = Tensor::from_vec(x, shape.as_slice(), &dev).unwrap();

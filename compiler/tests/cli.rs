@@ -1180,3 +1180,72 @@ fn leaky_relu_prelu_any_clip_and_tanh_run_as_tables() {
     );
     assert!(!o.exists());
 }
+
+/// `--method lp`: rtn with each channel's step from the Lp clipping search. It names itself in
+/// the report and the header, ships other codes than rtn at 3 bits (the search clips some
+/// channels) in the same bytes, is deterministic, and its weights are those the library's
+/// `WeightSteps::Lp` gives: every channel's step at most min–max's.
+#[test]
+fn lp_method_takes_clipped_weight_steps() {
+    use diffdfq_compiler::import::{import_path, ImportOptions};
+    use diffdfq_compiler::quant::rtn::{self, RtnOptions, WeightSteps};
+    use diffdfq_compiler::quant::Bits;
+    let dir = tempfile::tempdir().unwrap();
+    let m = fixture("resnet_fmnist.onnx");
+    let out = |name: &str| dir.path().join(name);
+    for (d, method) in [("lp", "lp"), ("lp2", "lp"), ("rtn", "rtn")] {
+        compile_ok(&[
+            m.to_str().unwrap(),
+            "--method",
+            method,
+            "--bits",
+            "3",
+            "--no-lib",
+            "--quiet",
+            "-o",
+            out(d).to_str().unwrap(),
+        ]);
+    }
+    let read = |d: &str, f: &str| std::fs::read(out(d).join(f)).unwrap();
+    let report: serde_json::Value =
+        serde_json::from_slice(&read("lp", "resnet_fmnist.report.json")).unwrap();
+    assert_eq!(report["method"], "lp");
+    let header = String::from_utf8(read("lp", "resnet_fmnist.h")).unwrap();
+    assert!(header.contains("Method lp,"), "{header}");
+    assert_eq!(
+        read("lp", "resnet_fmnist.dfq"),
+        read("lp2", "resnet_fmnist.dfq")
+    );
+    let (lp_blob, rtn_blob) = (
+        read("lp", "resnet_fmnist.dfq"),
+        read("rtn", "resnet_fmnist.dfq"),
+    );
+    assert_eq!(lp_blob.len(), rtn_blob.len());
+    assert_ne!(lp_blob, rtn_blob);
+
+    let g = import_path(&m, &ImportOptions::default()).unwrap();
+    let q = |weight_steps| {
+        let opts = RtnOptions {
+            bits: Bits {
+                weight: 3,
+                act: 8,
+                first_last: 8,
+            },
+            weight_steps,
+            ..Default::default()
+        };
+        rtn::quantize(&g, &opts).unwrap()
+    };
+    let (lp, mm) = (q(WeightSteps::Lp), q(WeightSteps::MinMax));
+    let mut clipped = 0;
+    for (a, b) in lp.nodes.iter().zip(&mm.nodes) {
+        let (Some(a), Some(b)) = (a.op.layer(), b.op.layer()) else {
+            continue;
+        };
+        for (sa, sb) in a.scales.iter().zip(&b.scales) {
+            assert!(sa <= sb, "{sa} > {sb}");
+            clipped += usize::from(sa < sb);
+        }
+    }
+    assert!(clipped > 0);
+}

@@ -1,5 +1,6 @@
 //! `--method rtn`: per-channel min–max round-to-nearest weights, data-free activation ranges
-//! ([`super::ranges`]) and data-free bias correction ([`correct_biases`]).
+//! ([`super::ranges`]) and data-free bias correction ([`correct_biases`]); `--method lp` the
+//! same with each channel's step from the Lp clipping search ([`WeightSteps::Lp`]).
 
 use super::ranges::*;
 use super::{fold, Bits, QOp, QuantGraph};
@@ -23,6 +24,19 @@ pub struct RtnOptions {
     /// Weight bits per conv/linear layer, in graph order (`--flash`), replacing `bits.weight`
     /// and `bits.first_last`.
     pub layer_bits: Option<Vec<u8>>,
+    /// How each channel's weight step is chosen.
+    pub weight_steps: WeightSteps,
+}
+
+/// How rtn chooses a channel's weight step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WeightSteps {
+    /// The channel's min–max range ([`super::QLayer::quantize_rtn`]).
+    #[default]
+    MinMax,
+    /// The clipping ratio with the least Lp(2.4) rounding error ([`super::QLayer::quantize_lp`]),
+    /// where calibration starts from. Neither wins everywhere (README "Real models").
+    Lp,
 }
 
 impl Default for RtnOptions {
@@ -34,6 +48,7 @@ impl Default for RtnOptions {
             input_range: None,
             bias_correction: true,
             layer_bits: None,
+            weight_steps: WeightSteps::MinMax,
         }
     }
 }
@@ -46,7 +61,10 @@ pub fn quantize(g: &Graph, opts: &RtnOptions) -> Result<QuantGraph, Error> {
     }
     for n in &mut q.nodes {
         if let Some(l) = n.op.layer_mut() {
-            l.quantize_rtn();
+            match opts.weight_steps {
+                WeightSteps::MinMax => l.quantize_rtn(),
+                WeightSteps::Lp => l.quantize_lp(),
+            }
         }
     }
     if let Some(r) = opts.input_range {

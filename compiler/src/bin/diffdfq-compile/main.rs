@@ -26,6 +26,8 @@ enum Method {
     Genie,
     /// Min–max round-to-nearest weights; activation ranges and bias correction from BN statistics
     Rtn,
+    /// rtn with each channel's weight step from the Lp clipping search (seconds, no samples)
+    Lp,
 }
 
 /// Extra artifacts.
@@ -209,12 +211,18 @@ fn run(a: &Args) -> Result<(), Error> {
     // Quantizer errors name the node; the file goes in front, as for import errors.
     let model_name = a.model.display().to_string();
     let (q, method, calibration) = match a.method {
-        Method::Rtn => {
+        Method::Rtn | Method::Lp => {
+            let lp = a.method == Method::Lp;
             let mut ro = rtn::RtnOptions {
                 bits,
                 seed: a.seed,
                 input_range,
                 layer_bits: layer_bits.clone(),
+                weight_steps: if lp {
+                    rtn::WeightSteps::Lp
+                } else {
+                    rtn::WeightSteps::MinMax
+                },
                 ..Default::default()
             };
             if let Some(n) = a.samples {
@@ -223,7 +231,7 @@ fn run(a: &Args) -> Result<(), Error> {
             let t0 = std::time::Instant::now();
             let q = rtn::quantize(&graph, &ro).map_err(|e| e.context(&model_name))?;
             stages.push(("quantize", t0.elapsed().as_secs_f64()));
-            (q, "rtn", None)
+            (q, if lp { "lp" } else { "rtn" }, None)
         }
         Method::Diffdfq | Method::Genie => {
             let c = calibrated(
