@@ -26,16 +26,12 @@ pub(crate) fn calibrated(
     bits: Bits,
     layer_bits: Option<Vec<u8>>,
     input_range: Option<(f32, f32)>,
-    held: (
-        &evaluate::EvalOptions,
-        usize,
-        &mut Option<evaluate::HeldOut>,
-    ),
+    held: (&evaluate::EvalOptions, bool, &mut Option<evaluate::HeldOut>),
     stages: &mut Vec<(&'static str, f64)>,
 ) -> Result<Calibrated, Error> {
-    let quiet = a.quiet || a.json;
+    let quiet = a.quiet();
     let model_name = a.model.display().to_string();
-    let (eval_opts, eval_n, held_out) = held;
+    let (eval_opts, select, held_out) = held;
     let mut shipped = "";
     let dev = calib::device(match a.device {
         DeviceArg::Cpu => DeviceKind::Cpu,
@@ -89,7 +85,6 @@ pub(crate) fn calibrated(
     co.layer_bits = layer_bits.clone();
     // With held-out samples, bias correction after reconstruction is not applied
     // blindly: the candidates below are compared on them.
-    let select = a.eval_samples.unwrap_or(eval_n) > 0;
     co.bias_correction = !select;
     let (q, rep) = calib::calibrate(graph, &co, &dev, Progress::new(quiet))
         .map_err(|e| e.context(&model_name))?;

@@ -145,8 +145,15 @@ struct Args {
     json: bool,
 }
 
+impl Args {
+    /// Nothing on stderr but errors: `--quiet`, or `--json`, which owns the output.
+    fn quiet(&self) -> bool {
+        self.quiet || self.json
+    }
+}
+
 fn run(a: &Args) -> Result<(), Error> {
-    let quiet = a.quiet || a.json;
+    let quiet = a.quiet();
     let mut stages: Vec<(&str, f64)> = Vec::new();
     let t_start = std::time::Instant::now();
     let opts = ImportOptions {
@@ -182,6 +189,8 @@ fn run(a: &Args) -> Result<(), Error> {
         layers: macs.iter().filter(|&&m| m > 0).count(),
     };
     let (eval_n, eval_iters) = evaluate::plan(&size);
+    // Whether held-out samples are used at all: the evaluation and the selection.
+    let held_out_on = a.eval_samples.unwrap_or(eval_n) > 0;
     let eval_opts = evaluate::EvalOptions {
         samples: a.eval_samples.filter(|&n| n > 0).unwrap_or(eval_n),
         synth_iters: eval_iters,
@@ -241,7 +250,7 @@ fn run(a: &Args) -> Result<(), Error> {
                 bits,
                 layer_bits.clone(),
                 input_range,
-                (&eval_opts, eval_n, &mut held_out),
+                (&eval_opts, held_out_on, &mut held_out),
                 &mut stages,
             )?;
             shipped = c.shipped;
@@ -249,20 +258,19 @@ fn run(a: &Args) -> Result<(), Error> {
         }
     };
     let low = lower::lower_for(&q, isa)?;
-    let evaluation = match a.eval_samples.unwrap_or(eval_n) {
-        0 => None,
-        _ => {
-            let t0 = std::time::Instant::now();
-            let held = match held_out.take() {
-                Some(h) => h,
-                None => evaluate::held_out_samples(&graph, &eval_opts)
-                    .map_err(|e| e.context(&model_name))?,
-            };
-            let ev = evaluate::evaluate(&q, &low.blob, &eval_opts, &held)
-                .map_err(|e| e.context(&model_name))?;
-            stages.push(("evaluation", t0.elapsed().as_secs_f64()));
-            Some(ev)
-        }
+    let evaluation = if held_out_on {
+        let t0 = std::time::Instant::now();
+        let held = match held_out.take() {
+            Some(h) => h,
+            None => evaluate::held_out_samples(&graph, &eval_opts)
+                .map_err(|e| e.context(&model_name))?,
+        };
+        let ev = evaluate::evaluate(&q, &low.blob, &eval_opts, &held)
+            .map_err(|e| e.context(&model_name))?;
+        stages.push(("evaluation", t0.elapsed().as_secs_f64()));
+        Some(ev)
+    } else {
+        None
     };
     let nnef = if a.emit.contains(&Emit::Nnef) {
         let graph = diffdfq_compiler::tract::from_dfq(&low.blob)?;

@@ -30,7 +30,6 @@ pub(crate) fn resolve_target(
             ))
         })?,
     };
-    // Checked before calibration, so that a wrong name costs no minutes.
     let cpu = match (&a.cpu, a.no_lib) {
         (Some(_), true) => {
             return Err(Error::Input(
@@ -118,7 +117,7 @@ pub(crate) fn choose_widths(
     held_out: &mut Option<evaluate::HeldOut>,
     stages: &mut Vec<(&'static str, f64)>,
 ) -> Result<Option<mixed::Assignment>, Error> {
-    let quiet = a.quiet || a.json;
+    let quiet = a.quiet();
     Ok(
         if a.layer_bits.is_none() && (a.flash.is_some() || whole.is_none()) {
             let t0 = std::time::Instant::now();
