@@ -961,7 +961,7 @@ fn hostile_structure_flags_and_outputs_are_one_line_errors() {
         n.extend(extra.into_iter().map(String::from));
     }
     let file = write(dir.path(), "a_file", b"x");
-    let flag_cases: [(&[&str], &[&str]); 12] = [
+    let flag_cases: [(&[&str], &[&str]); 13] = [
         // clap's own errors too: one line, no usage block.
         (
             &["--speed", "max"],
@@ -989,6 +989,12 @@ fn hostile_structure_flags_and_outputs_are_one_line_errors() {
         (&["--layer-bits", "5"], &["--layer-bits", "5"]),
         (&["--target", "mips-nowhere"], &["mips-nowhere"]),
         (&["-o", "a_file/sub"], &["a_file"]),
+        // rtn's N(0, 1) samples set the ranges of BN-less layers: none is refused, not a
+        // silently wrong model.
+        (
+            &["--method", "rtn", "--samples", "0"],
+            &["--samples", "at least 1"],
+        ),
     ];
     for (flags, needles) in flag_cases {
         let mut args = vec![fixture_path.clone()];

@@ -38,11 +38,6 @@ pub(crate) fn calibrated(
         DeviceArg::Cuda => DeviceKind::Cuda,
     })?;
     let diffusion = a.method == Method::Diffdfq;
-    if [a.samples, a.synth_iters, a.recon_iters].contains(&Some(0)) {
-        return Err(Error::Input(
-            "--samples, --synth-iters and --recon-iters must be at least 1".into(),
-        ));
-    }
     if !(a.budget.is_finite() && a.budget > 0.0) {
         return Err(Error::Input(format!(
             "--budget takes a positive number of minutes, got {}",

@@ -156,6 +156,13 @@ fn run(a: &Args) -> Result<(), Error> {
     let quiet = a.quiet();
     let mut stages: Vec<(&str, f64)> = Vec::new();
     let t_start = std::time::Instant::now();
+    // rtn and lp take `--samples` too (the N(0, 1) samples behind the ranges of BN-less
+    // layers): none would leave those ranges unset and the model silently wrong.
+    if [a.samples, a.synth_iters, a.recon_iters].contains(&Some(0)) {
+        return Err(Error::Input(
+            "--samples, --synth-iters and --recon-iters must be at least 1".into(),
+        ));
+    }
     let opts = ImportOptions {
         input_shape: a.input_shape.clone(),
         ..Default::default()
