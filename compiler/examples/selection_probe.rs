@@ -6,7 +6,8 @@
 //!
 //!   cargo run --release -p diffdfq-compiler --example selection_probe MODEL.onnx OUT_DIR [SEED]
 //!
-//! `RANGE=LO,HI` is `--input-range`.
+//! `RANGE=LO,HI` is `--input-range`; `SAMPLES=N ITERS=M` replace the CLI's sizing of the held-out
+//! synthesis.
 use std::path::Path;
 
 use diffdfq_compiler::calib::budget::ModelSize;
@@ -35,6 +36,9 @@ fn main() {
         layers: macs.iter().filter(|&&m| m > 0).count(),
     };
     let (samples, synth_iters) = evaluate::plan(&size);
+    // `SAMPLES=N ITERS=M` override the CLI's sizing: how the proxy ranks with richer samples.
+    let env = |k: &str, d: usize| std::env::var(k).map_or(d, |v| v.parse().expect(k));
+    let (samples, synth_iters) = (env("SAMPLES", samples), env("ITERS", synth_iters));
     let opts = EvalOptions {
         samples,
         synth_iters,
