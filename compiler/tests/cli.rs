@@ -989,8 +989,8 @@ fn hostile_structure_flags_and_outputs_are_one_line_errors() {
         (&["--layer-bits", "5"], &["--layer-bits", "5"]),
         (&["--target", "mips-nowhere"], &["mips-nowhere"]),
         (&["-o", "a_file/sub"], &["a_file"]),
-        // rtn's N(0, 1) samples set the ranges of BN-less layers: none is refused, not a
-        // silently wrong model.
+        // rtn's N(0, 1) samples set the ranges of BN-less layers: none is refused, not taken
+        // as one (a silently wrong model).
         (
             &["--method", "rtn", "--samples", "0"],
             &["--samples", "at least 1"],

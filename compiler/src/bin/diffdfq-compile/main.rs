@@ -156,8 +156,8 @@ fn run(a: &Args) -> Result<(), Error> {
     let quiet = a.quiet();
     let mut stages: Vec<(&str, f64)> = Vec::new();
     let t_start = std::time::Instant::now();
-    // rtn and lp take `--samples` too (the N(0, 1) samples behind the ranges of BN-less
-    // layers): none would leave those ranges unset and the model silently wrong.
+    // Before the import, so a zero costs no time. rtn and lp take `--samples` too: the
+    // N(0, 1) samples behind the ranges of BN-less layers, where 0 was taken as one sample.
     if [a.samples, a.synth_iters, a.recon_iters].contains(&Some(0)) {
         return Err(Error::Input(
             "--samples, --synth-iters and --recon-iters must be at least 1".into(),
