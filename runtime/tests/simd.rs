@@ -1,6 +1,6 @@
 //! Every SIMD kernel this CPU can run against the portable loops (the reference that
 //! `kernels/mod.rs` checks against plain integer math): random convolutions big enough for whole
-//! vectors and ragged tails — 1×1, depthwise, small and wide general ones, strides 1–3, dilations, asymmetric
+//! vectors and ragged tails — 1×1, depthwise (over wide rows and, channels in lanes, small planes), small and wide general ones, strides 1–3, dilations, asymmetric
 //! pads, groups, every weight width, 4- and 8-bit activations — and requantization constants
 //! over their whole range. Byte-identical outputs or the test fails. `use_kernels` switches
 //! the kernels of the whole process, so this binary holds one test that switches in turn.
@@ -34,6 +34,10 @@ fn problem() -> impl Strategy<Value = Problem> {
         // 1×1, stride 1, no pads: the pointwise kernels.
         (1usize..3, 1usize..150, 1usize..10, 1usize..40, 1usize..40)
             .prop_map(|(g, ci, co, h, w)| (g, ci, co, h, w, (1, 1, 1, 1, [0; 4]))),
+        // 1×1 over one tile of pixels with several groups of output channels: the input
+        // interleaved once per convolution.
+        (1usize..3, 1usize..200, 8usize..40, 1usize..16, 1usize..16)
+            .prop_map(|(g, ci, co, h, w)| (g, ci, co, h, w, (1, 1, 1, 1, [0; 4]))),
         // 1×1 over more input channels than the kernels hold weights for at once.
         (1000usize..1100, 4usize..9, 1usize..6, 1usize..20).prop_map(|(ci, co, h, w)| (
             1,
@@ -59,23 +63,10 @@ fn problem() -> impl Strategy<Value = Problem> {
             }),
         // Depthwise 3×3 / 5×5, strides 1–2, pads 0–2; rows wide enough for whole steps of
         // 32 output pixels at stride 2.
-        (
-            1usize..12,
-            1usize..40,
-            1usize..80,
-            prop::sample::select(vec![3usize, 5]),
-            1usize..3,
-            0usize..3,
-            0usize..3
-        )
-            .prop_map(|(c, h, w, k, s, p0, p1)| (
-                c,
-                1,
-                1,
-                h,
-                w,
-                (k, k, s, s, [p0, p1, p1, p0])
-            )),
+        depthwise(1..12, 1..40, 1..80),
+        // Depthwise over 16 channels or more with small output planes (≤ 256 pixels): the
+        // channels-in-lanes kernel, whole blocks of 16 channels and a ragged rest.
+        depthwise(16..50, 1..24, 1..24),
         // General: any kernel, stride 1–3, pads.
         (
             1usize..3,
@@ -127,6 +118,27 @@ fn problem() -> impl Strategy<Value = Problem> {
                 }
             },
         )
+}
+
+/// Depthwise convolutions (3×3 / 5×5, strides 1–2, pads 0–2) over `c` channels of `h × w`.
+#[allow(clippy::type_complexity)]
+fn depthwise(
+    c: std::ops::Range<usize>,
+    h: std::ops::Range<usize>,
+    w: std::ops::Range<usize>,
+) -> impl Strategy<
+    Value = (
+        usize,
+        usize,
+        usize,
+        usize,
+        usize,
+        (usize, usize, usize, usize, [usize; 4]),
+    ),
+> {
+    let k = prop::sample::select(vec![3usize, 5]);
+    (c, h, w, k, 1usize..3, 0usize..3, 0usize..3)
+        .prop_map(|(c, h, w, k, s, p0, p1)| (c, 1, 1, h, w, (k, k, s, s, [p0, p1, p1, p0])))
 }
 
 /// The convolution's output codes under the kernels in use, or `None` for a geometry that

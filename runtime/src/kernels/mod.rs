@@ -285,7 +285,8 @@ pub fn conv2d(
         return Err(Error::BadArgument);
     }
     // The first `K` bytes hold one unpacked row (the portable path); the rest, where the
-    // compiler sized it so ([`conv_scratch_len_for`]), the gathered-column kernel's panel.
+    // compiler sized it so ([`conv_scratch_len_for`]), the gathered-column kernel's panel,
+    // the channels-in-lanes depthwise kernel's buffers or the 1×1 kernel's interleaved input.
     let (codes, _panel) = scratch.split_at_mut(s.k);
     let taps = geom.kernel_h * geom.kernel_w;
     let z = x.zero as i32;
@@ -294,7 +295,14 @@ pub fn conv2d(
     // The AVX2 direct convolution's buffers, zeroed once per call, not per channel.
     #[cfg(target_arch = "x86_64")]
     let mut direct = x86::DirectScratch::new();
-    for g in 0..geom.groups {
+    #[allow(unused_mut)]
+    let mut first_group = 0;
+    #[cfg(target_arch = "x86_64")]
+    if plan::depthwise_lanes(active(), geom, &s) {
+        let y = (y.zero, y.lo, y.hi);
+        first_group = x86::depthwise_lanes(geom, &s, weights, input, z, y, out, codes, _panel)?;
+    }
+    for g in first_group..geom.groups {
         let in_group = input
             .get(g * s.c_in_g * plane..(g + 1) * s.c_in_g * plane)
             .ok_or(Error::BadArgument)?;
@@ -317,7 +325,8 @@ pub fn conv2d(
         }
         if pointwise {
             let y = (y.zero, y.lo, y.hi);
-            first = pointwise_groups(weights, in_group, plane, z, y, out, (first, s.c_out_g))?;
+            let range = (first, s.c_out_g);
+            first = pointwise_groups(weights, in_group, plane, z, y, out, range, &mut *_panel)?;
         }
         for co in first..(g + 1) * s.c_out_g {
             let ch = weights.channel(co).ok_or(Error::BadArgument)?;
@@ -378,6 +387,7 @@ pub fn conv2d(
 /// up, aarch64 NEON); returns the first channel left to the one-channel path (`first` where
 /// none runs).
 #[inline]
+#[allow(clippy::too_many_arguments)]
 fn pointwise_groups(
     weights: &Weights<'_>,
     in_group: &[u8],
@@ -386,11 +396,13 @@ fn pointwise_groups(
     y: (u8, u8, u8),
     out: &mut [u8],
     (first, count): (usize, usize),
+    scratch: &mut [u8],
 ) -> Result<usize, Error> {
     #[cfg(target_arch = "x86_64")]
     if active() >= Isa::Avx2 {
         let vnni = active() == Isa::Avx512Vnni;
-        return x86::pointwise_quads(weights, in_group, plane, z, y, out, (first, count), vnni);
+        let range = (first, count);
+        return x86::pointwise_quads(weights, in_group, plane, z, y, out, range, vnni, scratch);
     }
     #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
     if active() == Isa::NeonDot {
@@ -407,7 +419,7 @@ fn pointwise_groups(
             neon::pointwise_quads_neon(weights, in_group, plane, z, y, out, (first, count))
         };
     }
-    let _ = (weights, in_group, plane, z, y, out, count);
+    let _ = (weights, in_group, plane, z, y, out, count, scratch);
     Ok(first)
 }
 

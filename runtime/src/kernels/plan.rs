@@ -62,6 +62,62 @@ pub(super) fn direct_fits(geom: &ConvGeom, s: &ConvShape) -> bool {
             .is_some_and(|b| b <= DIRECT_ROWS)
 }
 
+/// Channels per block of the channels-in-lanes depthwise convolution
+/// (`x86::depthwise_lanes`): one 16-byte vector of codes per pixel.
+pub(super) const DW_LANES: usize = 16;
+
+/// Most taps (`kernel_h · kernel_w`) the channels-in-lanes depthwise convolution takes (its
+/// weight pairs live on the stack).
+pub(super) const DW_MAX_TAPS: usize = 32;
+
+/// Whether the channels-in-lanes depthwise convolution runs this convolution (AVX2 and up):
+/// depthwise (one input and one output channel per group) over at least [`DW_LANES`] groups,
+/// at most [`DW_MAX_TAPS`] taps, and an output plane of at most [`CONV_TILE`] pixels — the
+/// 14×14 and 7×7 planes whose rows leave the row kernel's 16- and 32-pixel vectors half empty.
+pub(super) fn depthwise_lanes(isa: Isa, geom: &ConvGeom, s: &ConvShape) -> bool {
+    matches!(isa, Isa::Avx2 | Isa::Avx512Vnni)
+        && s.c_in_g == 1
+        && s.c_out_g == 1
+        && geom.groups >= DW_LANES
+        && geom.kernel_h * geom.kernel_w <= DW_MAX_TAPS
+        && s.out_h * s.out_w <= CONV_TILE
+}
+
+/// Padded input rows and columns the output plane reads (`(rows, cols)`), for the
+/// channels-in-lanes depthwise convolution's pixel-major copy of the input.
+pub(super) fn lanes_extent(geom: &ConvGeom, s: &ConvShape) -> (usize, usize) {
+    let cols = (s.out_w - 1) * geom.stride_w + (geom.kernel_w - 1) * geom.dilation_w + 1;
+    (band_input_rows(geom, s.out_h), cols)
+}
+
+/// Bytes of scratch the channels-in-lanes depthwise convolution uses past the unpacked row:
+/// [`DW_LANES`] channels' padded input, pixel-major, and their `i32` accumulators (plus 3 bytes
+/// to align them); zero where it does not run at `isa`.
+pub(super) fn lanes_bytes(isa: Isa, geom: &ConvGeom, s: &ConvShape) -> usize {
+    if !depthwise_lanes(isa, geom, s) {
+        return 0;
+    }
+    let (rows, cols) = lanes_extent(geom, s);
+    rows * cols * DW_LANES + 4 * DW_LANES * s.out_h * s.out_w + 3
+}
+
+/// Bytes of scratch the 1×1 convolution uses past the unpacked row where its plane is one
+/// tile, its weights are byte quads and it has several groups of output channels: the input
+/// interleaved once per convolution, four input channels per `i32` for every pixel (plus 3
+/// bytes to align it), instead of once per group (`x86::pointwise_quads`); zero elsewhere.
+pub(super) fn pointwise_pre_bytes(isa: Isa, geom: &ConvGeom, s: &ConvShape, bits: u8) -> usize {
+    let plane = s.h * s.w;
+    if !matches!(isa, Isa::Avx2 | Isa::Avx512Vnni)
+        || !is_pointwise(geom, s)
+        || !byte_quads(isa, bits)
+        || plane > CONV_TILE
+        || s.c_out_g < 8
+    {
+        return 0;
+    }
+    4 * s.k.div_ceil(4) * plane.next_multiple_of(16) + 3
+}
+
 /// Whether the 1×1 and gathered-column kernels multiply weights as signed bytes, four input
 /// channels per product: ≤ 4-bit weights (`q − z_c`) at AVX2 and up, 8-bit ones (`q − 128`)
 /// with VNNI; else (8-bit at AVX2) as i16 pairs.
@@ -99,6 +155,7 @@ pub(super) fn panel_elems(isa: Isa, geom: &ConvGeom, s: &ConvShape, bits: u8) ->
     if !matches!(isa, Isa::Avx2 | Isa::Avx512Vnni)
         || is_pointwise(geom, s)
         || direct_fits(geom, s)
+        || depthwise_lanes(isa, geom, s)
         || out_plane <= COL_PX
     {
         return 0;
@@ -110,8 +167,11 @@ pub(super) fn panel_elems(isa: Isa, geom: &ConvGeom, s: &ConvShape, bits: u8) ->
 /// unpacked to `K` codes ([`super::conv_scratch_len`], the portable path), and for the
 /// gathered-column convolution (x86 AVX2 and up) its weight panel, so that each weight is
 /// unpacked once per convolution instead of once per tile of [`COL_PX`] pixels (plus 3 bytes
-/// to align it for `i32`). A smaller scratch region is still correct: the kernel then makes
-/// the panel per tile, with the same results. `None` if the shapes do not fit the geometry.
+/// to align it for `i32`), for the channels-in-lanes depthwise convolution its input copy
+/// and accumulators ([`lanes_bytes`]), for a one-tile 1×1 convolution its interleaved input
+/// ([`pointwise_pre_bytes`]). A smaller scratch region is still correct: the gathered-column
+/// kernel then makes the panel per tile, a depthwise convolution runs on the row kernel, the
+/// 1×1 kernel interleaves per group, with the same results. `None` if the shapes do not fit the geometry.
 pub fn conv_scratch_len_for(
     isa: Isa,
     geom: &ConvGeom,
@@ -122,5 +182,9 @@ pub fn conv_scratch_len_for(
     let s = geom.check(in_dims, out_dims)?;
     let panel = panel_elems(isa, geom, &s, bits);
     let panel_bytes = if panel == 0 { 0 } else { 4 * panel + 3 };
-    Some(super::conv_scratch_len(s.k) + panel_bytes)
+    // No two of these kernels run the same convolution: at most one is non-zero.
+    let extra = panel_bytes
+        .max(lanes_bytes(isa, geom, &s))
+        .max(pointwise_pre_bytes(isa, geom, &s, bits));
+    Some(super::conv_scratch_len(s.k) + extra)
 }

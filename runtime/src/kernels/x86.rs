@@ -11,7 +11,8 @@ use core::arch::x86_64::*;
 
 use super::channel_constants;
 use super::plan::{
-    band_input_rows, padded_row, COL_OC, COL_PX, DIRECT_MAX_K, DIRECT_ROWS, QUAD_KC,
+    band_input_rows, lanes_extent, padded_row, COL_OC, COL_PX, DIRECT_MAX_K, DIRECT_ROWS, DW_LANES,
+    DW_MAX_TAPS, QUAD_KC,
 };
 use crate::error::Error;
 
@@ -297,30 +298,93 @@ pub(super) fn pointwise_quads(
     out: &mut [u8],
     (first, count): (usize, usize),
     vnni: bool,
+    scratch: &mut [u8],
 ) -> Result<usize, Error> {
+    let isa = if vnni {
+        super::Isa::Avx512Vnni
+    } else {
+        super::Isa::Avx2
+    };
+    let k = weights.k;
+    // The input interleaved once for every group of output channels, where the compiler
+    // sized the scratch for it (`plan::pointwise_pre_bytes`) and more than one group runs.
+    // SAFETY: every bit pattern is a valid `i32`; `align_to_mut` hands out only the aligned
+    // middle of the bytes, which the copy then owns for this call.
+    let (_, pre, _) = unsafe { scratch.align_to_mut::<i32>() };
+    // Rows of whole blocks of 16 pixels: the kernel's last block reads zeros past the plane.
+    let stride = plane.next_multiple_of(16);
+    let pre = pre.get_mut(..k.div_ceil(4) * stride).filter(|_| {
+        super::plan::byte_quads(isa, weights.bits) && plane <= super::CONV_TILE && count >= 8
+    });
+    let pre = match pre {
+        Some(xq) => {
+            // SAFETY: AVX2 is available: the caller runs this only when `active()` says so.
+            unsafe { interleave_quads(in_group, plane, k, xq)? };
+            Some((&*xq, stride))
+        }
+        None => None,
+    };
     let mut co = first;
-    if vnni && super::plan::byte_quads(super::Isa::Avx512Vnni, weights.bits) {
-        co = pointwise_group::<8>(
-            weights,
-            in_group,
-            plane,
-            z,
-            y,
-            out,
-            (co, first + count),
-            vnni,
-        )?;
+    if vnni && super::plan::byte_quads(isa, weights.bits) {
+        let range = (co, first + count);
+        co = pointwise_group::<8>(weights, in_group, plane, z, y, out, range, vnni, pre)?;
     }
-    pointwise_group::<4>(
-        weights,
-        in_group,
-        plane,
-        z,
-        y,
-        out,
-        (co, first + count),
-        vnni,
-    )
+    let range = (co, first + count);
+    pointwise_group::<4>(weights, in_group, plane, z, y, out, range, vnni, pre)
+}
+
+/// `xq[qi · stride + p]`: the codes of input channels `4qi .. 4qi + 4` at pixel `p`, one per
+/// byte of an `i32` (channels past `k` and pixels past the plane read 0; `stride` is the
+/// plane rounded up to 16), the layout [`quad4_block_vnni`] multiplies; 16 pixels at a time
+/// with the same interleave the kernel does per block, the rest code by code.
+#[target_feature(enable = "avx2")]
+fn interleave_quads(in_group: &[u8], plane: usize, k: usize, xq: &mut [i32]) -> Result<(), Error> {
+    let stride = plane.next_multiple_of(16);
+    if in_group.len() < k.checked_mul(plane).ok_or(Error::BadArgument)? {
+        return Err(Error::BadArgument);
+    }
+    let code = |ci: usize, p: usize| -> u8 {
+        if ci < k {
+            in_group.get(ci * plane + p).copied().unwrap_or(0)
+        } else {
+            0
+        }
+    };
+    for (qi, row) in xq.chunks_exact_mut(stride).take(k.div_ceil(4)).enumerate() {
+        let mut b = 0;
+        while b + 16 <= plane && 4 * qi + 4 <= k {
+            let r = |t: usize| -> Result<__m128i, Error> {
+                let at = (4 * qi + t) * plane + b;
+                let src = in_group.get(at..at + 16).ok_or(Error::BadArgument)?;
+                // SAFETY: `src` holds exactly the 16 bytes the load reads.
+                Ok(unsafe { _mm_loadu_si128(src.as_ptr().cast()) })
+            };
+            let (r0, r1, r2, r3) = (r(0)?, r(1)?, r(2)?, r(3)?);
+            let (l01, h01) = (_mm_unpacklo_epi8(r0, r1), _mm_unpackhi_epi8(r0, r1));
+            let (l23, h23) = (_mm_unpacklo_epi8(r2, r3), _mm_unpackhi_epi8(r2, r3));
+            let dst = row.get_mut(b..b + 16).ok_or(Error::BadArgument)?;
+            // SAFETY: `dst` holds exactly the 16 i32 the four stores write.
+            unsafe {
+                let d = dst.as_mut_ptr().cast::<__m128i>();
+                _mm_storeu_si128(d, _mm_unpacklo_epi16(l01, l23));
+                _mm_storeu_si128(d.add(1), _mm_unpackhi_epi16(l01, l23));
+                _mm_storeu_si128(d.add(2), _mm_unpacklo_epi16(h01, h23));
+                _mm_storeu_si128(d.add(3), _mm_unpackhi_epi16(h01, h23));
+            }
+            b += 16;
+        }
+        for (p, v) in row.iter_mut().enumerate().skip(b) {
+            let c = |t: usize| {
+                if p < plane {
+                    (code(4 * qi + t, p) as u32) << (8 * t)
+                } else {
+                    0
+                }
+            };
+            *v = (c(0) | c(1) | c(2) | c(3)) as i32;
+        }
+    }
+    Ok(())
 }
 
 /// Elements (of `N` lanes) of [`pointwise_group`]'s stack panel: the weights of a group for
@@ -339,6 +403,7 @@ fn pointwise_group<const N: usize>(
     out: &mut [u8],
     range: (usize, usize),
     vnni: bool,
+    pre: Option<(&[i32], usize)>,
 ) -> Result<usize, Error> {
     let isa = if vnni {
         super::Isa::Avx512Vnni
@@ -346,13 +411,14 @@ fn pointwise_group<const N: usize>(
         super::Isa::Avx2
     };
     let per = super::plan::panel_slice_elems(isa, weights.bits);
+    let x = (in_group, pre);
     // A stack panel only where it pays: a plane of several tiles, weights that fit.
     if plane > super::CONV_TILE && weights.k.div_ceil(QUAD_KC) * per <= PW_PANEL {
         let mut panel = [[0i32; N]; PW_PANEL];
         let p = Some(panel.as_mut_slice());
-        pointwise_groups::<N>(weights, in_group, plane, z, y, out, range, vnni, p)
+        pointwise_groups::<N>(weights, x, plane, z, y, out, range, vnni, p)
     } else {
-        pointwise_groups::<N>(weights, in_group, plane, z, y, out, range, vnni, None)
+        pointwise_groups::<N>(weights, x, plane, z, y, out, range, vnni, None)
     }
 }
 
@@ -361,7 +427,7 @@ fn pointwise_group<const N: usize>(
 #[allow(clippy::too_many_arguments)]
 fn pointwise_groups<const N: usize>(
     weights: &crate::packing::Weights<'_>,
-    in_group: &[u8],
+    (in_group, pre): (&[u8], Option<(&[i32], usize)>),
     plane: usize,
     z: i32,
     (y_zero, y_lo, y_hi): (u8, u8, u8),
@@ -448,9 +514,9 @@ fn pointwise_groups<const N: usize>(
                     // (and, with `vnni`, AVX-512 VNNI and VL).
                     unsafe {
                         if vnni {
-                            quad4_block_vnni(blk, wq, &zfix, &mut acc)?
+                            quad4_block_vnni(blk, pre, wq, &zfix, &mut acc)?
                         } else {
-                            quad4_block_avx2(blk, wq, &zfix, &mut acc)?
+                            quad4_block_avx2(blk, pre, wq, &zfix, &mut acc)?
                         }
                     };
                 } else {
@@ -557,6 +623,10 @@ fn weight_quads<const N: usize>(
         }
         return Ok(());
     }
+    if N.is_multiple_of(4) {
+        // SAFETY: AVX2 is available: these kernels run only when `active()` says so.
+        return unsafe { weight_quads_avx2(bits, rows, zw, c, kc, out) };
+    }
     // Spreading a group's `8b` bits to one code per byte in three halvings (`b` ≤ 4): codes
     // 4–7 to the upper 32 bits, then pairs to 16-bit fields, then one code per byte; each
     // step shifts the upper half of every field up and masks both halves.
@@ -602,6 +672,89 @@ fn weight_quads<const N: usize>(
     Ok(())
 }
 
+/// A group's 8 codes of a packed `b`-bit row (see `format`'s packing) in the low `8b` bits of
+/// a `u64`: one 8-byte load where the row runs that far, else byte by byte.
+#[inline]
+fn group_bits(row: &[u8], g0: usize, b: usize) -> Result<u64, Error> {
+    Ok(match row.get(g0..g0 + 8) {
+        Some(w) => u64::from_le_bytes(w.try_into().map_err(|_| Error::BadArgument)?),
+        None => row
+            .get(g0..g0 + b)
+            .ok_or(Error::BadArgument)?
+            .iter()
+            .enumerate()
+            .fold(0u64, |v, (i, &x)| v | (x as u64) << (8 * i)),
+    })
+}
+
+/// [`weight_quads`] for ≤ 4-bit weights, four rows per step in the 64-bit lanes of one
+/// register: the same three halvings and per-byte `q − z_c` as the scalar form, then each
+/// lane's two 32-bit quads go to their four channels' adjacent slots.
+#[target_feature(enable = "avx2")]
+fn weight_quads_avx2<const N: usize>(
+    bits: u8,
+    rows: &[&[u8]; N],
+    zw: &[i32; N],
+    c: usize,
+    kc: usize,
+    out: &mut [[i32; N]],
+) -> Result<(), Error> {
+    const LOW: u64 = 0x0101_0101_0101_0101;
+    let b = bits as usize;
+    if !(1..=4).contains(&b) {
+        return Err(Error::BadArgument);
+    }
+    let field = |w: usize| (1u64 << w) - 1;
+    let splat = |v: u64| _mm256_set1_epi64x(v as i64);
+    let count = |n: usize| _mm_cvtsi32_si128(n as i32);
+    let (m0, m1) = (
+        splat(field(8 * b)),
+        splat(field(4 * b) | field(4 * b) << 32),
+    );
+    let (m2, m3) = (
+        splat(field(2 * b) * 0x0001_0001_0001_0001),
+        splat(field(b) * LOW),
+    );
+    let (s1, s2, s3) = (count(32 - 4 * b), count(16 - 2 * b), count(8 - b));
+    let top = splat(0x80 * LOW);
+    // Lanes' low halves (quad `2g`) to the lower 128 bits, high halves (quad `2g + 1`) above.
+    let halves = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+    for j4 in (0..N).step_by(4) {
+        let row = |j: usize| rows.get(j4 + j).copied().ok_or(Error::BadArgument);
+        let zl = |j: usize| (zw.get(j4 + j).copied().unwrap_or(0) as u64 & 0xff).wrapping_mul(LOW);
+        let zv = _mm256_setr_epi64x(zl(0) as i64, zl(1) as i64, zl(2) as i64, zl(3) as i64);
+        let (r0, r1, r2, r3) = (row(0)?, row(1)?, row(2)?, row(3)?);
+        for gi in 0..kc.div_ceil(8) {
+            let g0 = (c / 8 + gi) * b;
+            let g = |r: &[u8]| group_bits(r, g0, b).map(|v| v as i64);
+            let v = _mm256_setr_epi64x(g(r0)?, g(r1)?, g(r2)?, g(r3)?);
+            let v = _mm256_and_si256(v, m0);
+            let v = _mm256_and_si256(_mm256_or_si256(v, _mm256_sll_epi64(v, s1)), m1);
+            let v = _mm256_and_si256(_mm256_or_si256(v, _mm256_sll_epi64(v, s2)), m2);
+            let codes = _mm256_and_si256(_mm256_or_si256(v, _mm256_sll_epi64(v, s3)), m3);
+            // Per byte `q − z_c` as an i8, as in the scalar form (no borrow crosses a byte).
+            let mut d = _mm256_xor_si256(_mm256_sub_epi64(_mm256_or_si256(codes, top), zv), top);
+            let valid = kc - gi * 8;
+            if valid < 8 {
+                // Channels past `kc` (a row's zero padding) weigh 0.
+                d = _mm256_and_si256(d, splat((1u64 << (8 * valid)) - 1));
+            }
+            let q = _mm256_permutevar8x32_epi32(d, halves);
+            for (t, quad) in out.iter_mut().skip(gi * 2).take(2).enumerate() {
+                let dst = quad.get_mut(j4..j4 + 4).ok_or(Error::BadArgument)?;
+                let part = if t == 0 {
+                    _mm256_castsi256_si128(q)
+                } else {
+                    _mm256_extracti128_si256(q, 1)
+                };
+                // SAFETY: `dst` holds exactly the 4 i32 the store writes.
+                unsafe { _mm_storeu_si128(dst.as_mut_ptr().cast(), part) };
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The 1×1 slice of [`pointwise_quads`] for ≤ 4-bit weights, four input channels per byte
 /// product: per block of 16 pixels, the codes of four input channels are interleaved so that
 /// each 32-bit lane holds one pixel's four codes, and each output channel adds
@@ -615,6 +768,7 @@ macro_rules! quad4_block {
         #[target_feature(enable = $features)]
         fn $name<const N: usize, const L: usize>(
             (in_group, plane, c, kc, p0, n): (&[u8], usize, usize, usize, usize, usize),
+            pre: Option<(&[i32], usize)>,
             wq: &[[i32; N]],
             zfix: &[i32; N],
             acc: &mut [[i32; L]; N],
@@ -637,30 +791,49 @@ macro_rules! quad4_block {
             }
             let dot = $dot;
             let mut b = 0;
-            while b + 16 <= n {
+            // With the interleaved copy, a last partial block too: its rows run on in zeros
+            // to a whole block, and the accumulators past `n` (inside `L`) go unused.
+            while b + 16 <= n || (pre.is_some() && b < n) {
                 let p = p0 + b;
                 let mut lo = [_mm256_setzero_si256(); N];
                 let mut hi = [_mm256_setzero_si256(); N];
                 let (mut sum_lo, mut sum_hi) = (_mm256_setzero_si256(), _mm256_setzero_si256());
                 for (qi, w4) in wq.iter().enumerate().take(quads) {
-                    // SAFETY: every channel index is `< kc` and `p + 16 ≤ p0 + n ≤ plane`, so
-                    // each 16-byte load lies inside `in_group` (checked above).
-                    let r = |t: usize| unsafe {
-                        let ci = (4 * qi + t).min(kc - 1);
-                        _mm_loadu_si128(in_group.as_ptr().add((c + ci) * plane + p).cast())
+                    // Pixels 0–7 and 8–15, four codes per 32-bit lane, in pixel order: from
+                    // the copy interleaved once per convolution ([`interleave_quads`]; a
+                    // channel past `kc` reads 0 there, with weight 0 all the same), or
+                    // interleaved here.
+                    let (x0, x1) = if let Some((xq, stride)) = pre {
+                        let at = (c / 4 + qi) * stride + p;
+                        let src = xq.get(at..at + 16).ok_or(Error::BadArgument)?;
+                        // SAFETY: `src` holds exactly the 16 i32 the two loads read.
+                        unsafe {
+                            (
+                                _mm256_loadu_si256(src.as_ptr().cast()),
+                                _mm256_loadu_si256(src.as_ptr().add(8).cast()),
+                            )
+                        }
+                    } else {
+                        // SAFETY: every channel index is `< kc` and `p + 16 ≤ p0 + n ≤
+                        // plane`, so each 16-byte load lies inside `in_group` (checked above).
+                        let r = |t: usize| unsafe {
+                            let ci = (4 * qi + t).min(kc - 1);
+                            _mm_loadu_si128(in_group.as_ptr().add((c + ci) * plane + p).cast())
+                        };
+                        let (r0, r1, r2, r3) = (r(0), r(1), r(2), r(3));
+                        let (l01, h01) = (_mm_unpacklo_epi8(r0, r1), _mm_unpackhi_epi8(r0, r1));
+                        let (l23, h23) = (_mm_unpacklo_epi8(r2, r3), _mm_unpackhi_epi8(r2, r3));
+                        (
+                            _mm256_set_m128i(
+                                _mm_unpackhi_epi16(l01, l23),
+                                _mm_unpacklo_epi16(l01, l23),
+                            ),
+                            _mm256_set_m128i(
+                                _mm_unpackhi_epi16(h01, h23),
+                                _mm_unpacklo_epi16(h01, h23),
+                            ),
+                        )
                     };
-                    let (r0, r1, r2, r3) = (r(0), r(1), r(2), r(3));
-                    let (l01, h01) = (_mm_unpacklo_epi8(r0, r1), _mm_unpackhi_epi8(r0, r1));
-                    let (l23, h23) = (_mm_unpacklo_epi8(r2, r3), _mm_unpackhi_epi8(r2, r3));
-                    // Pixels 0–7 and 8–15, four codes per 32-bit lane, in pixel order.
-                    let x0 = _mm256_set_m128i(
-                        _mm_unpackhi_epi16(l01, l23),
-                        _mm_unpacklo_epi16(l01, l23),
-                    );
-                    let x1 = _mm256_set_m128i(
-                        _mm_unpackhi_epi16(h01, h23),
-                        _mm_unpacklo_epi16(h01, h23),
-                    );
                     for ((l, h), &w) in lo.iter_mut().zip(&mut hi).zip(w4) {
                         let w = _mm256_set1_epi32(w);
                         *l = dot(*l, x0, w);
@@ -1279,9 +1452,9 @@ fn im2col_block<const N: usize>(
                     // (and, with `vnni`, AVX-512 VNNI and VL).
                     unsafe {
                         if vnni {
-                            quad4_block_vnni(blk, wq, &zfix, acc_g)?
+                            quad4_block_vnni(blk, None, wq, &zfix, acc_g)?
                         } else {
-                            quad4_block_avx2(blk, wq, &zfix, acc_g)?
+                            quad4_block_avx2(blk, None, wq, &zfix, acc_g)?
                         }
                     };
                 } else {
@@ -1365,4 +1538,372 @@ fn gather_row(
         }
     }
     Ok(())
+}
+
+/// Depthwise convolutions on small planes ([`super::plan::depthwise_lanes`]) with the channels
+/// in the vector lanes, [`DW_LANES`] channels per block ([`lanes_block`]). Returns how many
+/// leading channels it did: a multiple of [`DW_LANES`], 0 where `scratch` is smaller than
+/// [`super::plan::lanes_bytes`] (a blob lowered for another CPU).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn depthwise_lanes(
+    geom: &super::ConvGeom,
+    s: &super::ConvShape,
+    weights: &crate::packing::Weights<'_>,
+    input: &[u8],
+    z: i32,
+    y: (u8, u8, u8),
+    out: &mut [u8],
+    codes: &mut [u8],
+    scratch: &mut [u8],
+) -> Result<usize, Error> {
+    let (rows, cols) = lanes_extent(geom, s);
+    let taps = geom.kernel_h * geom.kernel_w;
+    let (plane, out_plane) = (s.h * s.w, s.out_h * s.out_w);
+    let Some((xb, rest)) = scratch.split_at_mut_checked(rows * cols * DW_LANES) else {
+        return Ok(0);
+    };
+    // SAFETY: every bit pattern is a valid `i32`; `align_to_mut` hands out only the aligned
+    // middle of the bytes, which the accumulators then own for this call.
+    let (_, acc, _) = unsafe { rest.align_to_mut::<i32>() };
+    let Some(acc) = acc.get_mut(..DW_LANES * out_plane) else {
+        return Ok(0);
+    };
+    if taps > DW_MAX_TAPS || codes.len() < taps {
+        return Err(Error::BadArgument);
+    }
+    // Each tap's offset in pixels of `xb` from its output pixel's window origin, in the order
+    // of the codes `(ky, kx)`; an odd count ends with a tap repeated at weight 0.
+    let mut offs = [0usize; DW_MAX_TAPS + 1];
+    for (t, o) in offs.iter_mut().take(taps).enumerate() {
+        let (ky, kx) = (t / geom.kernel_w, t % geom.kernel_w);
+        *o = ky * geom.dilation_h * cols + kx * geom.dilation_w;
+    }
+    let pairs = taps.div_ceil(2);
+    if taps % 2 == 1 {
+        let last = offs.get(taps - 1).copied().ok_or(Error::BadArgument)?;
+        *offs.get_mut(taps).ok_or(Error::BadArgument)? = last;
+    }
+    let offs = offs.get(..2 * pairs).ok_or(Error::BadArgument)?;
+    let mut c = 0;
+    while c + DW_LANES <= geom.groups {
+        // Weight pairs: `wp[p][j]` holds tap `2p`'s `q − z_c` of channel `c + j` in its low
+        // 16 bits and tap `2p + 1`'s in its high 16, the layout `vpmaddwd` multiplies.
+        let mut wp = [[0i32; DW_LANES]; DW_MAX_TAPS.div_ceil(2)];
+        let mut init = [0i32; DW_LANES];
+        let mut reqs = [crate::numerics::ChannelRequant::new(0, 0, 0, 0, 0); DW_LANES];
+        let mut zw = [0i32; DW_LANES];
+        let mut prow = [&[][..]; DW_LANES];
+        channel_constants(weights, c, z, y, &mut prow, &mut zw, &mut reqs, &mut init)?;
+        for (j, (row, &zwj)) in prow.iter().zip(&zw).enumerate() {
+            let codes = codes.get_mut(..taps).ok_or(Error::BadArgument)?;
+            crate::packing::unpack_row(weights.bits, row, codes)?;
+            for (t, &q) in codes.iter().enumerate() {
+                let w = (q as i32 - zwj) as u16 as i32;
+                let slot = wp
+                    .get_mut(t / 2)
+                    .and_then(|p| p.get_mut(j))
+                    .ok_or(Error::BadArgument)?;
+                *slot |= if t % 2 == 0 { w } else { w << 16 };
+            }
+        }
+        let block = input
+            .get(c * plane..(c + DW_LANES) * plane)
+            .ok_or(Error::BadArgument)?;
+        let dst = out
+            .get_mut(c * out_plane..(c + DW_LANES) * out_plane)
+            .ok_or(Error::BadArgument)?;
+        let wp = wp.get(..pairs).ok_or(Error::BadArgument)?;
+        let bufs = (&mut *xb, &mut *acc);
+        // SAFETY: AVX2 is available: the caller runs this only when `active()` says so.
+        unsafe {
+            lanes_block(
+                geom,
+                s,
+                block,
+                z,
+                (rows, cols),
+                (offs, wp, &init),
+                &reqs,
+                bufs,
+                dst,
+            )?
+        };
+        c += DW_LANES;
+    }
+    Ok(c)
+}
+
+/// One block of [`DW_LANES`] channels of [`depthwise_lanes`]. The input planes are copied
+/// pixel-major into `xb` ([`lanes_input`]: 16-byte vectors of the block's codes, pads and rows
+/// outside the input filled with `z`, the value the portable loops read there); each output
+/// pixel takes every tap from there, two taps per step: their vectors interleaved per channel,
+/// widened to i16, and `vpmaddwd` against the channels' weight pairs forms `w_a·a + w_b·b` per
+/// channel in an i32 lane (exact: `|q − z_c| ≤ 255` and `a ≤ 255` are valid i16, a pair sum
+/// `≤ 2·255²` fits i32; an odd last tap pairs with itself at weight 0). The lanes wrap as the
+/// portable loops' sums do, so the order of summation does not matter. The accumulators go to
+/// `acc` pixel-major, are requantized 16 channels at a time ([`requant_lanes`]) where every
+/// channel's factor is below one (else one by one, [`ChannelRequant::apply`]), and go back to
+/// channel-major through the same byte transpose.
+///
+/// [`ChannelRequant::apply`]: crate::numerics::ChannelRequant::apply
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+#[target_feature(enable = "avx2")]
+fn lanes_block(
+    geom: &super::ConvGeom,
+    s: &super::ConvShape,
+    block: &[u8],
+    z: i32,
+    extent: (usize, usize),
+    (offs, wp, init): (&[usize], &[[i32; DW_LANES]], &[i32; DW_LANES]),
+    reqs: &[crate::numerics::ChannelRequant; DW_LANES],
+    (xb, acc): (&mut [u8], &mut [i32]),
+    dst: &mut [u8],
+) -> Result<(), Error> {
+    let cols = extent.1;
+    let out_plane = s.out_h * s.out_w;
+    xb.fill(z as u8);
+    lanes_input(geom, s, block, extent, xb)?;
+    let load = |px: usize| -> Result<__m128i, Error> {
+        let src = xb
+            .get(px * DW_LANES..(px + 1) * DW_LANES)
+            .ok_or(Error::BadArgument)?;
+        // SAFETY: `src` holds exactly the 16 bytes the load reads.
+        Ok(unsafe { _mm_loadu_si128(src.as_ptr().cast()) })
+    };
+    let load8 = |v: &[i32]| -> Result<(__m256i, __m256i), Error> {
+        let v = v.get(..DW_LANES).ok_or(Error::BadArgument)?;
+        // SAFETY: `v` holds exactly the 16 i32 the two loads read.
+        Ok(unsafe {
+            (
+                _mm256_loadu_si256(v.as_ptr().cast()),
+                _mm256_loadu_si256(v.as_ptr().add(8).cast()),
+            )
+        })
+    };
+    for (p, a) in acc.chunks_exact_mut(DW_LANES).take(out_plane).enumerate() {
+        let (oy, ox) = (p / s.out_w, p % s.out_w);
+        let origin = oy * geom.stride_h * cols + ox * geom.stride_w;
+        let (mut lo, mut hi) = load8(init)?;
+        for (pair, w) in offs.chunks_exact(2).zip(wp) {
+            let &[oa, ob] = pair else {
+                continue; // `chunks_exact(2)`: never shorter
+            };
+            let (xa, xc) = (load(origin + oa)?, load(origin + ob)?);
+            let (w0, w1) = load8(w)?;
+            let ab0 = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(xa, xc));
+            let ab1 = _mm256_cvtepu8_epi16(_mm_unpackhi_epi8(xa, xc));
+            lo = _mm256_add_epi32(lo, _mm256_madd_epi16(ab0, w0));
+            hi = _mm256_add_epi32(hi, _mm256_madd_epi16(ab1, w1));
+        }
+        // SAFETY: `a` holds exactly the 16 i32 the two stores write.
+        unsafe {
+            _mm256_storeu_si256(a.as_mut_ptr().cast(), lo);
+            _mm256_storeu_si256(a.as_mut_ptr().add(8).cast(), hi);
+        }
+    }
+    let narrow = reqs.iter().all(|r| {
+        let (mult, n, ..) = r.constants();
+        n >= 31 && mult >= 0
+    });
+    if !narrow {
+        for (p, a) in acc.chunks_exact(DW_LANES).take(out_plane).enumerate() {
+            for (j, (req, &v)) in reqs.iter().zip(a).enumerate() {
+                *dst.get_mut(j * out_plane + p).ok_or(Error::BadArgument)? = req.apply(v);
+            }
+        }
+        return Ok(());
+    }
+    let k = LaneRequant::new(reqs);
+    let mut p0 = 0;
+    while p0 < out_plane {
+        let n = (out_plane - p0).min(16);
+        let mut px = [_mm_setzero_si128(); 16];
+        for (v, a) in px
+            .iter_mut()
+            .zip(acc.chunks_exact(DW_LANES).skip(p0))
+            .take(n)
+        {
+            let (lo, hi) = load8(a)?;
+            *v = k.apply(lo, hi);
+        }
+        // `t[j]`: channel j's codes for pixels `p0 .. p0 + 16`.
+        for (j, t) in transpose16(&px).iter().enumerate() {
+            let o = j * out_plane + p0;
+            let d = dst.get_mut(o..o + n).ok_or(Error::BadArgument)?;
+            if n == 16 {
+                // SAFETY: `d` holds exactly the 16 bytes the store writes.
+                unsafe { _mm_storeu_si128(d.as_mut_ptr().cast(), *t) };
+            } else {
+                let mut bytes = [0u8; 16];
+                // SAFETY: `bytes` holds exactly the 16 bytes the store writes.
+                unsafe { _mm_storeu_si128(bytes.as_mut_ptr().cast(), *t) };
+                d.copy_from_slice(bytes.get(..n).ok_or(Error::BadArgument)?);
+            }
+        }
+        p0 += n;
+    }
+    Ok(())
+}
+
+/// [`requant_narrow_avx2`] with each of [`DW_LANES`] lanes under its own channel's constants
+/// (all with factors below one: `n ≥ 31`, `mult ≥ 0`): the 64-bit products of the even and odd
+/// lanes apart, each shifted by its own count (`vpsrlvq`), then the same 32-bit tail. The
+/// exactness argument is [`requant_narrow_avx2`]'s, lane by lane.
+struct LaneRequant {
+    /// Per half (lanes 0–7, 8–15): `mult`, `half`, `n` of the even lanes, then of the odd
+    /// ones, in 64-bit lanes; `lo − zero`, `hi − zero` and `zero` in 32-bit lanes.
+    mult: [(__m256i, __m256i); 2],
+    half: [(__m256i, __m256i); 2],
+    n: [(__m256i, __m256i); 2],
+    lo_z: [__m256i; 2],
+    hi_z: [__m256i; 2],
+    zero: [__m256i; 2],
+}
+
+impl LaneRequant {
+    #[target_feature(enable = "avx2")]
+    fn new(reqs: &[crate::numerics::ChannelRequant; DW_LANES]) -> Self {
+        let mut c = [[0i64; DW_LANES]; 6];
+        for (j, r) in reqs.iter().enumerate() {
+            let (mult, n, half, zero, lo, hi) = r.constants();
+            for (slot, v) in c
+                .iter_mut()
+                .zip([mult, half, n as i64, zero, lo - zero, hi - zero])
+            {
+                if let Some(x) = slot.get_mut(j) {
+                    *x = v;
+                }
+            }
+        }
+        let [mult, half, n, zero, lo_z, hi_z] = c;
+        // 64-bit lanes of the even (`odd = 0`) or odd channels of half `h`.
+        let wide = |v: &[i64; DW_LANES], h: usize, odd: usize| {
+            let at = |i: usize| v.get(8 * h + 2 * i + odd).copied().unwrap_or(0);
+            _mm256_setr_epi64x(at(0), at(1), at(2), at(3))
+        };
+        let narrow = |v: &[i64; DW_LANES], h: usize| {
+            let at = |i: usize| v.get(8 * h + i).copied().unwrap_or(0) as i32;
+            _mm256_setr_epi32(at(0), at(1), at(2), at(3), at(4), at(5), at(6), at(7))
+        };
+        let pair = |v: &[i64; DW_LANES]| {
+            [
+                (wide(v, 0, 0), wide(v, 0, 1)),
+                (wide(v, 1, 0), wide(v, 1, 1)),
+            ]
+        };
+        LaneRequant {
+            mult: pair(&mult),
+            half: pair(&half),
+            n: pair(&n),
+            lo_z: [narrow(&lo_z, 0), narrow(&lo_z, 1)],
+            hi_z: [narrow(&hi_z, 0), narrow(&hi_z, 1)],
+            zero: [narrow(&zero, 0), narrow(&zero, 1)],
+        }
+    }
+
+    /// The 16 codes of one pixel's accumulators (`lo`: channels 0–7, `hi`: 8–15), in order.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn apply(&self, lo: __m256i, hi: __m256i) -> __m128i {
+        let mut v = [lo, hi];
+        for (h, a) in v.iter_mut().enumerate() {
+            let (Some(m), Some(hf), Some(n)) = (self.mult.get(h), self.half.get(h), self.n.get(h))
+            else {
+                continue;
+            };
+            let (Some(lo_z), Some(hi_z), Some(zero)) =
+                (self.lo_z.get(h), self.hi_z.get(h), self.zero.get(h))
+            else {
+                continue;
+            };
+            let mag = _mm256_abs_epi32(*a);
+            let even = _mm256_srlv_epi64(_mm256_add_epi64(_mm256_mul_epu32(mag, m.0), hf.0), n.0);
+            let odd = _mm256_srlv_epi64(
+                _mm256_add_epi64(_mm256_mul_epu32(_mm256_srli_epi64(mag, 32), m.1), hf.1),
+                n.1,
+            );
+            let r = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0b1010_1010);
+            let sign = _mm256_srai_epi32(*a, 31);
+            let r = _mm256_sub_epi32(_mm256_xor_si256(r, sign), sign);
+            // Clamped to `[lo − zero, hi − zero]` before the zero point is added: no wrap.
+            let r = _mm256_min_epi32(_mm256_max_epi32(r, *lo_z), *hi_z);
+            *a = _mm256_add_epi32(r, *zero);
+        }
+        let [lo, hi] = v;
+        // Codes in 0..=255: i16 in channel order after the cross-lane permute, then bytes.
+        let w = _mm256_permute4x64_epi64(_mm256_packus_epi32(lo, hi), 0b11_01_10_00);
+        let b = _mm256_packus_epi16(w, w);
+        _mm_unpacklo_epi64(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1))
+    }
+}
+
+/// Copies [`DW_LANES`] input planes (`block`, channel-major) into `xb` pixel-major: input
+/// pixel `(iy, ix)` goes to padded pixel `(iy + pad_top, ix + pad_left)` when that is one of
+/// the `rows × cols` the output reads. Sixteen pixels at a time through a 16×16 byte
+/// transpose (SSE2 unpacks: bytes, words, dwords, qwords), a last partial run code by code.
+#[target_feature(enable = "avx2")]
+fn lanes_input(
+    geom: &super::ConvGeom,
+    s: &super::ConvShape,
+    block: &[u8],
+    (rows, cols): (usize, usize),
+    xb: &mut [u8],
+) -> Result<(), Error> {
+    let plane = s.h * s.w;
+    let mut store = |p: usize, v: __m128i| -> Result<(), Error> {
+        let (py, px) = (p / s.w + geom.pad_top, p % s.w + geom.pad_left);
+        if py < rows && px < cols {
+            let at = (py * cols + px) * DW_LANES;
+            let d = xb.get_mut(at..at + DW_LANES).ok_or(Error::BadArgument)?;
+            // SAFETY: `d` holds exactly the 16 bytes the store writes.
+            unsafe { _mm_storeu_si128(d.as_mut_ptr().cast(), v) };
+        }
+        Ok(())
+    };
+    let mut p0 = 0;
+    while p0 + 16 <= plane {
+        let mut r = [_mm_setzero_si128(); DW_LANES];
+        for (j, rj) in r.iter_mut().enumerate() {
+            let src = block
+                .get(j * plane + p0..j * plane + p0 + 16)
+                .ok_or(Error::BadArgument)?;
+            // SAFETY: `src` holds exactly the 16 bytes the load reads.
+            *rj = unsafe { _mm_loadu_si128(src.as_ptr().cast()) };
+        }
+        for (i, &v) in transpose16(&r).iter().enumerate() {
+            store(p0 + i, v)?;
+        }
+        p0 += 16;
+    }
+    for p in p0..plane {
+        let mut bytes = [0u8; DW_LANES];
+        for (j, b) in bytes.iter_mut().enumerate() {
+            *b = *block.get(j * plane + p).ok_or(Error::BadArgument)?;
+        }
+        // SAFETY: `bytes` holds exactly the 16 bytes the load reads.
+        store(p, unsafe { _mm_loadu_si128(bytes.as_ptr().cast()) })?;
+    }
+    Ok(())
+}
+
+/// `out[i][j] = r[j][i]` for 16 vectors of 16 bytes: four rounds of one byte interleave,
+/// `out[2i] = unpacklo(v[i], v[i + 8])`, `out[2i + 1] = unpackhi(v[i], v[i + 8])`. Round `n`
+/// leaves each vector holding `2^n` channels of each of `16 / 2^n` pixels in order; after the
+/// fourth, vector `i` holds pixel `i`'s 16 channels.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn transpose16(r: &[__m128i; 16]) -> [__m128i; 16] {
+    let mut v = *r;
+    for _ in 0..4 {
+        let mut o = [_mm_setzero_si128(); 16];
+        let (first, second) = v.split_at(8);
+        for ((pair, &x), &y) in o.chunks_exact_mut(2).zip(first).zip(second) {
+            if let [l, h] = pair {
+                *l = _mm_unpacklo_epi8(x, y);
+                *h = _mm_unpackhi_epi8(x, y);
+            }
+        }
+        v = o;
+    }
+    v
 }
