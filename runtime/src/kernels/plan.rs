@@ -101,22 +101,28 @@ pub(super) fn lanes_bytes(isa: Isa, geom: &ConvGeom, s: &ConvShape) -> usize {
     rows * cols * DW_LANES + 4 * DW_LANES * s.out_h * s.out_w + 3
 }
 
-/// Bytes of scratch the 1×1 convolution uses past the unpacked row where its plane is one
-/// tile, its weights are byte quads and it has several groups of output channels: the input
-/// interleaved once per convolution, four input channels per `i32` for every pixel (plus 3
-/// bytes to align it), instead of once per group (`x86::pointwise_quads`); zero elsewhere.
+/// Bytes of scratch the 1×1 convolution uses past the unpacked row where its weights are byte
+/// quads and it has several groups of output channels: the input interleaved once per
+/// convolution, four input channels per `i32` for every pixel (plus 3 bytes to align it),
+/// instead of once per group and tile (`x86::pointwise_quads`); zero elsewhere, and where that
+/// copy would exceed [`PRE_MAX`].
 pub(super) fn pointwise_pre_bytes(isa: Isa, geom: &ConvGeom, s: &ConvShape, bits: u8) -> usize {
-    let plane = s.h * s.w;
+    let bytes = 4 * s.k.div_ceil(4) * (s.h * s.w).next_multiple_of(16);
     if !matches!(isa, Isa::Avx2 | Isa::Avx512Vnni)
         || !is_pointwise(geom, s)
         || !byte_quads(isa, bits)
-        || plane > CONV_TILE
+        || s.h * s.w > CONV_TILE
         || s.c_out_g < 8
+        || bytes > PRE_MAX
     {
         return 0;
     }
-    4 * s.k.div_ceil(4) * plane.next_multiple_of(16) + 3
+    bytes + 3
 }
+
+/// Most bytes of scratch a 1×1 convolution's interleaved input may take
+/// ([`pointwise_pre_bytes`]): the arena grows by at most this much for it.
+const PRE_MAX: usize = 256 * 1024;
 
 /// Whether the 1×1 and gathered-column kernels multiply weights as signed bytes, four input
 /// channels per product: ≤ 4-bit weights (`q − z_c`) at AVX2 and up, 8-bit ones (`q − 128`)

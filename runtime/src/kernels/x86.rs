@@ -92,7 +92,8 @@ fn requant_narrow_avx2(
     out: &mut [u8],
 ) -> usize {
     let (mult, n, half, zero, lo, hi) = req.constants();
-    let multv = _mm256_set1_epi64x(mult);
+    // Both halves of each 64-bit lane (see `requant_avx512`).
+    let multv = _mm256_set1_epi32(mult as i32);
     let halfv = _mm256_set1_epi64x(half);
     let count = _mm_cvtsi32_si128(n as i32);
     let zerov = _mm256_set1_epi32(zero as i32);
@@ -142,7 +143,9 @@ pub(super) fn requant_avx512(
     if n < 31 || mult < 0 {
         return 0;
     }
-    let multv = _mm512_set1_epi64(mult);
+    // Both halves of each 64-bit lane: `vpmuludq` reads the low one. (A zero-extended
+    // broadcast led LLVM to a full 64-bit multiply, four `vpmuludq` per pair of lanes.)
+    let multv = _mm512_set1_epi32(mult as i32);
     let halfv = _mm512_set1_epi64(half);
     let count = _mm_cvtsi32_si128(n as i32);
     let zerov = _mm512_set1_epi32(zero as i32);
@@ -1791,6 +1794,9 @@ impl LaneRequant {
                 (wide(v, 1, 0), wide(v, 1, 1)),
             ]
         };
+        // `mult < 2^31` in both halves of its lane: `vpmuludq` reads the low one (a
+        // zero-extended form led LLVM to a full 64-bit multiply, see `requant_avx512`).
+        let mult = mult.map(|m| m | m << 32);
         LaneRequant {
             mult: pair(&mult),
             half: pair(&half),
