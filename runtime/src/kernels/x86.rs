@@ -337,28 +337,24 @@ pub(super) fn pointwise_quads(
 }
 
 /// `xq[qi · stride + p]`: the codes of input channels `4qi .. 4qi + 4` at pixel `p`, one per
-/// byte of an `i32` (channels past `k` and pixels past the plane read 0; `stride` is the
-/// plane rounded up to 16), the layout [`quad4_block_vnni`] multiplies; 16 pixels at a time
-/// with the same interleave the kernel does per block, the rest code by code.
+/// byte of an `i32` (a channel past `k` repeats channel `k − 1`, as the kernel's own
+/// interleave reads it, and pixels past the plane read 0; `stride` is the plane rounded up to
+/// 16), the layout [`quad4_block_vnni`] multiplies; 16 pixels at a time with the same
+/// interleave the kernel does per block, the rest code by code.
 #[target_feature(enable = "avx2")]
 fn interleave_quads(in_group: &[u8], plane: usize, k: usize, xq: &mut [i32]) -> Result<(), Error> {
     let stride = plane.next_multiple_of(16);
-    if in_group.len() < k.checked_mul(plane).ok_or(Error::BadArgument)? {
+    if k == 0 || in_group.len() < k.checked_mul(plane).ok_or(Error::BadArgument)? {
         return Err(Error::BadArgument);
     }
-    let code = |ci: usize, p: usize| -> u8 {
-        if ci < k {
-            in_group.get(ci * plane + p).copied().unwrap_or(0)
-        } else {
-            0
-        }
-    };
     for (qi, row) in xq.chunks_exact_mut(stride).take(k.div_ceil(4)).enumerate() {
+        let chan = |t: usize| (4 * qi + t).min(k - 1) * plane;
         let mut b = 0;
-        while b + 16 <= plane && 4 * qi + 4 <= k {
+        while b + 16 <= plane {
             let r = |t: usize| -> Result<__m128i, Error> {
-                let at = (4 * qi + t) * plane + b;
-                let src = in_group.get(at..at + 16).ok_or(Error::BadArgument)?;
+                let src = in_group
+                    .get(chan(t) + b..chan(t) + b + 16)
+                    .ok_or(Error::BadArgument)?;
                 // SAFETY: `src` holds exactly the 16 bytes the load reads.
                 Ok(unsafe { _mm_loadu_si128(src.as_ptr().cast()) })
             };
@@ -377,12 +373,9 @@ fn interleave_quads(in_group: &[u8], plane: usize, k: usize, xq: &mut [i32]) -> 
             b += 16;
         }
         for (p, v) in row.iter_mut().enumerate().skip(b) {
-            let c = |t: usize| {
-                if p < plane {
-                    (code(4 * qi + t, p) as u32) << (8 * t)
-                } else {
-                    0
-                }
+            let c = |t: usize| match p < plane {
+                true => (in_group.get(chan(t) + p).copied().unwrap_or(0) as u32) << (8 * t),
+                false => 0,
             };
             *v = (c(0) | c(1) | c(2) | c(3)) as i32;
         }
@@ -803,8 +796,7 @@ macro_rules! quad4_block {
                 let (mut sum_lo, mut sum_hi) = (_mm256_setzero_si256(), _mm256_setzero_si256());
                 for (qi, w4) in wq.iter().enumerate().take(quads) {
                     // Pixels 0–7 and 8–15, four codes per 32-bit lane, in pixel order: from
-                    // the copy interleaved once per convolution ([`interleave_quads`]; a
-                    // channel past `kc` reads 0 there, with weight 0 all the same), or
+                    // the copy interleaved once per convolution ([`interleave_quads`]), or
                     // interleaved here.
                     let (x0, x1) = if let Some((xq, stride)) = pre {
                         let at = (c / 4 + qi) * stride + p;
@@ -1392,6 +1384,7 @@ fn im2col_block<const N: usize>(
         _ => None,
     };
     let mut col = [0u8; QUAD_KC * COL_PX];
+    let mut colq = [0i32; QUAD_KC / 4 * COL_PX];
     let mut acc = [[0i32; COL_PX]; COL_OC];
     // Weights made per slice without a panel: zeroed once here, each use overwrites the
     // elements it reads.
@@ -1429,6 +1422,14 @@ fn im2col_block<const N: usize>(
                 gather_row(geom, s, chan, tap, z as u8, p0, dst)?;
             }
             let blk = (col.as_slice(), COL_PX, 0, kc, 0, n);
+            // Byte quads: the columns interleaved once for every group (see `pointwise_quads`).
+            let pre = if quads {
+                // SAFETY: AVX2 is available: the caller runs this only when `active()` says so.
+                unsafe { interleave_quads(&col, COL_PX, kc, &mut colq)? };
+                Some((colq.as_slice(), COL_PX))
+            } else {
+                None
+            };
             for g in 0..oc / N {
                 let acc_g: &mut [[i32; COL_PX]; N] = acc
                     .get_mut(g * N..g * N + N)
@@ -1455,9 +1456,9 @@ fn im2col_block<const N: usize>(
                     // (and, with `vnni`, AVX-512 VNNI and VL).
                     unsafe {
                         if vnni {
-                            quad4_block_vnni(blk, None, wq, &zfix, acc_g)?
+                            quad4_block_vnni(blk, pre, wq, &zfix, acc_g)?
                         } else {
-                            quad4_block_avx2(blk, None, wq, &zfix, acc_g)?
+                            quad4_block_avx2(blk, pre, wq, &zfix, acc_g)?
                         }
                     };
                 } else {
