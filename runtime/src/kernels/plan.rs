@@ -186,11 +186,49 @@ pub fn conv_scratch_len_for(
     bits: u8,
 ) -> Option<usize> {
     let s = geom.check(in_dims, out_dims)?;
-    let panel = panel_elems(isa, geom, &s, bits);
-    let panel_bytes = if panel == 0 { 0 } else { 4 * panel + 3 };
+    // The gathered-column convolution's weight panel, then its padded input.
+    let col = panel_bytes(isa, geom, &s, bits) + padded_bytes(isa, geom, &s);
     // No two of these kernels run the same convolution: at most one is non-zero.
-    let extra = panel_bytes
+    let extra = col
         .max(lanes_bytes(isa, geom, &s))
         .max(pointwise_pre_bytes(isa, geom, &s, bits));
     Some(super::conv_scratch_len(s.k) + extra)
+}
+
+/// Bytes of [`panel_elems`] in the scratch region (plus 3 to align them for `i32`).
+pub(super) fn panel_bytes(isa: Isa, geom: &ConvGeom, s: &ConvShape, bits: u8) -> usize {
+    match panel_elems(isa, geom, s, bits) {
+        0 => 0,
+        n => 4 * n + 3,
+    }
+}
+
+/// Padded rows and columns of the gathered-column convolution's padded input: the rows and
+/// columns the output reads, from padded coordinate 0.
+pub(super) fn padded_extent(geom: &ConvGeom, s: &ConvShape) -> (usize, usize) {
+    lanes_extent(geom, s)
+}
+
+/// Bytes past a padded input that a gather of one run reads (two 32-byte loads).
+pub(super) const PAD_SLACK: usize = 64;
+
+/// Most bytes a padded input may take ([`padded_bytes`]).
+const PAD_MAX: usize = 512 * 1024;
+
+/// Bytes of scratch the gathered-column convolution takes past its weight panel for its input
+/// copied once per call with the pads filled in (each input channel's padded plane, then
+/// [`PAD_SLACK`]), so that each run of a tile's column is one copy: stride 1 along rows only
+/// (a run is contiguous there), at most [`PAD_MAX`]; zero elsewhere.
+pub(super) fn padded_bytes(isa: Isa, geom: &ConvGeom, s: &ConvShape) -> usize {
+    let (rows, cols) = padded_extent(geom, s);
+    let bytes = s.c_in_g * rows * cols + PAD_SLACK;
+    if !matches!(isa, Isa::Avx2 | Isa::Avx512Vnni)
+        || is_pointwise(geom, s)
+        || direct_fits(geom, s)
+        || geom.stride_w != 1
+        || bytes > PAD_MAX
+    {
+        return 0;
+    }
+    bytes
 }

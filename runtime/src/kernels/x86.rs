@@ -1287,18 +1287,30 @@ pub(super) fn im2col_conv(
 ) -> Result<usize, Error> {
     let width = super::plan::col_width(isa, weights.bits);
     let vnni = isa == super::Isa::Avx512Vnni;
+    let at = super::plan::panel_bytes(isa, geom, s, weights.bits).min(panel.len());
+    let (panel, rest) = panel.split_at_mut(at);
     // SAFETY: every bit pattern is a valid `i32`; `align_to_mut` hands out only the aligned
     // middle of the bytes, which the panel then owns for this call.
     let (_, panel, _) = unsafe { panel.align_to_mut::<i32>() };
     let need = super::plan::panel_elems(isa, geom, s, weights.bits);
     let panel = panel.get_mut(..need).filter(|_| need > 0);
+    // The input with its pads, once for every block of output channels, where the compiler
+    // sized the scratch for it.
+    let need = super::plan::padded_bytes(isa, geom, s);
+    let padded = match rest.get_mut(..need).filter(|_| need > 0) {
+        Some(xp) => {
+            pad_input(geom, s, in_group, z as u8, xp)?;
+            Some(&*xp)
+        }
+        None => None,
+    };
     let end = first + count;
     let mut co = first;
     let mut panel = panel;
     while co + width <= end {
         let oc = (end - co).min(COL_OC) / width * width;
         let blk = (co, oc);
-        let p = panel.as_deref_mut();
+        let p = (panel.as_deref_mut(), padded);
         if width == 8 {
             im2col_block::<8>(geom, s, weights, in_group, z, y, out, blk, vnni, p)?;
         } else {
@@ -1307,6 +1319,73 @@ pub(super) fn im2col_conv(
         co += oc;
     }
     Ok(co)
+}
+
+/// The group's input planes with their pads (and rows or columns outside the input) set to
+/// `z`, each [`super::plan::padded_extent`] in size, back to back, then
+/// [`super::plan::PAD_SLACK`] bytes for the gather's whole-vector loads.
+fn pad_input(
+    geom: &super::ConvGeom,
+    s: &super::ConvShape,
+    in_group: &[u8],
+    z: u8,
+    xp: &mut [u8],
+) -> Result<(), Error> {
+    let (rows, cols) = super::plan::padded_extent(geom, s);
+    let plane = s.h * s.w;
+    xp.fill(z);
+    // Input columns that land inside the padded rows.
+    let w = s.w.min(cols.saturating_sub(geom.pad_left));
+    for (ci, dst) in xp.chunks_exact_mut(rows * cols).take(s.c_in_g).enumerate() {
+        for (r, row) in dst.chunks_exact_mut(cols).enumerate() {
+            let Some(iy) = r.checked_sub(geom.pad_top).filter(|&iy| iy < s.h) else {
+                continue;
+            };
+            let at = ci * plane + iy * s.w;
+            let src = in_group.get(at..at + w).ok_or(Error::BadArgument)?;
+            row.get_mut(geom.pad_left..geom.pad_left + w)
+                .ok_or(Error::BadArgument)?
+                .copy_from_slice(src);
+        }
+    }
+    Ok(())
+}
+
+/// [`gather_row`] from the padded input of [`pad_input`] (stride 1 along rows): each run of
+/// pixels along an output row is one copy of whole 32-byte vectors from padded row
+/// `oy·stride_h + dy`, column `ox + dx`, whatever the pads. A copy may write up to 64 bytes
+/// past its run's start: the next run, row or the column buffer's slack takes them.
+#[target_feature(enable = "avx2")]
+fn gather_padded(
+    xp: &[u8],
+    (cols, sh, out_w): (usize, usize, usize),
+    base: usize,
+    p0: usize,
+    n: usize,
+    dst: &mut [u8],
+) -> Result<(), Error> {
+    let (mut oy, mut ox) = (p0 / out_w, p0 % out_w);
+    let mut q = 0;
+    while q < n {
+        let run = (out_w - ox).min(n - q);
+        let at = base + oy * sh * cols + ox;
+        let src = xp.get(at..at + 64).ok_or(Error::BadArgument)?;
+        let d = dst.get_mut(q..q + 64).ok_or(Error::BadArgument)?;
+        // SAFETY: `src` and `d` hold the 64 bytes the loads read and the stores write.
+        unsafe {
+            let (sp, dp) = (
+                src.as_ptr().cast::<__m256i>(),
+                d.as_mut_ptr().cast::<__m256i>(),
+            );
+            _mm256_storeu_si256(dp, _mm256_loadu_si256(sp));
+            if run > 32 {
+                _mm256_storeu_si256(dp.add(1), _mm256_loadu_si256(sp.add(1)));
+            }
+        }
+        q += run;
+        (oy, ox) = (oy + 1, 0);
+    }
+    Ok(())
 }
 
 /// [`im2col_conv`] for output channels `co .. co + oc` (`oc` a multiple of `N`, ≤ [`COL_OC`]).
@@ -1321,7 +1400,7 @@ fn im2col_block<const N: usize>(
     out: &mut [u8],
     (co, oc): (usize, usize),
     vnni: bool,
-    panel: Option<&mut [i32]>,
+    (panel, padded): (Option<&mut [i32]>, Option<&[u8]>),
 ) -> Result<(), Error> {
     let isa = if vnni {
         super::Isa::Avx512Vnni
@@ -1330,6 +1409,7 @@ fn im2col_block<const N: usize>(
     };
     let quads = super::plan::byte_quads(isa, weights.bits);
     let k = s.k;
+    let (rows_p, cols_p) = super::plan::padded_extent(geom, s);
     let (kh, kw) = (geom.kernel_h, geom.kernel_w);
     let plane = s.h * s.w;
     let out_plane = s.out_h * s.out_w;
@@ -1383,7 +1463,8 @@ fn im2col_block<const N: usize>(
         }
         _ => None,
     };
-    let mut col = [0u8; QUAD_KC * COL_PX];
+    // One row of `COL_PX` codes per reduction index, and slack for `gather_padded`'s copies.
+    let mut col = [0u8; QUAD_KC * COL_PX + 64];
     let mut colq = [0i32; QUAD_KC / 4 * COL_PX];
     let mut acc = [[0i32; COL_PX]; COL_OC];
     // Weights made per slice without a panel: zeroed once here, each use overwrites the
@@ -1402,7 +1483,7 @@ fn im2col_block<const N: usize>(
             // reduction index `c + v` reads.
             // Reduction index `c` is `(ci, ky, kx)`; counted up from there, not divided.
             let (mut ci, mut ky, mut kx) = (c / (kh * kw), c / kw % kh, c % kw);
-            for dst in col.chunks_exact_mut(COL_PX).take(kc) {
+            for v in 0..kc {
                 let (ci, ky, kx) = {
                     let here = (ci, ky, kx);
                     kx += 1;
@@ -1414,11 +1495,22 @@ fn im2col_block<const N: usize>(
                     }
                     here
                 };
+                let tap = (ky * geom.dilation_h, kx * geom.dilation_w);
+                if let Some(xp) = padded {
+                    let base = (ci * rows_p + tap.0) * cols_p + tap.1;
+                    let dst = col.get_mut(v * COL_PX..).ok_or(Error::BadArgument)?;
+                    let shape = (cols_p, geom.stride_h, s.out_w);
+                    // SAFETY: AVX2 is available: the caller runs this only when `active()`
+                    // says so.
+                    unsafe { gather_padded(xp, shape, base, p0, n, dst)? };
+                    continue;
+                }
                 let chan = in_group
                     .get(ci * plane..(ci + 1) * plane)
                     .ok_or(Error::BadArgument)?;
-                let tap = (ky * geom.dilation_h, kx * geom.dilation_w);
-                let dst = dst.get_mut(..n).ok_or(Error::BadArgument)?;
+                let dst = col
+                    .get_mut(v * COL_PX..v * COL_PX + n)
+                    .ok_or(Error::BadArgument)?;
                 gather_row(geom, s, chan, tap, z as u8, p0, dst)?;
             }
             let blk = (col.as_slice(), COL_PX, 0, kc, 0, n);
