@@ -61,6 +61,19 @@ fn problem() -> impl Strategy<Value = Problem> {
             .prop_map(|(g, ci, co, h, w, (k, st), (pt, pl))| {
                 (g, ci, co, h, w, (3, k, st, st, [pt, pl, pl, pt]))
             }),
+        // The same over rows wider than 32 output pixels: runs of a tile's columns that take
+        // two vectors.
+        (
+            8usize..12,
+            1usize..20,
+            1usize..4,
+            66usize..140,
+            1usize..3,
+            (0usize..3, 0usize..2)
+        )
+            .prop_map(|(ci, co, h, w, st, (pt, pl))| {
+                (1, ci, co, h, w, (3, 3, 1, st, [pt, pl, pl, pt]))
+            }),
         // Depthwise 3×3 / 5×5, strides 1–2, pads 0–2; rows wide enough for whole steps of
         // 32 output pixels at stride 2.
         depthwise(1..12, 1..40, 1..80),

@@ -209,23 +209,23 @@ pub(super) fn padded_extent(geom: &ConvGeom, s: &ConvShape) -> (usize, usize) {
     lanes_extent(geom, s)
 }
 
-/// Bytes past a padded input that a gather of one run reads (two 32-byte loads).
-pub(super) const PAD_SLACK: usize = 64;
+/// Bytes past a padded input that a gather of one run reads (four 32-byte loads at stride 2).
+pub(super) const PAD_SLACK: usize = 128;
 
 /// Most bytes a padded input may take ([`padded_bytes`]).
 const PAD_MAX: usize = 512 * 1024;
 
 /// Bytes of scratch the gathered-column convolution takes past its weight panel for its input
 /// copied once per call with the pads filled in (each input channel's padded plane, then
-/// [`PAD_SLACK`]), so that each run of a tile's column is one copy: stride 1 along rows only
-/// (a run is contiguous there), at most [`PAD_MAX`]; zero elsewhere.
+/// [`PAD_SLACK`]), so that each run of a tile's column is one copy: strides 1 and 2 along rows,
+/// at most [`PAD_MAX`]; zero elsewhere.
 pub(super) fn padded_bytes(isa: Isa, geom: &ConvGeom, s: &ConvShape) -> usize {
     let (rows, cols) = padded_extent(geom, s);
     let bytes = s.c_in_g * rows * cols + PAD_SLACK;
     if !matches!(isa, Isa::Avx2 | Isa::Avx512Vnni)
         || is_pointwise(geom, s)
         || direct_fits(geom, s)
-        || geom.stride_w != 1
+        || !(geom.stride_w == 1 || geom.stride_w == 2)
         || bytes > PAD_MAX
     {
         return 0;

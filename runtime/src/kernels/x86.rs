@@ -1351,14 +1351,15 @@ fn pad_input(
     Ok(())
 }
 
-/// [`gather_row`] from the padded input of [`pad_input`] (stride 1 along rows): each run of
-/// pixels along an output row is one copy of whole 32-byte vectors from padded row
-/// `oy·stride_h + dy`, column `ox + dx`, whatever the pads. A copy may write up to 64 bytes
-/// past its run's start: the next run, row or the column buffer's slack takes them.
+/// [`gather_row`] from the padded input of [`pad_input`] (strides 1 and 2 along rows): each run
+/// of pixels along an output row is one copy of whole 32-byte vectors from padded row
+/// `oy·stride_h + dy`, column `ox·sw + dx`, whatever the pads; at stride 2 the even codes of
+/// 64 bytes are packed into 32 as [`direct_codes32`] does. A copy may write up to 64 bytes past
+/// its run's start: the next run, row or the column buffer's slack takes them.
 #[target_feature(enable = "avx2")]
 fn gather_padded(
     xp: &[u8],
-    (cols, sh, out_w): (usize, usize, usize),
+    (cols, sh, sw, out_w): (usize, usize, usize, usize),
     base: usize,
     p0: usize,
     n: usize,
@@ -1368,19 +1369,12 @@ fn gather_padded(
     let mut q = 0;
     while q < n {
         let run = (out_w - ox).min(n - q);
-        let at = base + oy * sh * cols + ox;
-        let src = xp.get(at..at + 64).ok_or(Error::BadArgument)?;
+        let at = base + oy * sh * cols + ox * sw;
         let d = dst.get_mut(q..q + 64).ok_or(Error::BadArgument)?;
-        // SAFETY: `src` and `d` hold the 64 bytes the loads read and the stores write.
-        unsafe {
-            let (sp, dp) = (
-                src.as_ptr().cast::<__m256i>(),
-                d.as_mut_ptr().cast::<__m256i>(),
-            );
-            _mm256_storeu_si256(dp, _mm256_loadu_si256(sp));
-            if run > 32 {
-                _mm256_storeu_si256(dp.add(1), _mm256_loadu_si256(sp.add(1)));
-            }
+        for (h, part) in d.chunks_exact_mut(32).enumerate().take(run.div_ceil(32)) {
+            let v = direct_codes32(xp, sw, at + 32 * h * sw)?;
+            // SAFETY: `part` holds exactly the 32 bytes the store writes.
+            unsafe { _mm256_storeu_si256(part.as_mut_ptr().cast(), v) };
         }
         q += run;
         (oy, ox) = (oy + 1, 0);
@@ -1499,7 +1493,7 @@ fn im2col_block<const N: usize>(
                 if let Some(xp) = padded {
                     let base = (ci * rows_p + tap.0) * cols_p + tap.1;
                     let dst = col.get_mut(v * COL_PX..).ok_or(Error::BadArgument)?;
-                    let shape = (cols_p, geom.stride_h, s.out_w);
+                    let shape = (cols_p, geom.stride_h, geom.stride_w, s.out_w);
                     // SAFETY: AVX2 is available: the caller runs this only when `active()`
                     // says so.
                     unsafe { gather_padded(xp, shape, base, p0, n, dst)? };
