@@ -1753,13 +1753,6 @@ fn lanes_block(
     let out_plane = s.out_h * s.out_w;
     xb.fill(z as u8);
     lanes_input(geom, s, block, extent, xb)?;
-    let load = |px: usize| -> Result<__m128i, Error> {
-        let src = xb
-            .get(px * DW_LANES..(px + 1) * DW_LANES)
-            .ok_or(Error::BadArgument)?;
-        // SAFETY: `src` holds exactly the 16 bytes the load reads.
-        Ok(unsafe { _mm_loadu_si128(src.as_ptr().cast()) })
-    };
     let load8 = |v: &[i32]| -> Result<(__m256i, __m256i), Error> {
         let v = v.get(..DW_LANES).ok_or(Error::BadArgument)?;
         // SAFETY: `v` holds exactly the 16 i32 the two loads read.
@@ -1770,16 +1763,30 @@ fn lanes_block(
             )
         })
     };
+    // The weight pairs in registers (or one load away) for the whole block.
+    let mut wv = [(_mm256_setzero_si256(), _mm256_setzero_si256()); DW_MAX_TAPS.div_ceil(2)];
+    for (v, w) in wv.iter_mut().zip(wp) {
+        *v = load8(w)?;
+    }
+    let wv = wv.get(..wp.len()).ok_or(Error::BadArgument)?;
+    let (init_lo, init_hi) = load8(init)?;
+    // Every tap's pixel is within `last` pixels of its window's origin.
+    let last = offs.iter().copied().max().unwrap_or(0);
     for (p, a) in acc.chunks_exact_mut(DW_LANES).take(out_plane).enumerate() {
         let (oy, ox) = (p / s.out_w, p % s.out_w);
         let origin = oy * geom.stride_h * cols + ox * geom.stride_w;
-        let (mut lo, mut hi) = load8(init)?;
-        for (pair, w) in offs.chunks_exact(2).zip(wp) {
+        // The window's pixels, checked once per output pixel.
+        let win = xb
+            .get(origin * DW_LANES..(origin + last + 1) * DW_LANES)
+            .ok_or(Error::BadArgument)?;
+        // SAFETY: every offset is at most `last`, so each 16-byte load lies inside `win`.
+        let load = |o: usize| unsafe { _mm_loadu_si128(win.as_ptr().add(o * DW_LANES).cast()) };
+        let (mut lo, mut hi) = (init_lo, init_hi);
+        for (pair, &(w0, w1)) in offs.chunks_exact(2).zip(wv) {
             let &[oa, ob] = pair else {
                 continue; // `chunks_exact(2)`: never shorter
             };
-            let (xa, xc) = (load(origin + oa)?, load(origin + ob)?);
-            let (w0, w1) = load8(w)?;
+            let (xa, xc) = (load(oa), load(ob));
             let ab0 = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(xa, xc));
             let ab1 = _mm256_cvtepu8_epi16(_mm_unpackhi_epi8(xa, xc));
             lo = _mm256_add_epi32(lo, _mm256_madd_epi16(ab0, w0));
