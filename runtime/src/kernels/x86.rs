@@ -1798,18 +1798,6 @@ fn lanes_block(
             _mm256_storeu_si256(a.as_mut_ptr().add(8).cast(), hi);
         }
     }
-    let narrow = reqs.iter().all(|r| {
-        let (mult, n, ..) = r.constants();
-        n >= 31 && mult >= 0
-    });
-    if !narrow {
-        for (p, a) in acc.chunks_exact(DW_LANES).take(out_plane).enumerate() {
-            for (j, (req, &v)) in reqs.iter().zip(a).enumerate() {
-                *dst.get_mut(j * out_plane + p).ok_or(Error::BadArgument)? = req.apply(v);
-            }
-        }
-        return Ok(());
-    }
     let k = LaneRequant::new(reqs);
     let mut p0 = 0;
     while p0 < out_plane {
@@ -1842,43 +1830,51 @@ fn lanes_block(
     Ok(())
 }
 
-/// [`requant_narrow_avx2`] with each of [`DW_LANES`] lanes under its own channel's constants
-/// (all with factors below one: `n ≥ 31`, `mult ≥ 0`): the 64-bit products of the even and odd
-/// lanes apart, each shifted by its own count (`vpsrlvq`), then the same 32-bit tail. The
-/// exactness argument is [`requant_narrow_avx2`]'s, lane by lane.
+/// Requantization with each of [`DW_LANES`] lanes under its own channel's constants, the
+/// 64-bit products of the even and odd lanes apart, each shifted by its own count
+/// (`vpsrlvq`). Where every factor is below one (`n ≥ 31`, `mult ≥ 0`), the 32-bit tail of
+/// [`requant_narrow_avx2`]; else the 64-bit rounding and clamp of [`requant_avx2`]. The
+/// exactness arguments are theirs, lane by lane.
 struct LaneRequant {
-    /// Per half (lanes 0–7, 8–15): `mult`, `half`, `n` of the even lanes, then of the odd
-    /// ones, in 64-bit lanes; `lo − zero`, `hi − zero` and `zero` in 32-bit lanes.
+    /// Per half (lanes 0–7, 8–15): `mult`, `half`, `n`, and `zero`, `lo`, `hi` for the 64-bit
+    /// form, of the even lanes, then of the odd ones, in 64-bit lanes; `lo − zero`,
+    /// `hi − zero` and `zero` in 32-bit lanes for the narrow form.
     mult: [(__m256i, __m256i); 2],
     half: [(__m256i, __m256i); 2],
     n: [(__m256i, __m256i); 2],
+    wide_zlh: [[(__m256i, __m256i); 2]; 3],
     lo_z: [__m256i; 2],
     hi_z: [__m256i; 2],
     zero: [__m256i; 2],
+    narrow: bool,
 }
 
 impl LaneRequant {
     #[target_feature(enable = "avx2")]
     fn new(reqs: &[crate::numerics::ChannelRequant; DW_LANES]) -> Self {
-        let mut c = [[0i64; DW_LANES]; 6];
+        let mut c = [[0i64; DW_LANES]; 8];
         for (j, r) in reqs.iter().enumerate() {
             let (mult, n, half, zero, lo, hi) = r.constants();
-            for (slot, v) in c
-                .iter_mut()
-                .zip([mult, half, n as i64, zero, lo - zero, hi - zero])
+            for (slot, v) in
+                c.iter_mut()
+                    .zip([mult, half, n as i64, zero, lo - zero, hi - zero, lo, hi])
             {
                 if let Some(x) = slot.get_mut(j) {
                     *x = v;
                 }
             }
         }
-        let [mult, half, n, zero, lo_z, hi_z] = c;
+        let narrow = reqs.iter().all(|r| {
+            let (mult, n, ..) = r.constants();
+            n >= 31 && mult >= 0
+        });
+        let [mult, half, n, zero, lo_z, hi_z, lo, hi] = c;
         // 64-bit lanes of the even (`odd = 0`) or odd channels of half `h`.
         let wide = |v: &[i64; DW_LANES], h: usize, odd: usize| {
             let at = |i: usize| v.get(8 * h + 2 * i + odd).copied().unwrap_or(0);
             _mm256_setr_epi64x(at(0), at(1), at(2), at(3))
         };
-        let narrow = |v: &[i64; DW_LANES], h: usize| {
+        let lanes32 = |v: &[i64; DW_LANES], h: usize| {
             let at = |i: usize| v.get(8 * h + i).copied().unwrap_or(0) as i32;
             _mm256_setr_epi32(at(0), at(1), at(2), at(3), at(4), at(5), at(6), at(7))
         };
@@ -1888,16 +1884,18 @@ impl LaneRequant {
                 (wide(v, 1, 0), wide(v, 1, 1)),
             ]
         };
-        // `mult < 2^31` in both halves of its lane: `vpmuludq` reads the low one (a
-        // zero-extended form led LLVM to a full 64-bit multiply, see `requant_avx512`).
+        // `0 ≤ mult < 2^31` in both halves of its lane: `vpmuludq` and `vpmuldq` read the low
+        // one (a zero-extended form led LLVM to a full 64-bit multiply, see `requant_avx512`).
         let mult = mult.map(|m| m | m << 32);
         LaneRequant {
             mult: pair(&mult),
             half: pair(&half),
             n: pair(&n),
-            lo_z: [narrow(&lo_z, 0), narrow(&lo_z, 1)],
-            hi_z: [narrow(&hi_z, 0), narrow(&hi_z, 1)],
-            zero: [narrow(&zero, 0), narrow(&zero, 1)],
+            wide_zlh: [pair(&zero), pair(&lo), pair(&hi)],
+            lo_z: [lanes32(&lo_z, 0), lanes32(&lo_z, 1)],
+            hi_z: [lanes32(&hi_z, 0), lanes32(&hi_z, 1)],
+            zero: [lanes32(&zero, 0), lanes32(&zero, 1)],
+            narrow,
         }
     }
 
@@ -1906,7 +1904,34 @@ impl LaneRequant {
     #[target_feature(enable = "avx2")]
     fn apply(&self, lo: __m256i, hi: __m256i) -> __m128i {
         let mut v = [lo, hi];
-        for (h, a) in v.iter_mut().enumerate() {
+        if !self.narrow {
+            let zero64 = _mm256_setzero_si256();
+            for (h, a) in v.iter_mut().enumerate() {
+                let (Some(m), Some(hf), Some(n)) =
+                    (self.mult.get(h), self.half.get(h), self.n.get(h))
+                else {
+                    continue;
+                };
+                let none = (zero64, zero64);
+                let [z, lo, hi] = self.wide_zlh.map(|x| x.get(h).copied().unwrap_or(none));
+                let round_clamp = |p: __m256i, odd: bool| {
+                    let pick = |x: (__m256i, __m256i)| if odd { x.1 } else { x.0 };
+                    let neg = _mm256_cmpgt_epi64(zero64, p);
+                    let mag = _mm256_sub_epi64(_mm256_xor_si256(p, neg), neg);
+                    let r = _mm256_srlv_epi64(_mm256_add_epi64(mag, pick(*hf)), pick(*n));
+                    let r = _mm256_sub_epi64(_mm256_xor_si256(r, neg), neg);
+                    let v = _mm256_add_epi64(r, pick(z));
+                    let (lo, hi) = (pick(lo), pick(hi));
+                    let v = _mm256_blendv_epi8(v, lo, _mm256_cmpgt_epi64(lo, v));
+                    _mm256_blendv_epi8(v, hi, _mm256_cmpgt_epi64(v, hi))
+                };
+                let even = round_clamp(_mm256_mul_epi32(*a, m.0), false);
+                let odd = round_clamp(_mm256_mul_epi32(_mm256_srli_epi64(*a, 32), m.1), true);
+                // Codes in 0..=255: back into eight 32-bit lanes in order.
+                *a = _mm256_or_si256(even, _mm256_slli_epi64(odd, 32));
+            }
+        }
+        for (h, a) in v.iter_mut().enumerate().filter(|_| self.narrow) {
             let (Some(m), Some(hf), Some(n)) = (self.mult.get(h), self.half.get(h), self.n.get(h))
             else {
                 continue;
@@ -1940,7 +1965,7 @@ impl LaneRequant {
 /// Copies [`DW_LANES`] input planes (`block`, channel-major) into `xb` pixel-major: input
 /// pixel `(iy, ix)` goes to padded pixel `(iy + pad_top, ix + pad_left)` when that is one of
 /// the `rows × cols` the output reads. Sixteen pixels at a time through a 16×16 byte
-/// transpose (SSE2 unpacks: bytes, words, dwords, qwords), a last partial run code by code.
+/// transpose ([`transpose16`]), a last partial run code by code.
 #[target_feature(enable = "avx2")]
 fn lanes_input(
     geom: &super::ConvGeom,
