@@ -131,8 +131,8 @@ fn requant_narrow_avx2(
 
 /// [`requant_narrow_avx2`] sixteen accumulators per step with AVX-512F (implied by the VNNI
 /// level's VL): the same 64-bit products and 32-bit tail, the codes narrowed by `vpmovusdb`
-/// (every value is already in `[0, 255]`). Only for `shift ≥ 0`; returns how many leading
-/// accumulators it did (0 for other factors, which the AVX2 form takes).
+/// (every value is already in `[0, 255]`), for `shift ≥ 0`; other factors take
+/// [`requant_wide_avx512`]. Returns how many leading accumulators it did.
 #[target_feature(enable = "avx2,avx512f,avx512vl")]
 pub(super) fn requant_avx512(
     req: &crate::numerics::ChannelRequant,
@@ -141,7 +141,7 @@ pub(super) fn requant_avx512(
 ) -> usize {
     let (mult, n, half, zero, lo, hi) = req.constants();
     if n < 31 || mult < 0 {
-        return 0;
+        return requant_wide_avx512(req, acc, out);
     }
     // Both halves of each 64-bit lane: `vpmuludq` reads the low one. (A zero-extended
     // broadcast led LLVM to a full 64-bit multiply, four `vpmuludq` per pair of lanes.)
@@ -169,6 +169,49 @@ pub(super) fn requant_avx512(
         // Clamped to `[lo − zero, hi − zero]` before the zero point is added: no wrap.
         let r = _mm512_min_epi32(_mm512_max_epi32(r, lo_z), hi_z);
         let v = _mm512_add_epi32(r, zerov);
+        let bytes = _mm512_cvtusepi32_epi8(v);
+        // SAFETY: `dst` holds exactly the 16 bytes the store writes.
+        unsafe { _mm_storeu_si128(dst.as_mut_ptr().cast(), bytes) };
+        i += 16;
+    }
+    i
+}
+
+/// [`requant_avx2`]'s 64-bit form sixteen accumulators per step with AVX-512F, for the
+/// factors of one or more that [`requant_avx512`] leaves: `vpmuldq` forms `acc · mult` exactly
+/// (even and odd lanes apart), the magnitude is rounded half away from zero with a logical
+/// shift, the sign given back, the zero point added and the clamp applied in 64-bit lanes
+/// (`hi` wins when `lo > hi`), as the scalar form computes.
+#[target_feature(enable = "avx2,avx512f,avx512vl")]
+fn requant_wide_avx512(
+    req: &crate::numerics::ChannelRequant,
+    acc: &[i32],
+    out: &mut [u8],
+) -> usize {
+    let (mult, n, half, zero, lo, hi) = req.constants();
+    // Both halves of each 64-bit lane (see `requant_avx512`); `vpmuldq` reads the low one.
+    let multv = _mm512_set1_epi32(mult as i32);
+    let halfv = _mm512_set1_epi64(half);
+    let zerov = _mm512_set1_epi64(zero);
+    let (lov, hiv) = (_mm512_set1_epi64(lo), _mm512_set1_epi64(hi));
+    // `n ≤ 62`: a shift count the instruction takes as is.
+    let count = _mm_cvtsi32_si128(n as i32);
+    let zero64 = _mm512_setzero_si512();
+    let round_clamp = |p: __m512i| {
+        let neg = _mm512_cmpgt_epi64_mask(zero64, p);
+        let mag = _mm512_mask_sub_epi64(p, neg, zero64, p);
+        let r = _mm512_srl_epi64(_mm512_add_epi64(mag, halfv), count);
+        let v = _mm512_add_epi64(_mm512_mask_sub_epi64(r, neg, zero64, r), zerov);
+        _mm512_min_epi64(_mm512_max_epi64(v, lov), hiv)
+    };
+    let mut i = 0;
+    while let (Some(src), Some(dst)) = (acc.get(i..i + 16), out.get_mut(i..i + 16)) {
+        // SAFETY: `src` holds exactly the 16 i32 the load reads.
+        let a = unsafe { _mm512_loadu_si512(src.as_ptr().cast()) };
+        let even = round_clamp(_mm512_mul_epi32(a, multv));
+        let odd = round_clamp(_mm512_mul_epi32(_mm512_srli_epi64(a, 32), multv));
+        // Codes in 0..=255: back into sixteen 32-bit lanes in order, then bytes.
+        let v = _mm512_or_si512(even, _mm512_slli_epi64(odd, 32));
         let bytes = _mm512_cvtusepi32_epi8(v);
         // SAFETY: `dst` holds exactly the 16 bytes the store writes.
         unsafe { _mm_storeu_si128(dst.as_mut_ptr().cast(), bytes) };
