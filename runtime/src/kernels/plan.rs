@@ -177,7 +177,8 @@ pub(super) fn panel_elems(isa: Isa, geom: &ConvGeom, s: &ConvShape, bits: u8) ->
 /// and accumulators ([`lanes_bytes`]), for a one-tile 1×1 convolution its interleaved input
 /// ([`pointwise_pre_bytes`]). A smaller scratch region is still correct: the gathered-column
 /// kernel then makes the panel per tile, a depthwise convolution runs on the row kernel, the
-/// 1×1 kernel interleaves per group, with the same results. `None` if the shapes do not fit the geometry.
+/// 1×1 kernel interleaves per group, with the same results. `None` if the shapes do not fit
+/// the geometry.
 pub fn conv_scratch_len_for(
     isa: Isa,
     geom: &ConvGeom,
@@ -188,7 +189,7 @@ pub fn conv_scratch_len_for(
     let s = geom.check(in_dims, out_dims)?;
     // The gathered-column convolution's weight panel, then its padded input.
     let col = panel_bytes(isa, geom, &s, bits) + padded_bytes(isa, geom, &s);
-    // No two of these kernels run the same convolution: at most one is non-zero.
+    // The kernels of one convolution use the region one after the other: the largest need.
     let extra = col
         .max(lanes_bytes(isa, geom, &s))
         .max(pointwise_pre_bytes(isa, geom, &s, bits));
