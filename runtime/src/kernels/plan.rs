@@ -83,9 +83,10 @@ pub(super) fn depthwise_lanes(isa: Isa, geom: &ConvGeom, s: &ConvShape) -> bool 
         && s.out_h * s.out_w <= CONV_TILE
 }
 
-/// Padded input rows and columns the output plane reads (`(rows, cols)`), for the
-/// channels-in-lanes depthwise convolution's pixel-major copy of the input.
-pub(super) fn lanes_extent(geom: &ConvGeom, s: &ConvShape) -> (usize, usize) {
+/// Padded input rows and columns the output plane reads (`(rows, cols)`, from padded
+/// coordinate 0): the extent of the channels-in-lanes depthwise convolution's pixel-major copy
+/// of the input and of the gathered-column convolution's padded input.
+pub(super) fn padded_extent(geom: &ConvGeom, s: &ConvShape) -> (usize, usize) {
     let cols = (s.out_w - 1) * geom.stride_w + (geom.kernel_w - 1) * geom.dilation_w + 1;
     (band_input_rows(geom, s.out_h), cols)
 }
@@ -97,7 +98,7 @@ pub(super) fn lanes_bytes(isa: Isa, geom: &ConvGeom, s: &ConvShape) -> usize {
     if !depthwise_lanes(isa, geom, s) {
         return 0;
     }
-    let (rows, cols) = lanes_extent(geom, s);
+    let (rows, cols) = padded_extent(geom, s);
     rows * cols * DW_LANES + 4 * DW_LANES * s.out_h * s.out_w + 3
 }
 
@@ -202,12 +203,6 @@ pub(super) fn panel_bytes(isa: Isa, geom: &ConvGeom, s: &ConvShape, bits: u8) ->
         0 => 0,
         n => 4 * n + 3,
     }
-}
-
-/// Padded rows and columns of the gathered-column convolution's padded input: the rows and
-/// columns the output reads, from padded coordinate 0.
-pub(super) fn padded_extent(geom: &ConvGeom, s: &ConvShape) -> (usize, usize) {
-    lanes_extent(geom, s)
 }
 
 /// Bytes past a padded input that a gather of one run reads (four 32-byte loads at stride 2).

@@ -11,8 +11,8 @@ use core::arch::x86_64::*;
 
 use super::channel_constants;
 use super::plan::{
-    band_input_rows, lanes_extent, padded_row, COL_OC, COL_PX, DIRECT_MAX_K, DIRECT_ROWS, DW_LANES,
-    DW_MAX_TAPS, QUAD_KC,
+    band_input_rows, padded_extent, padded_row, COL_OC, COL_PX, DIRECT_MAX_K, DIRECT_ROWS,
+    DW_LANES, DW_MAX_TAPS, QUAD_KC,
 };
 use crate::error::Error;
 
@@ -1689,7 +1689,7 @@ pub(super) fn depthwise_lanes(
     codes: &mut [u8],
     scratch: &mut [u8],
 ) -> Result<usize, Error> {
-    let (rows, cols) = lanes_extent(geom, s);
+    let (rows, cols) = padded_extent(geom, s);
     let taps = geom.kernel_h * geom.kernel_w;
     let (plane, out_plane) = (s.h * s.w, s.out_h * s.out_w);
     let Some((xb, rest)) = scratch.split_at_mut_checked(rows * cols * DW_LANES) else {
