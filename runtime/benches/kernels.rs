@@ -6,7 +6,7 @@
 //!     cargo bench --manifest-path runtime/Cargo.toml --bench kernels
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use diffdfq_runtime::format::{pack_row, row_bytes, ChannelRecord, Weights};
+use diffdfq_runtime::format::{pack_weights, row_bytes, ChannelRecord, Weights};
 use diffdfq_runtime::kernels::{self, ConvGeom, Isa, QIn, QOut};
 use diffdfq_runtime::numerics::code_max;
 use diffdfq_runtime::quantize_multiplier;
@@ -74,9 +74,7 @@ fn bench(c: &mut Criterion) {
             let codes = bytes(c_out * kk, 11, code_max(bits));
             let rb = row_bytes(bits, kk).unwrap();
             let mut rows = vec![0u8; rb * c_out];
-            for (src, dst) in codes.chunks_exact(kk).zip(rows.chunks_exact_mut(rb)) {
-                pack_row(bits, src, dst).unwrap();
-            }
+            pack_weights(bits, kk, &codes, &mut rows).unwrap();
             let (mult, shift) = quantize_multiplier(1.0 / (kk as f64 * 64.0));
             let mut chans = Vec::new();
             for row in codes.chunks_exact(kk) {

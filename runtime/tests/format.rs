@@ -7,8 +7,8 @@ use diffdfq_runtime_testkit as common;
 
 use common::*;
 use diffdfq_runtime::format::{
-    self, pack_row, row_bytes, seal, unpack_group, unpack_row, DType, Layer, Model, ModelBuilder,
-    OpKind, HEADER_LEN,
+    self, pack_weights, row_bytes, seal, unpack_group, DType, Layer, Model, ModelBuilder, OpKind,
+    Weights, HEADER_LEN, PANEL,
 };
 use diffdfq_runtime::kernels::ConvGeom;
 use diffdfq_runtime::numerics::{code_max, Fused};
@@ -17,37 +17,61 @@ use proptest::prelude::*;
 
 // ------------------------------------------------------------------------------------ packing
 
-fn codes_strategy() -> impl Strategy<Value = (u8, Vec<u8>)> {
-    prop::sample::select(vec![2u8, 3, 4, 8]).prop_flat_map(|bits| {
-        let max = code_max(bits);
-        (Just(bits), prop::collection::vec(0..=max, 0..200))
-    })
+fn codes_strategy() -> impl Strategy<Value = (u8, usize, Vec<u8>)> {
+    (
+        prop::sample::select(vec![2u8, 3, 4, 8]),
+        1usize..60,
+        1usize..21,
+    )
+        .prop_flat_map(|(bits, k, c_out)| {
+            let max = code_max(bits);
+            (
+                Just(bits),
+                Just(k),
+                prop::collection::vec(0..=max, k * c_out),
+            )
+        })
+}
+
+/// Bits `b·i .. b·i + b` of the little-endian byte stream `group`.
+fn code_at(group: &[u8], bits: usize, i: usize) -> u32 {
+    (0..bits)
+        .map(|j| (((group[(bits * i + j) / 8] >> ((bits * i + j) % 8)) & 1) as u32) << j)
+        .sum()
 }
 
 proptest! {
     #![proptest_config(ProptestConfig { cases: 400, ..ProptestConfig::default() })]
 
     #[test]
-    fn pack_unpack_round_trip((bits, codes) in codes_strategy()) {
-        let n = row_bytes(bits, codes.len()).unwrap();
-        prop_assert_eq!(n, bits as usize * codes.len().div_ceil(8));
-        let mut row = vec![0xFFu8; n];
-        pack_row(bits, &codes, &mut row).unwrap();
-        let mut back = vec![0u8; codes.len()];
-        unpack_row(bits, &row, &mut back).unwrap();
-        prop_assert_eq!(&back, &codes);
-        // Bit stream: code i sits at bits b·i..b·i+b, little-endian, padding codes are zero.
-        for (i, &c) in codes.iter().enumerate() {
-            let mut v = 0u32;
-            for j in 0..bits as usize {
-                let bit = bits as usize * i + j;
-                v |= (((row[bit / 8] >> (bit % 8)) & 1) as u32) << j;
+    fn pack_unpack_round_trip((bits, k, codes) in codes_strategy()) {
+        let c_out = codes.len() / k;
+        let rb = row_bytes(bits, k).unwrap();
+        prop_assert_eq!(rb, bits as usize * k.div_ceil(8));
+        let mut rows = vec![0xFFu8; rb * c_out];
+        pack_weights(bits, k, &codes, &mut rows).unwrap();
+        let chans = vec![0u8; 24 * c_out];
+        let w = Weights::new(bits, k, c_out, &rows, &chans).unwrap();
+        let b = bits as usize;
+        for (c, want) in codes.chunks_exact(k).enumerate() {
+            let mut back = vec![0u8; k];
+            w.row(c).unwrap().unpack(&mut back).unwrap();
+            prop_assert_eq!(&back, want);
+            // The documented layout, computed here on its own: panels of PANEL channels
+            // starting at row `c − c mod PANEL`, group-major inside, each group a
+            // little-endian bit stream with code `i` at bits `b·i .. b·i + b`, zero padded.
+            let first = c - c % PANEL;
+            let width = PANEL.min(c_out - first);
+            for g in 0..k.div_ceil(8) {
+                let at = first * rb + (g * width + c % PANEL) * b;
+                let group = &rows[at..at + b];
+                for i in 0..8 {
+                    let v = code_at(group, b, i);
+                    prop_assert_eq!(v, want.get(g * 8 + i).map_or(0, |&q| q as u32));
+                }
             }
-            prop_assert_eq!(v, c as u32);
         }
-        for bit in bits as usize * codes.len()..8 * n {
-            prop_assert_eq!((row[bit / 8] >> (bit % 8)) & 1, 0);
-        }
+        prop_assert!(w.row(c_out).is_none());
     }
 
     #[test]
@@ -55,7 +79,7 @@ proptest! {
         let mut codes = vec![0u8; n];
         codes[at % n] = 1u8 << bits;
         let mut row = vec![0u8; row_bytes(bits, n).unwrap()];
-        prop_assert_eq!(pack_row(bits, &codes, &mut row), Err(Error::BadArgument));
+        prop_assert_eq!(pack_weights(bits, n, &codes, &mut row), Err(Error::BadArgument));
     }
 }
 
@@ -69,13 +93,21 @@ fn three_bit_codes_cost_three_bits() {
     assert_eq!(row_bytes(8, 576), Some(576));
     // 8 codes 0..7 in 3 bytes: 0b111_110_101_100_011_010_001_000
     let mut row = [0u8; 3];
-    pack_row(3, &[0, 1, 2, 3, 4, 5, 6, 7], &mut row).unwrap();
+    pack_weights(3, 8, &[0, 1, 2, 3, 4, 5, 6, 7], &mut row).unwrap();
     assert_eq!(row, [0b1000_1000, 0b1100_0110, 0b1111_1010]);
     let mut out = [0u8; 8];
     unpack_group(3, &row, &mut out);
     assert_eq!(out, [0, 1, 2, 3, 4, 5, 6, 7]);
-    assert_eq!(pack_row(5, &[0; 8], &mut [0; 5]), Err(Error::BadArgument));
-    assert_eq!(unpack_row(3, &row, &mut [0; 9]), Err(Error::BadArgument));
+    assert_eq!(
+        pack_weights(5, 8, &[0; 8], &mut [0; 5]),
+        Err(Error::BadArgument)
+    );
+    let chans = [0u8; 24];
+    let one = Weights::new(3, 8, 1, &row, &chans).unwrap();
+    assert_eq!(
+        one.row(0).unwrap().unpack(&mut [0; 9]),
+        Err(Error::BadArgument)
+    );
 }
 
 #[test]
@@ -187,9 +219,12 @@ fn rejects_corruption() {
     let mut bad = b.clone();
     bad[0] = b'X';
     assert_eq!(load(&bad), Err(Error::BadMagic));
-    let mut bad = b.clone();
-    bad[4] = 2;
-    assert_eq!(load(&bad), Err(Error::UnsupportedVersion));
+    // Version 1 (rows one after another, before the panel layout) and any later one.
+    for v in [1, 3] {
+        let mut bad = b.clone();
+        bad[4] = v;
+        assert_eq!(load(&bad), Err(Error::UnsupportedVersion));
+    }
     // A flipped bit anywhere past magic, version and length is caught by the checksum.
     for at in [12, 15, 20, 30, 70, b.len() / 2, b.len() - 1] {
         let mut bad = b.clone();

@@ -1088,9 +1088,10 @@ fn dot_packed_equals_plain_dot() {
         for k in [1usize, 7, 8, 9, 16, 31, 100] {
             let q = rng.codes(k, bits);
             let a = rng.codes(k, 8);
-            let (rows, _) = pack_weights(bits, k, &q, &[ChannelRecord::default()]);
+            let (rows, chans) = pack_weights(bits, k, &q, &[ChannelRecord::default()]);
+            let w = diffdfq_runtime::format::Weights::new(bits, k, 1, &rows, &chans).unwrap();
             let want: i32 = q.iter().zip(&a).map(|(&x, &y)| x as i32 * y as i32).sum();
-            assert_eq!(kernels::dot_packed(bits, &rows, &a), want);
+            assert_eq!(kernels::dot_packed(&w.row(0).unwrap(), &a), want);
         }
     }
     let _ = Requant::default();

@@ -1,4 +1,4 @@
-//! # The `.dfq` packed model format, version 1
+//! # The `.dfq` packed model format, version 2
 //!
 //! One blob holds a whole quantized network; the runtime reads it in place (`&'static [u8]`
 //! from flash, zero copy) after [`Model::from_bytes`] has validated it once. Everything is
@@ -21,7 +21,7 @@
 //! | off | size | field | meaning |
 //! |----:|----:|---|---|
 //! | 0 | 4 | `magic` | `b"DFQ1"` |
-//! | 4 | 2 | `version` | 1 |
+//! | 4 | 2 | `version` | 2 |
 //! | 6 | 2 | `flags` | 0 (reserved) |
 //! | 8 | 4 | `total_len` | blob length in bytes, a multiple of 16; the blob must be exactly this long |
 //! | 12 | 4 | `checksum` | CRC-32 (IEEE 802.3, reflected, poly `0xEDB88320`, init and xorout `0xFFFFFFFF`) of bytes `0..total_len` with these 4 bytes read as zero |
@@ -93,17 +93,24 @@
 //! requantization `mult` `i32`, `shift` `i32`, weight zero point `u8`, 3 reserved).
 //!
 //! A row holds the `K = C_in/groups · kh · kw` weight codes of one output channel (conv order
-//! `[c_in][ky][kx]`; fully connected: the flattened input order) at `b ∈ {2, 3, 4, 8}` bits:
-//! **a little-endian bit stream, code `i` in bits `b·i .. b·i + b`**, padded with zero codes
-//! to a multiple of 8 codes. So every group of 8 codes is exactly `b` bytes, a row is
-//! `b · ceil(K/8)` bytes ([`row_bytes`]) and starts byte-aligned at `c · row_bytes`; a 3-bit
-//! code costs exactly 3 bits. Why this layout: one group is one ≤ 64-bit little-endian load
-//! followed by 8 shift-and-mask steps with constant shifts (`(w >> b·i) & (2^b − 1)`,
-//! [`unpack_group`]). For b = 2, 4, 8 codes never straddle a byte, so a SIMD kernel unpacks 16
-//! or 32 bytes at once with `psrlw`/`ushr` + `pand`/`and` and interleaves; for b = 3 it
-//! broadcasts each 3-byte group to 8 lanes (`pshufb`/`tbl`) and applies a per-lane variable
-//! shift (`vpsrlvd`, `ushl` by −[0, 3, …, 21]) and a mask — no bit-plane recombination and no
-//! data-dependent control flow. Rows start byte-aligned so kernels index rows directly.
+//! `[c_in][ky][kx]`; fully connected: the flattened input order) at `b ∈ {2, 3, 4, 8}` bits,
+//! in groups of 8 codes: **a group is a little-endian bit stream of exactly `b` bytes, code
+//! `i` in bits `b·i .. b·i + b`**, and a row is padded with zero codes to `G = ceil(K/8)`
+//! whole groups, `b·G` bytes ([`row_bytes`]); a 3-bit code costs exactly 3 bits.
+//!
+//! Rows are stored in **panels of [`PANEL`] = 8 output channels, group-major inside**: panel
+//! `p` (channels `8p .. 8p + w`, `w = min(8, C_out − 8p)`) starts at byte `8p · b·G` of the
+//! weights and holds group `g` of channel `8p + j` at `(g·w + j) · b` from there. So the whole
+//! matrix is `C_out · b·G` bytes as before (nothing is padded for the panels), and a kernel
+//! that computes 4 or 8 adjacent output channels (a multiple of 4 from a panel's start) finds
+//! their group `g` in one run of `4b` or `8b` bytes, and a block of groups in one run.
+//!
+//! Why this layout: one group is one ≤ 64-bit little-endian load followed by 8 shift-and-mask
+//! steps with constant shifts (`(w >> b·i) & (2^b − 1)`, [`unpack_group`]), or with SIMD four
+//! groups at once (AVX2: one 16-byte load, `pshufb` each group into its 64-bit lane, three
+//! halvings to one code per byte) — no bit-plane recombination and no data-dependent control
+//! flow. Version 1 stored each row whole, one after another; the panel order lets the kernels
+//! read the weights of a block of output channels as one stream instead of 4–8 scattered rows.
 //!
 //! With the writer (cargo feature `write`, `alloc` only) the same module builds blobs:
 //! `ModelBuilder`.

@@ -582,8 +582,8 @@ impl<'a> Model<'a> {
             let mut sum = ch.sum_q as i64;
             if self.read_codes {
                 sum = 0;
-                for (g, group) in row.chunks_exact(w.bits as usize).enumerate() {
-                    unpack_group(w.bits, group, &mut codes);
+                for g in 0..w.k.div_ceil(8) {
+                    unpack_group(w.bits, row.group(g).ok_or(ws)?, &mut codes);
                     for (i, &q) in codes.iter().enumerate() {
                         if g * 8 + i < w.k {
                             sum += q as i64;

@@ -347,14 +347,9 @@ impl ModelBuilder {
         }
         let rb = row_bytes(bits, k).ok_or(ws)?;
         let mut rows = alloc::vec![0u8; rb * c_out];
+        pack_weights(bits, k, layer.codes, &mut rows).map_err(|_| ws)?;
         let mut chans = Vec::with_capacity(c_out * CHANNEL_RECORD_LEN);
-        for (c, (codes, dst)) in layer
-            .codes
-            .chunks_exact(k)
-            .zip(rows.chunks_exact_mut(rb))
-            .enumerate()
-        {
-            pack_row(bits, codes, dst).map_err(|_| ws)?;
+        for (c, codes) in layer.codes.chunks_exact(k).enumerate() {
             let bias = layer.bias.get(c).copied().unwrap_or(0.0);
             let (s, z) = (
                 layer.scales.get(c).copied().unwrap_or(1.0),

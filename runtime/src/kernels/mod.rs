@@ -13,7 +13,7 @@ use crate::error::Error;
 use crate::geom::taps_in;
 pub use crate::geom::{numel, window_out_len, ConvGeom, ConvShape, PoolGeom, MAX_EXTENT};
 pub use crate::numerics::{AddParams, Requant};
-use crate::packing::{unpack_group, unpack_row, ChannelRecord, Weights};
+use crate::packing::{unpack_group, ChannelRecord, Row, Weights};
 
 /// The SIMD kernels this build holds, chosen at compile time from the target's features (the
 /// compiler's `--cpu` sets `-C target-cpu`; no run-time detection in `no_std`): `avx512vnni`
@@ -204,28 +204,30 @@ fn input_slice<'a>(x: &QIn<'a>) -> Result<&'a [u8], Error> {
     x.data.get(..n).ok_or(Error::BadArgument)
 }
 
-/// `Σ q_i · a_i` over `a.len()` codes, where `q` is a packed weight row (see
-/// [`crate::format`]: groups of 8 codes in `bits` bytes). Wrapping `i32` arithmetic: exact as
-/// long as the true sum fits, which the loader guarantees. The row must hold
-/// `bits · ceil(a.len() / 8)` bytes; a shorter row ends the sum early.
+/// `Σ q_i · a_i` over `a.len()` codes of a packed weight row (see [`crate::format`]: groups
+/// of 8 codes in `bits` bytes). Wrapping `i32` arithmetic: exact as long as the true sum
+/// fits, which the loader guarantees. A row of fewer than `ceil(a.len() / 8)` groups ends the
+/// sum early.
 #[inline]
-pub fn dot_packed(bits: u8, row: &[u8], a: &[u8]) -> i32 {
-    let gb = bits as usize;
-    if gb == 0 {
-        return 0;
-    }
+pub fn dot_packed(row: &Row<'_>, a: &[u8]) -> i32 {
     let mut acc = 0i32;
     let mut codes = [0u8; 8];
-    if bits == 8 {
-        for (q, x) in row.iter().zip(a) {
-            acc = acc.wrapping_add(*q as i32 * *x as i32);
-        }
-        return acc;
-    }
-    for (group, xs) in row.chunks_exact(gb).zip(a.chunks(8)) {
-        unpack_group(bits, group, &mut codes);
-        for (q, x) in codes.iter().zip(xs) {
-            acc = acc.wrapping_add(*q as i32 * *x as i32);
+    for (g, xs) in a.chunks(8).enumerate() {
+        let Some(group) = row.group(g) else {
+            break;
+        };
+        match group.len() {
+            8 => {
+                for (q, x) in group.iter().zip(xs) {
+                    acc = acc.wrapping_add(*q as i32 * *x as i32);
+                }
+            }
+            b => {
+                unpack_group(b as u8, group, &mut codes);
+                for (q, x) in codes.iter().zip(xs) {
+                    acc = acc.wrapping_add(*q as i32 * *x as i32);
+                }
+            }
         }
     }
     acc
@@ -331,7 +333,7 @@ pub fn conv2d(
         for co in first..(g + 1) * s.c_out_g {
             let ch = weights.channel(co).ok_or(Error::BadArgument)?;
             let row = weights.row(co).ok_or(Error::BadArgument)?;
-            unpack_row(weights.bits, row, codes)?;
+            row.unpack(codes)?;
             let zw = ch.w_zero as i32;
             let req = numerics::ChannelRequant::new(ch.mult, ch.shift, y.zero as i32, y.lo, y.hi);
             let c0 = ch
@@ -529,7 +531,7 @@ fn channel_constants<'w>(
     co: usize,
     z: i32,
     (y_zero, y_lo, y_hi): (u8, u8, u8),
-    rows: &mut [&'w [u8]],
+    rows: &mut [Row<'w>],
     zw: &mut [i32],
     reqs: &mut [crate::numerics::ChannelRequant],
     c0: &mut [i32],
@@ -676,7 +678,7 @@ fn fc_accumulators(
     for c in 0..n {
         let ch = weights.channel(c).ok_or(Error::BadArgument)?;
         let row = weights.row(c).ok_or(Error::BadArgument)?;
-        let dot = dot_packed(weights.bits, row, input);
+        let dot = dot_packed(&row, input);
         let acc = expand_acc(
             dot,
             ch.sum_q,

@@ -10,6 +10,7 @@
 use core::arch::aarch64::*;
 
 use crate::error::Error;
+use crate::packing::Row;
 
 /// [`super::pointwise_tile`] for `acc.len()` a multiple of 16: 16 pixels × all input channels
 /// per block, the accumulators in four registers. Per channel the 16 codes widen to i16 and
@@ -191,7 +192,7 @@ type Acc = [[i32; super::CONV_TILE]; 4];
 /// One slice of input channels of one tile, as [`pointwise_quads_by`] hands it over.
 struct Slice<'a> {
     /// The four output channels' packed rows and weight zero points.
-    rows: &'a [&'a [u8]; 4],
+    rows: &'a [Row<'a>; 4],
     zw: &'a [i32; 4],
     /// The slice: input channels `c .. c + kc`, whose codes start `xs`.
     c: usize,
@@ -226,7 +227,7 @@ fn pointwise_quads_by(
         let mut reqs = [crate::numerics::ChannelRequant::new(0, 0, 0, 0, 0); 4];
         let mut c0 = [0i32; 4];
         let mut zw = [0i32; 4];
-        let mut rows: [&[u8]; 4] = [&[]; 4];
+        let mut rows = [Row::default(); 4];
         super::channel_constants(weights, co, z, y, &mut rows, &mut zw, &mut reqs, &mut c0)?;
         let mut p0 = 0;
         while p0 < plane {
@@ -273,18 +274,16 @@ fn pointwise_quads_by(
 /// `[i16; 4]` (the four output channels) per input channel of `out`.
 fn weight_lanes(
     bits: u8,
-    rows: &[&[u8]; 4],
+    rows: &[Row<'_>; 4],
     zw: &[i32; 4],
     c: usize,
     kc: usize,
     out: &mut [[i16; 4]],
 ) -> Result<(), Error> {
-    let b = bits as usize;
     for (j, (row, &zwj)) in rows.iter().zip(zw).enumerate() {
         let mut codes = [0u8; 8];
         for (gi, lanes) in out.chunks_mut(8).take(kc.div_ceil(8)).enumerate() {
-            let g0 = (c / 8 + gi) * b;
-            let group = row.get(g0..g0 + b).ok_or(Error::BadArgument)?;
+            let group = row.group(c / 8 + gi).ok_or(Error::BadArgument)?;
             crate::packing::unpack_group(bits, group, &mut codes);
             for (l, &q) in lanes.iter_mut().zip(&codes) {
                 if let Some(v) = l.get_mut(j) {
@@ -428,17 +427,15 @@ pub(super) fn pointwise_quads_dot(
 /// output channels) per four input channels of `out`; channels past `kc` get code 0.
 fn code_quads(
     bits: u8,
-    rows: &[&[u8]; 4],
+    rows: &[Row<'_>; 4],
     c: usize,
     kc: usize,
     out: &mut [[u32; 4]],
 ) -> Result<(), Error> {
-    let b = bits as usize;
     for (j, row) in rows.iter().enumerate() {
         let mut codes = [0u8; 8];
         for (gi, pair) in out.chunks_mut(2).take(kc.div_ceil(8)).enumerate() {
-            let g0 = (c / 8 + gi) * b;
-            let group = row.get(g0..g0 + b).ok_or(Error::BadArgument)?;
+            let group = row.group(c / 8 + gi).ok_or(Error::BadArgument)?;
             crate::packing::unpack_group(bits, group, &mut codes);
             for (t, code) in codes.iter_mut().enumerate() {
                 if gi * 8 + t >= kc {

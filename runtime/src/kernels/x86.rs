@@ -15,6 +15,7 @@ use super::plan::{
     DW_LANES, DW_MAX_TAPS, QUAD_KC,
 };
 use crate::error::Error;
+use crate::packing::Row;
 
 /// [`super::pointwise_tile`] for `acc.len()` a multiple of 16, 16 pixels × all input
 /// channels per block with the accumulators in registers. Two channels at a time:
@@ -499,7 +500,7 @@ fn pointwise_groups<const N: usize>(
         let mut reqs = [crate::numerics::ChannelRequant::new(0, 0, 0, 0, 0); N];
         let mut c0 = [0i32; N];
         let mut zw = [0i32; N];
-        let mut rows: [&[u8]; N] = [&[]; N];
+        let mut rows = [Row::default(); N];
         channel_constants(
             weights,
             co,
@@ -587,18 +588,16 @@ fn pointwise_groups<const N: usize>(
 /// padding) are 0.
 fn weight_pairs<const N: usize>(
     bits: u8,
-    rows: &[&[u8]; N],
+    rows: &[Row<'_>; N],
     zw: &[i32; N],
     c: usize,
     kc: usize,
     out: &mut [[i32; N]],
 ) -> Result<(), Error> {
-    let b = bits as usize;
     for (j, (row, &zwj)) in rows.iter().zip(zw).enumerate() {
         let mut codes = [0u8; 8];
         for gi in 0..kc.div_ceil(8) {
-            let g0 = (c / 8 + gi) * b;
-            let group = row.get(g0..g0 + b).ok_or(Error::BadArgument)?;
+            let group = row.group(c / 8 + gi).ok_or(Error::BadArgument)?;
             crate::packing::unpack_group(bits, group, &mut codes);
             let w = |t: usize| {
                 if gi * 8 + t < kc {
@@ -623,14 +622,15 @@ fn zero_fix<const N: usize>(bits: u8, zw: &[i32; N]) -> [i32; N] {
     zw.map(|z| if bits == 8 { 128 - z } else { 0 })
 }
 
-/// The weights of input channels `c .. c + kc` (`c` a multiple of 8) for the rows as signed
+/// The weights of input channels `c .. c + kc` (`c` a multiple of 8) for the rows (`N`
+/// adjacent output channels, as [`channel_constants`] gives them) as signed
 /// bytes, four input channels per `i32`, one element of `out` per four channels; channels
 /// past `kc` get weight 0. ≤ 4-bit weights: `q − z_c` (`|q − z_c| ≤ 15`); 8-bit weights:
 /// `q − 128`, the rest `(128 − z_c)·Σa` being added by the kernel ([`quad4_block_vnni`]'s
 /// `zfix`).
 fn weight_quads<const N: usize>(
     bits: u8,
-    rows: &[&[u8]; N],
+    rows: &[Row<'_>; N],
     zw: &[i32; N],
     c: usize,
     kc: usize,
@@ -641,9 +641,8 @@ fn weight_quads<const N: usize>(
     if b == 8 {
         for (j, row) in rows.iter().enumerate() {
             for gi in 0..kc.div_ceil(8) {
-                let g0 = c + gi * 8;
                 let mut bytes = [0u8; 8];
-                let have = row.get(g0..).ok_or(Error::BadArgument)?;
+                let have = row.group(c / 8 + gi).ok_or(Error::BadArgument)?;
                 for (d, &x) in bytes.iter_mut().zip(have) {
                     *d = x;
                 }
@@ -675,19 +674,8 @@ fn weight_quads<const N: usize>(
     let m3 = field(b) * LOW;
     for (j, (row, &zwj)) in rows.iter().zip(zw).enumerate() {
         for gi in 0..kc.div_ceil(8) {
-            let g0 = (c / 8 + gi) * b;
-            // The group's 8 codes (see `format`'s packing) in the low `8b` bits: one 8-byte
-            // load where the row runs that far, else byte by byte.
-            let v = match row.get(g0..g0 + 8) {
-                Some(w) => u64::from_le_bytes(w.try_into().map_err(|_| Error::BadArgument)?),
-                None => row
-                    .get(g0..g0 + b)
-                    .ok_or(Error::BadArgument)?
-                    .iter()
-                    .enumerate()
-                    .fold(0u64, |v, (i, &x)| v | (x as u64) << (8 * i)),
-            };
-            let v = v & field(8 * b);
+            // The group's 8 codes (see `format`'s packing) in the low `8b` bits.
+            let v = row.group_bits(c / 8 + gi).ok_or(Error::BadArgument)?;
             let v = (v | v << (32 - 4 * b)) & m1;
             let v = (v | v << (16 - 2 * b)) & m2;
             let codes = (v | v << (8 - b)) & m3;
@@ -711,19 +699,19 @@ fn weight_quads<const N: usize>(
     Ok(())
 }
 
-/// A group's 8 codes of a packed `b`-bit row (see `format`'s packing) in the low `8b` bits of
-/// a `u64`: one 8-byte load where the row runs that far, else byte by byte.
+/// Four `b`-bit groups stored side by side (`span`, `4b` bytes, `b` ≤ 4), each zero-extended
+/// into its 64-bit lane; `spread` puts group `j`'s bytes in 32-bit lane `j`.
+#[target_feature(enable = "avx2")]
 #[inline]
-fn group_bits(row: &[u8], g0: usize, b: usize) -> Result<u64, Error> {
-    Ok(match row.get(g0..g0 + 8) {
-        Some(w) => u64::from_le_bytes(w.try_into().map_err(|_| Error::BadArgument)?),
-        None => row
-            .get(g0..g0 + b)
-            .ok_or(Error::BadArgument)?
-            .iter()
-            .enumerate()
-            .fold(0u64, |v, (i, &x)| v | (x as u64) << (8 * i)),
-    })
+fn panel_groups(span: &[u8], spread: __m128i) -> Result<__m256i, Error> {
+    let mut bytes = [0u8; 16];
+    bytes
+        .get_mut(..span.len())
+        .ok_or(Error::BadArgument)?
+        .copy_from_slice(span);
+    // SAFETY: `bytes` is 16 bytes.
+    let v = unsafe { _mm_loadu_si128(bytes.as_ptr().cast()) };
+    Ok(_mm256_cvtepu32_epi64(_mm_shuffle_epi8(v, spread)))
 }
 
 /// [`weight_quads`] for ≤ 4-bit weights, four rows per step in the 64-bit lanes of one
@@ -732,7 +720,7 @@ fn group_bits(row: &[u8], g0: usize, b: usize) -> Result<u64, Error> {
 #[target_feature(enable = "avx2")]
 fn weight_quads_avx2<const N: usize>(
     bits: u8,
-    rows: &[&[u8]; N],
+    rows: &[Row<'_>; N],
     zw: &[i32; N],
     c: usize,
     kc: usize,
@@ -758,15 +746,33 @@ fn weight_quads_avx2<const N: usize>(
     let top = splat(0x80 * LOW);
     // Lanes' low halves (quad `2g`) to the lower 128 bits, high halves (quad `2g + 1`) above.
     let halves = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+    // Byte `i` of group `j` (`b` bytes each, side by side) to byte `i` of 32-bit lane `j`.
+    let spread = {
+        let mut idx = [-1i8; 16];
+        for (t, v) in idx.iter_mut().enumerate() {
+            if t % 4 < b {
+                *v = (t / 4 * b + t % 4) as i8;
+            }
+        }
+        // SAFETY: `idx` is 16 bytes.
+        unsafe { _mm_loadu_si128(idx.as_ptr().cast()) }
+    };
     for j4 in (0..N).step_by(4) {
         let row = |j: usize| rows.get(j4 + j).copied().ok_or(Error::BadArgument);
         let zl = |j: usize| (zw.get(j4 + j).copied().unwrap_or(0) as u64 & 0xff).wrapping_mul(LOW);
         let zv = _mm256_setr_epi64x(zl(0) as i64, zl(1) as i64, zl(2) as i64, zl(3) as i64);
         let (r0, r1, r2, r3) = (row(0)?, row(1)?, row(2)?, row(3)?);
         for gi in 0..kc.div_ceil(8) {
-            let g0 = (c / 8 + gi) * b;
-            let g = |r: &[u8]| group_bits(r, g0, b).map(|v| v as i64);
-            let v = _mm256_setr_epi64x(g(r0)?, g(r1)?, g(r2)?, g(r3)?);
+            // The four rows' groups lie side by side in their panel when the four channels
+            // share it (the format's panel layout): one load, each group to its 64-bit lane.
+            let v = match r0.span(c / 8 + gi, 4) {
+                Some(span) => panel_groups(span, spread)?,
+                None => {
+                    let g = |r: &Row<'_>| r.group_bits(c / 8 + gi).map(|v| v as i64);
+                    let g = |r| g(r).ok_or(Error::BadArgument);
+                    _mm256_setr_epi64x(g(&r0)?, g(&r1)?, g(&r2)?, g(&r3)?)
+                }
+            };
             let v = _mm256_and_si256(v, m0);
             let v = _mm256_and_si256(_mm256_or_si256(v, _mm256_sll_epi64(v, s1)), m1);
             let v = _mm256_and_si256(_mm256_or_si256(v, _mm256_sll_epi64(v, s2)), m2);
@@ -1456,7 +1462,7 @@ fn im2col_block<const N: usize>(
     let mut reqs = [crate::numerics::ChannelRequant::new(0, 0, 0, 0, 0); COL_OC];
     let mut c0 = [0i32; COL_OC];
     let mut zw = [0i32; COL_OC];
-    let mut rows: [&[u8]; COL_OC] = [&[]; COL_OC];
+    let mut rows = [Row::default(); COL_OC];
     channel_constants(
         weights,
         co,
@@ -1471,7 +1477,7 @@ fn im2col_block<const N: usize>(
     // `wp`, or read from the panel, which holds every (slice, group) in that order.
     let per = super::plan::panel_slice_elems(isa, weights.bits);
     let group_weights = |g: usize, c: usize, kc: usize, wp: &mut [[i32; N]]| {
-        let rows_g: &[&[u8]; N] = rows
+        let rows_g: &[Row<'_>; N] = rows
             .get(g * N..g * N + N)
             .and_then(|r| r.try_into().ok())
             .ok_or(Error::BadArgument)?;
@@ -1725,11 +1731,11 @@ pub(super) fn depthwise_lanes(
         let mut init = [0i32; DW_LANES];
         let mut reqs = [crate::numerics::ChannelRequant::new(0, 0, 0, 0, 0); DW_LANES];
         let mut zw = [0i32; DW_LANES];
-        let mut prow = [&[][..]; DW_LANES];
+        let mut prow = [Row::default(); DW_LANES];
         channel_constants(weights, c, z, y, &mut prow, &mut zw, &mut reqs, &mut init)?;
         for (j, (row, &zwj)) in prow.iter().zip(&zw).enumerate() {
             let codes = codes.get_mut(..taps).ok_or(Error::BadArgument)?;
-            crate::packing::unpack_row(weights.bits, row, codes)?;
+            row.unpack(codes)?;
             for (t, &q) in codes.iter().enumerate() {
                 let w = (q as i32 - zwj) as u16 as i32;
                 let slot = wp

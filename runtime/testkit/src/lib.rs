@@ -3,7 +3,7 @@
 //! requantization (exact rational arithmetic in i128) and the small test model. A crate of its
 //! own so the runtime stays dependency-free (it is only a dev-dependency).
 
-use diffdfq_runtime::format::{pack_row, row_bytes, ChannelRecord};
+use diffdfq_runtime::format::{row_bytes, ChannelRecord};
 use diffdfq_runtime::numerics::code_max;
 
 /// xorshift64* — deterministic test data.
@@ -86,7 +86,8 @@ pub fn pick_requant(rng: &mut Gen, typical: f64, target: f64) -> (i32, i32) {
     diffdfq_runtime::quantize_multiplier(real)
 }
 
-/// Packs `c_out` rows of `k` codes and their channel records into blob-style byte arrays.
+/// Packs `c_out` rows of `k` codes (the panel layout) and their channel records into
+/// blob-style byte arrays.
 pub fn pack_weights(
     bits: u8,
     k: usize,
@@ -95,9 +96,7 @@ pub fn pack_weights(
 ) -> (Vec<u8>, Vec<u8>) {
     let rb = row_bytes(bits, k).unwrap();
     let mut rows = vec![0u8; rb * chans.len()];
-    for (src, dst) in codes.chunks_exact(k).zip(rows.chunks_exact_mut(rb)) {
-        pack_row(bits, src, dst).unwrap();
-    }
+    diffdfq_runtime::format::pack_weights(bits, k, codes, &mut rows).unwrap();
     let mut cb = Vec::new();
     for c in chans {
         cb.extend_from_slice(&c.to_bytes());
