@@ -106,6 +106,12 @@ pub struct Row<'a> {
 }
 
 impl<'a> Row<'a> {
+    /// Bits per code.
+    #[inline]
+    pub fn bits(&self) -> u8 {
+        self.bits
+    }
+
     /// Group `g`: `bits` bytes.
     #[inline]
     pub fn group(&self, g: usize) -> Option<&'a [u8]> {

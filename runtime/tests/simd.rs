@@ -2,7 +2,7 @@
 //! `kernels/mod.rs` checks against plain integer math): random convolutions big enough for whole
 //! vectors and ragged tails — 1×1, depthwise (over wide rows and, channels in lanes, small planes), small and wide general ones, strides 1–3, dilations, asymmetric
 //! pads, groups, every weight width, 4- and 8-bit activations — and requantization constants
-//! over their whole range. Byte-identical outputs or the test fails. `use_kernels` switches
+//! over their whole range; and fully connected layers of every width. Byte-identical outputs or the test fails. `use_kernels` switches
 //! the kernels of the whole process, so this binary holds one test that switches in turn.
 
 use diffdfq_runtime_testkit as common;
@@ -264,6 +264,57 @@ fn simd_kernels_equal_the_portable_loops() {
             Ok(())
         })
         .unwrap();
+    // Fully connected layers: every width, K across whole 32-code steps and ragged tails.
+    let mut rng = Gen::new(41);
+    let mut fcs = 0;
+    for bits in [2u8, 3, 4, 8] {
+        for a_bits in [4u8, 8] {
+            for (k, n) in [
+                (1, 3),
+                (31, 2),
+                (32, 5),
+                (33, 4),
+                (100, 9),
+                (1280, 17),
+                (2049, 3),
+            ] {
+                let (x, z) = (rng.codes(k, a_bits), rng.code(a_bits));
+                let codes = rng.codes(n * k, bits);
+                let chans = random_channels(&mut rng, bits, k, &codes, a_bits);
+                let (rows, cb) = pack_weights(bits, k, &codes, &chans);
+                let w = diffdfq_runtime::format::Weights::new(bits, k, n, &rows, &cb).unwrap();
+                let zo = rng.code(a_bits);
+                let fc = |isa: Isa| {
+                    assert!(kernels::use_kernels(isa));
+                    let mut y = vec![0u8; n];
+                    let x = kernels::QIn {
+                        data: &x,
+                        dims: [1, 1, 1, k],
+                        zero: z,
+                    };
+                    let mut out = kernels::QOut {
+                        data: &mut y,
+                        dims: [1, 1, 1, n],
+                        zero: zo,
+                        lo: 0,
+                        hi: code_max(a_bits),
+                    };
+                    kernels::fully_connected(&w, &x, &mut out).unwrap();
+                    y
+                };
+                let want = fc(Isa::Portable);
+                for &isa in &simd {
+                    assert_eq!(
+                        fc(isa),
+                        want,
+                        "{isa:?}: fully connected W{bits}A{a_bits} k {k}"
+                    );
+                }
+                fcs += 1;
+            }
+        }
+    }
+    println!("fully connected layers compared with the portable loops: {fcs}");
     kernels::use_kernels(Isa::Portable);
     let counts: Vec<usize> = compared.iter().map(std::cell::Cell::get).collect();
     println!("convolutions compared with the portable loops: {simd:?} {counts:?}");

@@ -210,9 +210,15 @@ fn input_slice<'a>(x: &QIn<'a>) -> Result<&'a [u8], Error> {
 /// sum early.
 #[inline]
 pub fn dot_packed(row: &Row<'_>, a: &[u8]) -> i32 {
+    dot_packed_from(row, a, 0)
+}
+
+/// [`dot_packed`] over the groups from `first` on (`a` still the whole input).
+#[inline]
+fn dot_packed_from(row: &Row<'_>, a: &[u8], first: usize) -> i32 {
     let mut acc = 0i32;
     let mut codes = [0u8; 8];
-    for (g, xs) in a.chunks(8).enumerate() {
+    for (g, xs) in a.chunks(8).enumerate().skip(first) {
         let Some(group) = row.group(g) else {
             break;
         };
@@ -678,6 +684,14 @@ fn fc_accumulators(
     for c in 0..n {
         let ch = weights.channel(c).ok_or(Error::BadArgument)?;
         let row = weights.row(c).ok_or(Error::BadArgument)?;
+        #[cfg(target_arch = "x86_64")]
+        let dot = if active() >= Isa::Avx2 {
+            // SAFETY: `active()` says the CPU has AVX2.
+            unsafe { x86::dot_packed_avx2(&row, input)? }
+        } else {
+            dot_packed(&row, input)
+        };
+        #[cfg(not(target_arch = "x86_64"))]
         let dot = dot_packed(&row, input);
         let acc = expand_acc(
             dot,

@@ -699,18 +699,86 @@ fn weight_quads<const N: usize>(
     Ok(())
 }
 
+/// [`super::dot_packed`] on vectors, 32 codes per step (four groups of the row, each
+/// 64-bit lane one group): ≤ 4-bit codes are spread to one per byte as in
+/// [`weight_quads_avx2`] and multiplied with `vpmaddubsw` (`a ≤ 255` unsigned times
+/// `q ≤ 15` signed: a pair sums to at most 7,650, no saturation), 8-bit codes are widened
+/// to 16 bits and multiplied with `vpmaddwd` (a pair at most 130,050). The `i32` lanes wrap
+/// as the scalar sum does, so both give the same sum modulo 2³², the true one where it fits.
+/// The last groups (fewer than four) go through the scalar loop.
+#[target_feature(enable = "avx2")]
+pub(super) fn dot_packed_avx2(row: &Row<'_>, a: &[u8]) -> Result<i32, Error> {
+    const LOW: u64 = 0x0101_0101_0101_0101;
+    let b = row.bits() as usize;
+    let field = |w: usize| (1u64 << w) - 1;
+    let splat = |v: u64| _mm256_set1_epi64x(v as i64);
+    let count = |n: usize| _mm_cvtsi32_si128(n as i32);
+    let steps = a.len() / 32;
+    let mut acc = _mm256_setzero_si256();
+    let ones = _mm256_set1_epi16(1);
+    let g = |i: usize| {
+        row.group_bits(i)
+            .map(|v| v as i64)
+            .ok_or(Error::BadArgument)
+    };
+    for step in 0..steps {
+        let g0 = 4 * step;
+        let x = a.get(32 * step..32 * step + 32).ok_or(Error::BadArgument)?;
+        // SAFETY: `x` is 32 bytes.
+        let x = unsafe { _mm256_loadu_si256(x.as_ptr().cast()) };
+        let v = _mm256_setr_epi64x(g(g0)?, g(g0 + 1)?, g(g0 + 2)?, g(g0 + 3)?);
+        let sums = if b == 8 {
+            let lo = _mm256_madd_epi16(
+                _mm256_cvtepu8_epi16(_mm256_castsi256_si128(x)),
+                _mm256_cvtepu8_epi16(_mm256_castsi256_si128(v)),
+            );
+            let hi = _mm256_madd_epi16(
+                _mm256_cvtepu8_epi16(_mm256_extracti128_si256(x, 1)),
+                _mm256_cvtepu8_epi16(_mm256_extracti128_si256(v, 1)),
+            );
+            _mm256_add_epi32(lo, hi)
+        } else {
+            // Three halvings, as in `weight_quads`: one code per byte, in order.
+            let m1 = splat(field(4 * b) | field(4 * b) << 32);
+            let m2 = splat(field(2 * b) * 0x0001_0001_0001_0001);
+            let m3 = splat(field(b) * LOW);
+            let v = _mm256_and_si256(
+                _mm256_or_si256(v, _mm256_sll_epi64(v, count(32 - 4 * b))),
+                m1,
+            );
+            let v = _mm256_and_si256(
+                _mm256_or_si256(v, _mm256_sll_epi64(v, count(16 - 2 * b))),
+                m2,
+            );
+            let q = _mm256_and_si256(_mm256_or_si256(v, _mm256_sll_epi64(v, count(8 - b))), m3);
+            _mm256_madd_epi16(_mm256_maddubs_epi16(x, q), ones)
+        };
+        acc = _mm256_add_epi32(acc, sums);
+    }
+    let mut lanes = [0i32; 8];
+    // SAFETY: `lanes` is 32 bytes.
+    unsafe { _mm256_storeu_si256(lanes.as_mut_ptr().cast(), acc) };
+    let head = lanes.iter().fold(0i32, |s, &v| s.wrapping_add(v));
+    Ok(head.wrapping_add(super::dot_packed_from(row, a, 4 * steps)))
+}
+
 /// Four `b`-bit groups stored side by side (`span`, `4b` bytes, `b` ≤ 4), each zero-extended
 /// into its 64-bit lane; `spread` puts group `j`'s bytes in 32-bit lane `j`.
 #[target_feature(enable = "avx2")]
 #[inline]
 fn panel_groups(span: &[u8], spread: __m128i) -> Result<__m256i, Error> {
-    let mut bytes = [0u8; 16];
-    bytes
-        .get_mut(..span.len())
-        .ok_or(Error::BadArgument)?
-        .copy_from_slice(span);
-    // SAFETY: `bytes` is 16 bytes.
-    let v = unsafe { _mm_loadu_si128(bytes.as_ptr().cast()) };
+    // Fixed-size reads (a copy of `span.len()` bytes would be a call to memcpy).
+    let word = |at: usize, n: usize| -> Result<i64, Error> {
+        let part = span.get(at..at + n).ok_or(Error::BadArgument)?;
+        Ok(part.iter().rev().fold(0u64, |v, &x| v << 8 | x as u64) as i64)
+    };
+    let (lo, hi) = match span.len() {
+        8 => (word(0, 8)?, 0),
+        12 => (word(0, 8)?, word(8, 4)?),
+        16 => (word(0, 8)?, word(8, 8)?),
+        _ => return Err(Error::BadArgument),
+    };
+    let v = _mm_set_epi64x(hi, lo);
     Ok(_mm256_cvtepu32_epi64(_mm_shuffle_epi8(v, spread)))
 }
 
