@@ -154,6 +154,25 @@ impl<'a> Row<'a> {
             .get(at..at.checked_add(n.checked_mul(self.bits as usize)?)?)
     }
 
+    /// Groups `g0 .. g0 + count` of this channel and the `n − 1` after it, adjacent in the
+    /// panel: a slice in which group `g0 + i` of the `n` channels is the `n · bits` bytes at
+    /// `i · stride`, and that stride. `None` where the channels are not all in this channel's
+    /// panel or the row has fewer groups.
+    #[inline]
+    pub fn block(&self, g0: usize, count: usize, n: usize) -> Option<(&'a [u8], usize)> {
+        if count == 0
+            || self.lane.checked_add(n)? > self.width
+            || g0.checked_add(count)? > self.groups
+        {
+            return None;
+        }
+        let at = g0.checked_mul(self.stride)?;
+        let len = (count - 1)
+            .checked_mul(self.stride)?
+            .checked_add(n.checked_mul(self.bits as usize)?)?;
+        Some((self.data.get(at..at.checked_add(len)?)?, self.stride))
+    }
+
     /// Unpacks the first `out.len()` codes (at most the row's `8 · groups`).
     pub fn unpack(&self, out: &mut [u8]) -> Result<(), Error> {
         let mut codes = [0u8; 8];

@@ -681,18 +681,8 @@ fn fc_accumulators(
     }
     let sum_a = sum_codes(input);
     let k = input.len() as i32;
-    for c in 0..n {
+    let mut finish = |c: usize, dot: i32| -> Result<(), Error> {
         let ch = weights.channel(c).ok_or(Error::BadArgument)?;
-        let row = weights.row(c).ok_or(Error::BadArgument)?;
-        #[cfg(target_arch = "x86_64")]
-        let dot = if active() >= Isa::Avx2 {
-            // SAFETY: `active()` says the CPU has AVX2.
-            unsafe { x86::dot_packed_avx2(&row, input)? }
-        } else {
-            dot_packed(&row, input)
-        };
-        #[cfg(not(target_arch = "x86_64"))]
-        let dot = dot_packed(&row, input);
         let acc = expand_acc(
             dot,
             ch.sum_q,
@@ -703,6 +693,33 @@ fn fc_accumulators(
             ch.bias,
         );
         emit(c, &ch, acc);
+        Ok(())
+    };
+    let mut c = 0;
+    while c < n {
+        #[cfg(target_arch = "x86_64")]
+        if active() >= Isa::Avx2 {
+            if weights.bits == 8 && c + 8 <= n {
+                // A whole panel of 8-bit rows: its eight dots at once.
+                // SAFETY: `active()` says the CPU has AVX2.
+                let dots = unsafe { x86::dot8_panel_avx2(weights, c, input)? };
+                for (j, dot) in dots.into_iter().enumerate() {
+                    finish(c + j, dot)?;
+                }
+                c += 8;
+                continue;
+            }
+            if weights.bits <= 4 {
+                let row = weights.row(c).ok_or(Error::BadArgument)?;
+                // SAFETY: as above.
+                finish(c, unsafe { x86::dot_packed_avx2(&row, input)? })?;
+                c += 1;
+                continue;
+            }
+        }
+        let row = weights.row(c).ok_or(Error::BadArgument)?;
+        finish(c, dot_packed(&row, input))?;
+        c += 1;
     }
     Ok(())
 }

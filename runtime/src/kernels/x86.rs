@@ -699,20 +699,28 @@ fn weight_quads<const N: usize>(
     Ok(())
 }
 
-/// [`super::dot_packed`] on vectors, 32 codes per step (four groups of the row, each
-/// 64-bit lane one group): ≤ 4-bit codes are spread to one per byte as in
-/// [`weight_quads_avx2`] and multiplied with `vpmaddubsw` (`a ≤ 255` unsigned times
-/// `q ≤ 15` signed: a pair sums to at most 7,650, no saturation), 8-bit codes are widened
-/// to 16 bits and multiplied with `vpmaddwd` (a pair at most 130,050). The `i32` lanes wrap
-/// as the scalar sum does, so both give the same sum modulo 2³², the true one where it fits.
-/// The last groups (fewer than four) go through the scalar loop.
+/// [`super::dot_packed`] on vectors for ≤ 4-bit rows, 32 codes per step (four groups of the
+/// row, each 64-bit lane one group): the codes are spread to one per byte as in
+/// [`weight_quads_avx2`] and multiplied with `vpmaddubsw` (`a ≤ 255` unsigned times `q ≤ 15`
+/// signed: a pair sums to at most 7,650, no saturation). The `i32` lanes wrap as the scalar
+/// sum does, so both give the same sum modulo 2³², the true one where it fits. The last
+/// groups (fewer than four) go through the scalar loop.
 #[target_feature(enable = "avx2")]
 pub(super) fn dot_packed_avx2(row: &Row<'_>, a: &[u8]) -> Result<i32, Error> {
     const LOW: u64 = 0x0101_0101_0101_0101;
     let b = row.bits() as usize;
+    if !(1..=4).contains(&b) {
+        return Err(Error::BadArgument);
+    }
     let field = |w: usize| (1u64 << w) - 1;
     let splat = |v: u64| _mm256_set1_epi64x(v as i64);
     let count = |n: usize| _mm_cvtsi32_si128(n as i32);
+    let (m1, m2, m3) = (
+        splat(field(4 * b) | field(4 * b) << 32),
+        splat(field(2 * b) * 0x0001_0001_0001_0001),
+        splat(field(b) * LOW),
+    );
+    let (s1, s2, s3) = (count(32 - 4 * b), count(16 - 2 * b), count(8 - b));
     let steps = a.len() / 32;
     let mut acc = _mm256_setzero_si256();
     let ones = _mm256_set1_epi16(1);
@@ -727,33 +735,11 @@ pub(super) fn dot_packed_avx2(row: &Row<'_>, a: &[u8]) -> Result<i32, Error> {
         // SAFETY: `x` is 32 bytes.
         let x = unsafe { _mm256_loadu_si256(x.as_ptr().cast()) };
         let v = _mm256_setr_epi64x(g(g0)?, g(g0 + 1)?, g(g0 + 2)?, g(g0 + 3)?);
-        let sums = if b == 8 {
-            let lo = _mm256_madd_epi16(
-                _mm256_cvtepu8_epi16(_mm256_castsi256_si128(x)),
-                _mm256_cvtepu8_epi16(_mm256_castsi256_si128(v)),
-            );
-            let hi = _mm256_madd_epi16(
-                _mm256_cvtepu8_epi16(_mm256_extracti128_si256(x, 1)),
-                _mm256_cvtepu8_epi16(_mm256_extracti128_si256(v, 1)),
-            );
-            _mm256_add_epi32(lo, hi)
-        } else {
-            // Three halvings, as in `weight_quads`: one code per byte, in order.
-            let m1 = splat(field(4 * b) | field(4 * b) << 32);
-            let m2 = splat(field(2 * b) * 0x0001_0001_0001_0001);
-            let m3 = splat(field(b) * LOW);
-            let v = _mm256_and_si256(
-                _mm256_or_si256(v, _mm256_sll_epi64(v, count(32 - 4 * b))),
-                m1,
-            );
-            let v = _mm256_and_si256(
-                _mm256_or_si256(v, _mm256_sll_epi64(v, count(16 - 2 * b))),
-                m2,
-            );
-            let q = _mm256_and_si256(_mm256_or_si256(v, _mm256_sll_epi64(v, count(8 - b))), m3);
-            _mm256_madd_epi16(_mm256_maddubs_epi16(x, q), ones)
-        };
-        acc = _mm256_add_epi32(acc, sums);
+        // Three halvings, as in `weight_quads`: one code per byte, in order.
+        let v = _mm256_and_si256(_mm256_or_si256(v, _mm256_sll_epi64(v, s1)), m1);
+        let v = _mm256_and_si256(_mm256_or_si256(v, _mm256_sll_epi64(v, s2)), m2);
+        let q = _mm256_and_si256(_mm256_or_si256(v, _mm256_sll_epi64(v, s3)), m3);
+        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(x, q), ones));
     }
     let mut lanes = [0i32; 8];
     // SAFETY: `lanes` is 32 bytes.
@@ -762,24 +748,47 @@ pub(super) fn dot_packed_avx2(row: &Row<'_>, a: &[u8]) -> Result<i32, Error> {
     Ok(head.wrapping_add(super::dot_packed_from(row, a, 4 * steps)))
 }
 
-/// Four `b`-bit groups stored side by side (`span`, `4b` bytes, `b` ≤ 4), each zero-extended
-/// into its 64-bit lane; `spread` puts group `j`'s bytes in 32-bit lane `j`.
+/// `Σ q·a` of the eight 8-bit rows of the whole panel that starts at output channel `c0`
+/// (the format's panel layout: each group of the eight rows is 64 bytes side by side): per
+/// group, the 8 input codes widened to 16 bits once and `vpmaddwd` against two rows at a time
+/// (a pair at most 2·255² = 130,050). Wrapping `i32` lanes, as [`super::dot_packed`].
 #[target_feature(enable = "avx2")]
-#[inline]
-fn panel_groups(span: &[u8], spread: __m128i) -> Result<__m256i, Error> {
-    // Fixed-size reads (a copy of `span.len()` bytes would be a call to memcpy).
-    let word = |at: usize, n: usize| -> Result<i64, Error> {
-        let part = span.get(at..at + n).ok_or(Error::BadArgument)?;
-        Ok(part.iter().rev().fold(0u64, |v, &x| v << 8 | x as u64) as i64)
-    };
-    let (lo, hi) = match span.len() {
-        8 => (word(0, 8)?, 0),
-        12 => (word(0, 8)?, word(8, 4)?),
-        16 => (word(0, 8)?, word(8, 8)?),
-        _ => return Err(Error::BadArgument),
-    };
-    let v = _mm_set_epi64x(hi, lo);
-    Ok(_mm256_cvtepu32_epi64(_mm_shuffle_epi8(v, spread)))
+pub(super) fn dot8_panel_avx2(
+    weights: &crate::packing::Weights<'_>,
+    c0: usize,
+    a: &[u8],
+) -> Result<[i32; 8], Error> {
+    let row = weights.row(c0).ok_or(Error::BadArgument)?;
+    if row.bits() != 8 || a.len() != weights.k {
+        return Err(Error::BadArgument);
+    }
+    let mut acc = [_mm256_setzero_si256(); 4];
+    for (g, xs) in a.chunks(8).enumerate() {
+        let w = row.span(g, 8).ok_or(Error::BadArgument)?;
+        let mut x8 = [0u8; 8];
+        for (d, &v) in x8.iter_mut().zip(xs) {
+            *d = v;
+        }
+        // Codes past `K` are 0 in the row; their inputs read 0 here.
+        let x = _mm256_cvtepu8_epi16(_mm_set1_epi64x(i64::from_le_bytes(x8)));
+        for (p, acc) in acc.iter_mut().enumerate() {
+            let pair = w.get(16 * p..16 * p + 16).ok_or(Error::BadArgument)?;
+            // SAFETY: `pair` is 16 bytes: rows `2p` and `2p + 1` of group `g`.
+            let wv = unsafe { _mm_loadu_si128(pair.as_ptr().cast()) };
+            *acc = _mm256_add_epi32(*acc, _mm256_madd_epi16(_mm256_cvtepu8_epi16(wv), x));
+        }
+    }
+    let mut dots = [0i32; 8];
+    for (p, acc) in acc.iter().enumerate() {
+        let mut lanes = [0i32; 8];
+        // SAFETY: `lanes` is 32 bytes.
+        unsafe { _mm256_storeu_si256(lanes.as_mut_ptr().cast(), *acc) };
+        // Lanes 0–3 are row `2p`'s, 4–7 row `2p + 1`'s.
+        for (half, dot) in lanes.chunks_exact(4).zip(dots.iter_mut().skip(2 * p)) {
+            *dot = half.iter().fold(0i32, |s, &v| s.wrapping_add(v));
+        }
+    }
+    Ok(dots)
 }
 
 /// [`weight_quads`] for ≤ 4-bit weights, four rows per step in the 64-bit lanes of one
@@ -814,7 +823,8 @@ fn weight_quads_avx2<const N: usize>(
     let top = splat(0x80 * LOW);
     // Lanes' low halves (quad `2g`) to the lower 128 bits, high halves (quad `2g + 1`) above.
     let halves = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
-    // Byte `i` of group `j` (`b` bytes each, side by side) to byte `i` of 32-bit lane `j`.
+    // Four groups side by side (`4b` bytes, one panel span), each zero-extended into its
+    // 64-bit lane: byte `i` of group `j` to byte `i` of 32-bit lane `j`, then widened.
     let spread = {
         let mut idx = [-1i8; 16];
         for (t, v) in idx.iter_mut().enumerate() {
@@ -830,11 +840,26 @@ fn weight_quads_avx2<const N: usize>(
         let zl = |j: usize| (zw.get(j4 + j).copied().unwrap_or(0) as u64 & 0xff).wrapping_mul(LOW);
         let zv = _mm256_setr_epi64x(zl(0) as i64, zl(1) as i64, zl(2) as i64, zl(3) as i64);
         let (r0, r1, r2, r3) = (row(0)?, row(1)?, row(2)?, row(3)?);
+        // The four rows' groups lie side by side in their panel when the four channels share
+        // it (the format's panel layout): one load per group, each group to its 64-bit lane.
+        let block = r0.block(c / 8, kc.div_ceil(8), 4);
         for gi in 0..kc.div_ceil(8) {
-            // The four rows' groups lie side by side in their panel when the four channels
-            // share it (the format's panel layout): one load, each group to its 64-bit lane.
-            let v = match r0.span(c / 8 + gi, 4) {
-                Some(span) => panel_groups(span, spread)?,
+            let v = match block {
+                Some((bytes, stride)) => {
+                    let span = bytes
+                        .get(gi * stride..gi * stride + 4 * b)
+                        .ok_or(Error::BadArgument)?;
+                    // Fixed-size reads (a copy of `span.len()` bytes would call memcpy).
+                    let (head, tail) = span.split_first_chunk::<8>().ok_or(Error::BadArgument)?;
+                    let hi = match *tail {
+                        [] => 0,
+                        [a, b, c, d] => u32::from_le_bytes([a, b, c, d]) as i64,
+                        [a, b, c, d, e, f, g, h] => i64::from_le_bytes([a, b, c, d, e, f, g, h]),
+                        _ => return Err(Error::BadArgument),
+                    };
+                    let lo = i64::from_le_bytes(*head);
+                    _mm256_cvtepu32_epi64(_mm_shuffle_epi8(_mm_set_epi64x(hi, lo), spread))
+                }
                 None => {
                     let g = |r: &Row<'_>| r.group_bits(c / 8 + gi).map(|v| v as i64);
                     let g = |r| g(r).ok_or(Error::BadArgument);
@@ -877,7 +902,7 @@ fn weight_quads_avx2<const N: usize>(
 /// read the last channel again with weight 0; the last `n % 16` pixels take the same sums in
 /// plain code.
 macro_rules! quad4_block {
-    ($name:ident, $features:literal, $dot:expr) => {
+    ($name:ident, $features:literal, $dot:expr, $dot2:expr) => {
         #[target_feature(enable = $features)]
         fn $name<const N: usize, const L: usize>(
             (in_group, plane, c, kc, p0, n): (&[u8], usize, usize, usize, usize, usize),
@@ -903,6 +928,7 @@ macro_rules! quad4_block {
                 return Err(Error::BadArgument);
             }
             let dot = $dot;
+            let dot2 = $dot2;
             let mut b = 0;
             // With the interleaved copy, a last partial block too: its rows run on in zeros
             // to a whole block, and the accumulators past `n` (inside `L`) go unused.
@@ -911,42 +937,68 @@ macro_rules! quad4_block {
                 let mut lo = [_mm256_setzero_si256(); N];
                 let mut hi = [_mm256_setzero_si256(); N];
                 let (mut sum_lo, mut sum_hi) = (_mm256_setzero_si256(), _mm256_setzero_si256());
-                for (qi, w4) in wq.iter().enumerate().take(quads) {
-                    // Pixels 0–7 and 8–15, four codes per 32-bit lane, in pixel order: from
-                    // the copy interleaved once per convolution ([`interleave_quads`]), or
-                    // interleaved here.
-                    let (x0, x1) = if let Some((xq, stride)) = pre {
+                // Pixels 0–7 and 8–15 of quad `qi`, four codes per 32-bit lane, in pixel
+                // order: from the copy interleaved once per convolution
+                // ([`interleave_quads`]), or interleaved here.
+                let load = |qi: usize| -> Result<(__m256i, __m256i), Error> {
+                    if let Some((xq, stride)) = pre {
                         let at = (c / 4 + qi) * stride + p;
                         let src = xq.get(at..at + 16).ok_or(Error::BadArgument)?;
                         // SAFETY: `src` holds exactly the 16 i32 the two loads read.
-                        unsafe {
+                        return Ok(unsafe {
                             (
                                 _mm256_loadu_si256(src.as_ptr().cast()),
                                 _mm256_loadu_si256(src.as_ptr().add(8).cast()),
                             )
-                        }
-                    } else {
-                        // SAFETY: every channel index is `< kc` and `p + 16 ≤ p0 + n ≤
-                        // plane`, so each 16-byte load lies inside `in_group` (checked above).
-                        let r = |t: usize| unsafe {
-                            let ci = (4 * qi + t).min(kc - 1);
-                            _mm_loadu_si128(in_group.as_ptr().add((c + ci) * plane + p).cast())
-                        };
-                        let (r0, r1, r2, r3) = (r(0), r(1), r(2), r(3));
-                        let (l01, h01) = (_mm_unpacklo_epi8(r0, r1), _mm_unpackhi_epi8(r0, r1));
-                        let (l23, h23) = (_mm_unpacklo_epi8(r2, r3), _mm_unpackhi_epi8(r2, r3));
-                        (
-                            _mm256_set_m128i(
-                                _mm_unpackhi_epi16(l01, l23),
-                                _mm_unpacklo_epi16(l01, l23),
-                            ),
-                            _mm256_set_m128i(
-                                _mm_unpackhi_epi16(h01, h23),
-                                _mm_unpacklo_epi16(h01, h23),
-                            ),
-                        )
+                        });
+                    }
+                    // SAFETY: every channel index is `< kc` and `p + 16 ≤ p0 + n ≤ plane`,
+                    // so each 16-byte load lies inside `in_group` (checked above).
+                    let r = |t: usize| unsafe {
+                        let ci = (4 * qi + t).min(kc - 1);
+                        _mm_loadu_si128(in_group.as_ptr().add((c + ci) * plane + p).cast())
                     };
-                    for ((l, h), &w) in lo.iter_mut().zip(&mut hi).zip(w4) {
+                    let (r0, r1, r2, r3) = (r(0), r(1), r(2), r(3));
+                    let (l01, h01) = (_mm_unpacklo_epi8(r0, r1), _mm_unpackhi_epi8(r0, r1));
+                    let (l23, h23) = (_mm_unpacklo_epi8(r2, r3), _mm_unpackhi_epi8(r2, r3));
+                    Ok((
+                        _mm256_set_m128i(
+                            _mm_unpackhi_epi16(l01, l23),
+                            _mm_unpacklo_epi16(l01, l23),
+                        ),
+                        _mm256_set_m128i(
+                            _mm_unpackhi_epi16(h01, h23),
+                            _mm_unpacklo_epi16(h01, h23),
+                        ),
+                    ))
+                };
+                // Two quads per step, their products summed before the widening ([`dot2`]).
+                let mut qi = 0;
+                while qi + 2 <= quads {
+                    let ((x0, x1), (y0, y1)) = (load(qi)?, load(qi + 1)?);
+                    let (wa, wb) = (
+                        wq.get(qi).ok_or(Error::BadArgument)?,
+                        wq.get(qi + 1).ok_or(Error::BadArgument)?,
+                    );
+                    for (((l, h), &a), &b) in lo.iter_mut().zip(&mut hi).zip(wa).zip(wb) {
+                        let (a, b) = (_mm256_set1_epi32(a), _mm256_set1_epi32(b));
+                        *l = dot2(*l, (x0, a), (y0, b));
+                        *h = dot2(*h, (x1, a), (y1, b));
+                    }
+                    if fix {
+                        let (a, b) = (_mm256_set1_epi32(ones(qi)), _mm256_set1_epi32(ones(qi + 1)));
+                        sum_lo = dot2(sum_lo, (x0, a), (y0, b));
+                        sum_hi = dot2(sum_hi, (x1, a), (y1, b));
+                    }
+                    qi += 2;
+                }
+                if qi < quads {
+                    let (x0, x1) = load(qi)?;
+                    for ((l, h), &w) in lo
+                        .iter_mut()
+                        .zip(&mut hi)
+                        .zip(wq.get(qi).ok_or(Error::BadArgument)?)
+                    {
                         let w = _mm256_set1_epi32(w);
                         *l = dot(*l, x0, w);
                         *h = dot(*h, x1, w);
@@ -999,16 +1051,29 @@ macro_rules! quad4_block {
 }
 
 // The closures expand inside the functions, whose target features they inherit.
-quad4_block!(quad4_block_avx2, "avx2", |s: __m256i, x, w| {
-    _mm256_add_epi32(
-        s,
-        _mm256_madd_epi16(_mm256_maddubs_epi16(x, w), _mm256_set1_epi16(1)),
-    )
-});
+// `dot2` adds two quads' products: with `vpmaddubsw`, two pair sums (each `|·| ≤ 7650`)
+// added in i16 stay within `±15300`, so one `vpmaddwd` widens both (exact).
+quad4_block!(
+    quad4_block_avx2,
+    "avx2",
+    |s: __m256i, x, w| {
+        _mm256_add_epi32(
+            s,
+            _mm256_madd_epi16(_mm256_maddubs_epi16(x, w), _mm256_set1_epi16(1)),
+        )
+    },
+    |s: __m256i, (x, a): (__m256i, __m256i), (y, b): (__m256i, __m256i)| {
+        let pairs = _mm256_add_epi16(_mm256_maddubs_epi16(x, a), _mm256_maddubs_epi16(y, b));
+        _mm256_add_epi32(s, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
+    }
+);
 quad4_block!(
     quad4_block_vnni,
     "avx2,avx512vnni,avx512vl",
-    |s: __m256i, x, w| _mm256_dpbusd_epi32(s, x, w)
+    |s: __m256i, x, w| _mm256_dpbusd_epi32(s, x, w),
+    |s: __m256i, (x, a): (__m256i, __m256i), (y, b): (__m256i, __m256i)| {
+        _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(s, x, a), y, b)
+    }
 );
 
 /// One [`QUAD_KC`]-channel slice of [`pointwise_quads`]: input channels `c .. c + kc` into
