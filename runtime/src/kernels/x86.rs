@@ -699,6 +699,38 @@ fn weight_quads<const N: usize>(
     Ok(())
 }
 
+/// Spreads four groups of `b`-bit codes (`b` ≤ 4), one per 64-bit lane in its low `8b` bits
+/// with the higher bits 0, to one code per byte in three halvings: codes 4–7 to the upper 32
+/// bits, then pairs to 16-bit fields, then one code per byte (as the scalar `weight_quads`).
+#[derive(Clone, Copy)]
+struct Spread([__m256i; 3], [__m128i; 3]);
+
+impl Spread {
+    #[target_feature(enable = "avx2")]
+    fn new(b: usize) -> Self {
+        let field = |w: usize| (1u64 << w) - 1;
+        let splat = |v: u64| _mm256_set1_epi64x(v as i64);
+        let count = |n: usize| _mm_cvtsi32_si128(n as i32);
+        Spread(
+            [
+                splat(field(4 * b) | field(4 * b) << 32),
+                splat(field(2 * b) * 0x0001_0001_0001_0001),
+                splat(field(b) * 0x0101_0101_0101_0101),
+            ],
+            [count(32 - 4 * b), count(16 - 2 * b), count(8 - b)],
+        )
+    }
+
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    fn apply(&self, v: __m256i) -> __m256i {
+        let (m, s) = (&self.0, &self.1);
+        let v = _mm256_and_si256(_mm256_or_si256(v, _mm256_sll_epi64(v, s[0])), m[0]);
+        let v = _mm256_and_si256(_mm256_or_si256(v, _mm256_sll_epi64(v, s[1])), m[1]);
+        _mm256_and_si256(_mm256_or_si256(v, _mm256_sll_epi64(v, s[2])), m[2])
+    }
+}
+
 /// [`super::dot_packed`] on vectors for ≤ 4-bit rows, 32 codes per step (four groups of the
 /// row, each 64-bit lane one group): the codes are spread to one per byte as in
 /// [`weight_quads_avx2`] and multiplied with `vpmaddubsw` (`a ≤ 255` unsigned times `q ≤ 15`
@@ -707,20 +739,11 @@ fn weight_quads<const N: usize>(
 /// groups (fewer than four) go through the scalar loop.
 #[target_feature(enable = "avx2")]
 pub(super) fn dot_packed_avx2(row: &Row<'_>, a: &[u8]) -> Result<i32, Error> {
-    const LOW: u64 = 0x0101_0101_0101_0101;
     let b = row.bits() as usize;
     if !(1..=4).contains(&b) {
         return Err(Error::BadArgument);
     }
-    let field = |w: usize| (1u64 << w) - 1;
-    let splat = |v: u64| _mm256_set1_epi64x(v as i64);
-    let count = |n: usize| _mm_cvtsi32_si128(n as i32);
-    let (m1, m2, m3) = (
-        splat(field(4 * b) | field(4 * b) << 32),
-        splat(field(2 * b) * 0x0001_0001_0001_0001),
-        splat(field(b) * LOW),
-    );
-    let (s1, s2, s3) = (count(32 - 4 * b), count(16 - 2 * b), count(8 - b));
+    let spread = Spread::new(b);
     let steps = a.len() / 32;
     let mut acc = _mm256_setzero_si256();
     let ones = _mm256_set1_epi16(1);
@@ -735,10 +758,8 @@ pub(super) fn dot_packed_avx2(row: &Row<'_>, a: &[u8]) -> Result<i32, Error> {
         // SAFETY: `x` is 32 bytes.
         let x = unsafe { _mm256_loadu_si256(x.as_ptr().cast()) };
         let v = _mm256_setr_epi64x(g(g0)?, g(g0 + 1)?, g(g0 + 2)?, g(g0 + 3)?);
-        // Three halvings, as in `weight_quads`: one code per byte, in order.
-        let v = _mm256_and_si256(_mm256_or_si256(v, _mm256_sll_epi64(v, s1)), m1);
-        let v = _mm256_and_si256(_mm256_or_si256(v, _mm256_sll_epi64(v, s2)), m2);
-        let q = _mm256_and_si256(_mm256_or_si256(v, _mm256_sll_epi64(v, s3)), m3);
+        // One code per byte, in order (`group_bits` leaves the higher bits 0).
+        let q = spread.apply(v);
         acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(x, q), ones));
     }
     let mut lanes = [0i32; 8];
@@ -808,18 +829,8 @@ fn weight_quads_avx2<const N: usize>(
     if !(1..=4).contains(&b) {
         return Err(Error::BadArgument);
     }
-    let field = |w: usize| (1u64 << w) - 1;
+    let halvings = Spread::new(b);
     let splat = |v: u64| _mm256_set1_epi64x(v as i64);
-    let count = |n: usize| _mm_cvtsi32_si128(n as i32);
-    let (m0, m1) = (
-        splat(field(8 * b)),
-        splat(field(4 * b) | field(4 * b) << 32),
-    );
-    let (m2, m3) = (
-        splat(field(2 * b) * 0x0001_0001_0001_0001),
-        splat(field(b) * LOW),
-    );
-    let (s1, s2, s3) = (count(32 - 4 * b), count(16 - 2 * b), count(8 - b));
     let top = splat(0x80 * LOW);
     // Lanes' low halves (quad `2g`) to the lower 128 bits, high halves (quad `2g + 1`) above.
     let halves = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
@@ -866,10 +877,8 @@ fn weight_quads_avx2<const N: usize>(
                     _mm256_setr_epi64x(g(&r0)?, g(&r1)?, g(&r2)?, g(&r3)?)
                 }
             };
-            let v = _mm256_and_si256(v, m0);
-            let v = _mm256_and_si256(_mm256_or_si256(v, _mm256_sll_epi64(v, s1)), m1);
-            let v = _mm256_and_si256(_mm256_or_si256(v, _mm256_sll_epi64(v, s2)), m2);
-            let codes = _mm256_and_si256(_mm256_or_si256(v, _mm256_sll_epi64(v, s3)), m3);
+            // Both reads leave each lane's bits above `8b` 0.
+            let codes = halvings.apply(v);
             // Per byte `q − z_c` as an i8, as in the scalar form (no borrow crosses a byte).
             let mut d = _mm256_xor_si256(_mm256_sub_epi64(_mm256_or_si256(codes, top), zv), top);
             let valid = kc - gi * 8;
