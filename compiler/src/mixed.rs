@@ -10,6 +10,10 @@
 //! dozen layers and four options it costs milliseconds, and a Lagrangian can miss the best
 //! point between two of its hull vertices by a whole layer's bytes, which on a small model is
 //! most of the margin a budget gives.
+//!
+//! The summed single-layer sensitivities are the knapsack's objective, not the model's error:
+//! the choice is then measured whole against the widest uniform model within the budget
+//! ([`check_against_uniform`]) and the lower output MSE ships.
 
 use candle_core::{Device, Tensor};
 use serde::Serialize;
@@ -60,6 +64,25 @@ pub struct Assignment {
     /// Per-tensor sensitivity to 4-bit activations (recorded; the runtime stores a 4-bit code
     /// per byte, so an arena budget has nothing to trade yet).
     pub activations: Vec<ActSensitivity>,
+    /// The knapsack's choice measured whole against the widest uniform model that fits.
+    pub joint: Option<JointCheck>,
+}
+
+/// Single-layer sensitivities add up to the knapsack's objective, but layers quantized together
+/// interact: the chosen assignment and the widest uniform assignment within the budget are
+/// each measured whole (every layer at its width at once, same probe) and the lower output MSE
+/// ships. So `--flash` at a uniform model's bytes is never worse than it on the samples the
+/// choice is made on.
+#[derive(Debug, Clone, Serialize)]
+pub struct JointCheck {
+    /// Output MSE against FP32 with every layer at the knapsack's widths.
+    pub knapsack_mse: f64,
+    /// The uniform width (first/last layers at `first_last_bits`) compared, and its MSE.
+    pub uniform_bits: u8,
+    pub first_last_bits: u8,
+    pub uniform_mse: f64,
+    /// `"knapsack"` or `"uniform"`: which assignment shipped.
+    pub kept: &'static str,
 }
 
 fn choice(b: u8) -> usize {
@@ -97,6 +120,7 @@ impl Assignment {
                 "sensitivity": l.sensitivity,
             })).collect::<Vec<_>>(),
             "activations_a4": self.activations,
+            "joint_check": self.joint,
         })
     }
 }
@@ -268,6 +292,91 @@ pub fn uniform_bytes(layers: &[LayerSensitivity], bits: u8, first_last: u8) -> u
             l.bytes[at(b)]
         })
         .sum()
+}
+
+/// The widths of the uniform `bits`-bit model with the first and last layers at `first_last`.
+pub fn uniform_widths(n: usize, bits: u8, first_last: u8) -> Vec<u8> {
+    (0..n)
+        .map(|i| {
+            if i == 0 || i + 1 == n {
+                first_last
+            } else {
+                bits
+            }
+        })
+        .collect()
+}
+
+/// Output MSE against FP32 of the rtn model (activations at `act` bits) with layer `j` at
+/// `widths[j]` bits (the Lp clip search, as the sensitivities), all at once.
+fn joint_mse(p: &mut Probe, widths: &[u8]) -> Result<f64, Error> {
+    let layers: Vec<usize> = p.m.q.layers().collect();
+    if layers.len() != widths.len() {
+        return Err(Error::Internal(format!(
+            "joint check: {} widths for {} layers",
+            widths.len(),
+            layers.len()
+        )));
+    }
+    let saved: Vec<_> = layers
+        .iter()
+        .map(|&i| p.m.q.nodes[i].op.layer().cloned())
+        .collect();
+    for (&i, &b) in layers.iter().zip(widths) {
+        if let Some(l) = p.m.q.nodes[i].op.layer_mut() {
+            l.bits = b;
+            l.quantize_lp();
+        }
+        p.m.refresh_weights(i)?;
+    }
+    let mse = p.mse();
+    for (&i, orig) in layers.iter().zip(saved) {
+        if let (Some(l), Some(o)) = (p.m.q.nodes[i].op.layer_mut(), orig) {
+            *l = o;
+        }
+        p.m.refresh_weights(i)?;
+    }
+    mse
+}
+
+/// Measures the knapsack's `chosen` widths whole against the widest uniform model within
+/// `budget` (see [`JointCheck`]) and returns the widths to ship with the comparison; `chosen`
+/// unchanged (and no check) when no uniform model fits.
+#[allow(clippy::too_many_arguments)]
+pub fn check_against_uniform(
+    g: &Graph,
+    act: u8,
+    opts: &EvalOptions,
+    held: &HeldOut,
+    layers: &[LayerSensitivity],
+    chosen: Vec<u8>,
+    budget: usize,
+    first_last: u8,
+) -> Result<(Vec<u8>, Option<JointCheck>), Error> {
+    let Some(&uniform_bits) = CHOICES
+        .iter()
+        .rev()
+        .find(|&&b| uniform_bytes(layers, b, first_last) <= budget)
+    else {
+        return Ok((chosen, None));
+    };
+    let uniform = uniform_widths(layers.len(), uniform_bits, first_last);
+    if uniform == chosen {
+        return Ok((chosen, None));
+    }
+    let mut p = Probe::new(g, act, opts, held)?;
+    let knapsack_mse = joint_mse(&mut p, &chosen)?;
+    let uniform_mse = joint_mse(&mut p, &uniform)?;
+    // Ties keep the knapsack's choice: the check only overrules a measured loss.
+    let keep_uniform = uniform_mse < knapsack_mse;
+    let check = JointCheck {
+        knapsack_mse,
+        uniform_bits,
+        first_last_bits: first_last,
+        uniform_mse,
+        kept: if keep_uniform { "uniform" } else { "knapsack" },
+    };
+    Ok((if keep_uniform { uniform } else { chosen }, Some(check)))
 }
 
 /// The bit width per layer that minimizes the summed sensitivity with at most `budget` weight

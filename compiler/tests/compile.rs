@@ -701,6 +701,23 @@ fn flash_budgets_choose_per_layer_bits_that_fit() {
         .filter_map(|l| l["weight_bits"].as_u64())
         .collect();
     assert_eq!(chosen, shipped, "the report's choice is what was compiled");
+    // The choice was measured whole against uniform W2 (the widest uniform model within
+    // 1.1 × its bytes), and the lower output MSE shipped.
+    let j = &rep["mixed_precision"]["joint_check"];
+    let (k, u) = (
+        j["knapsack_mse"].as_f64().unwrap(),
+        j["uniform_mse"].as_f64().unwrap(),
+    );
+    assert_eq!(j["uniform_bits"].as_u64(), Some(2), "{j}");
+    let n = chosen.len();
+    let uniform: Vec<u64> = (0..n)
+        .map(|i| if i == 0 || i + 1 == n { 8 } else { 2 })
+        .collect();
+    match j["kept"].as_str().unwrap() {
+        "knapsack" => assert!(k <= u && chosen != uniform, "{j} {chosen:?}"),
+        "uniform" => assert!(u < k && chosen == uniform, "{j} {chosen:?}"),
+        other => panic!("kept {other}"),
+    }
     // Each tensor `--act-bits 4` would lower, once (pools and reshapes ride with their
     // source), with its sensitivity to 4-bit codes.
     let acts = rep["mixed_precision"]["activations_a4"].as_array().unwrap();

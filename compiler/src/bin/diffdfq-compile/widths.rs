@@ -144,6 +144,17 @@ pub(crate) fn choose_widths(
                 }
             };
             let chosen = mixed::choose(&sens, budget)?;
+            let (chosen, joint) = mixed::check_against_uniform(
+                graph,
+                bits.act,
+                eval_opts,
+                held,
+                &sens,
+                chosen,
+                budget,
+                bits.first_last,
+            )
+            .map_err(|e| e.context(&a.model.display().to_string()))?;
             bits.weight = chosen.iter().copied().min().unwrap_or(2);
             let secs = t0.elapsed().as_secs_f64();
             stages.push(("sensitivity", secs));
@@ -156,6 +167,7 @@ pub(crate) fn choose_widths(
                 layers: sens,
                 bits: chosen,
                 activations,
+                joint,
             };
             if !quiet {
                 eprintln!(
@@ -167,6 +179,13 @@ pub(crate) fn choose_widths(
                     m.layers.len(),
                     eval_opts.samples
                 );
+                if let Some(j) = &m.joint {
+                    eprintln!(
+                        "mixed precision: whole-model check, output MSE {:.4} with these widths, \
+                         {:.4} uniform W{} (first/last {}): kept the {}",
+                        j.knapsack_mse, j.uniform_mse, j.uniform_bits, j.first_last_bits, j.kept
+                    );
+                }
             }
             Some(m)
         } else {
