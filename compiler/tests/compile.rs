@@ -684,10 +684,7 @@ fn flash_budgets_choose_per_layer_bits_that_fit() {
     let o = run("flash", &["--flash", &budget, "--eval-samples", "8"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let (bf, rep) = weight_bytes(&dir("flash"), "mobilenet_fmnist");
-    assert!(
-        bf > b2 && bf <= b2 * 11 / 10,
-        "{bf} B for a budget of {budget}"
-    );
+    assert!(bf <= b2 * 11 / 10, "{bf} B for a budget of {budget}");
     let chosen: Vec<u64> = rep["mixed_precision"]["layers"]
         .as_array()
         .unwrap()
@@ -714,8 +711,15 @@ fn flash_budgets_choose_per_layer_bits_that_fit() {
         .map(|i| if i == 0 || i + 1 == n { 8 } else { 2 })
         .collect();
     match j["kept"].as_str().unwrap() {
-        "knapsack" => assert!(k <= u && chosen != uniform, "{j} {chosen:?}"),
-        "uniform" => assert!(u < k && chosen == uniform, "{j} {chosen:?}"),
+        // The knapsack spends the margin over W2 (on this fixture its MSE is a fifth of W2's).
+        "knapsack" => assert!(
+            k <= u && chosen != uniform && bf > b2,
+            "{j} {chosen:?} {bf}"
+        ),
+        "uniform" => assert!(
+            u < k && chosen == uniform && bf == b2,
+            "{j} {chosen:?} {bf}"
+        ),
         other => panic!("kept {other}"),
     }
     // Each tensor `--act-bits 4` would lower, once (pools and reshapes ride with their
