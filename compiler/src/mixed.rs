@@ -278,19 +278,10 @@ pub fn act_sensitivities(
 /// The weight bytes of a uniform `bits`-bit model with the first and last layers at
 /// `first_last` bits, as [`Bits`] lays it out.
 pub fn uniform_bytes(layers: &[LayerSensitivity], bits: u8, first_last: u8) -> usize {
-    let at = choice;
-    let last = layers.len().saturating_sub(1);
-    layers
+    uniform_widths(layers.len(), bits, first_last)
         .iter()
-        .enumerate()
-        .map(|(i, l)| {
-            let b = if i == 0 || i == last {
-                first_last
-            } else {
-                bits
-            };
-            l.bytes[at(b)]
-        })
+        .zip(layers)
+        .map(|(&b, l)| l.bytes[choice(b)])
         .sum()
 }
 
