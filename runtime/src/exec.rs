@@ -1,7 +1,8 @@
 //! The executor: runs a validated [`Model`] on a caller-provided arena, touching nothing else.
 
+use crate::bands::{self, Band, Io, Mode};
 use crate::error::Error;
-use crate::format::{concat_requant, Model, Op, OpRecord, TensorInfo};
+use crate::format::{concat_requant, DType, Model, Op, OpRecord, TensorInfo};
 use crate::kernels::{self, QIn, QOut};
 
 /// Required alignment of the arena's start (bytes), for both the Rust and the C API.
@@ -35,15 +36,50 @@ pub fn run(
         .get_mut(..model.arena_size())
         .ok_or(Error::ArenaTooSmall)?;
     let x = span_mut(arena, &inp)?;
-    kernels::quantize(input, inp.scale, inp.zero_point, inp.dtype.bits(), x)?;
+    if inp.dtype == DType::U4 {
+        // Through a small buffer, then two codes per byte.
+        let mut codes = [0u8; 64];
+        for (i, chunk) in input.chunks(codes.len()).enumerate() {
+            let c = codes.get_mut(..chunk.len()).ok_or(Error::BadArgument)?;
+            kernels::quantize(chunk, inp.scale, inp.zero_point, 4, c)?;
+            bands::pack4(c, i * 64, x)?;
+        }
+    } else {
+        kernels::quantize(input, inp.scale, inp.zero_point, inp.dtype.bits(), x)?;
+    }
     for rec in model.ops() {
         exec_op(model, &rec?, arena, output)?;
     }
     if out.dtype.is_code() {
         let y = span_mut(arena, &out)?;
-        kernels::dequantize(y, out.scale, out.zero_point, output)?;
+        if out.dtype == DType::U4 {
+            let mut codes = [0u8; 64];
+            for (i, o) in output.chunks_mut(codes.len()).enumerate() {
+                let c = codes.get_mut(..o.len()).ok_or(Error::BadArgument)?;
+                bands::unpack4(y, i * 64, c)?;
+                kernels::dequantize(c, out.scale, out.zero_point, o)?;
+            }
+        } else {
+            kernels::dequantize(y, out.scale, out.zero_point, output)?;
+        }
     }
     Ok(())
+}
+
+/// An op record's inputs, for [`bands`].
+pub(crate) struct RecIo<'m, 'a> {
+    pub model: &'m Model<'a>,
+    pub rec: &'m OpRecord<'a>,
+}
+
+impl Io for RecIo<'_, '_> {
+    fn n_inputs(&self) -> usize {
+        self.rec.inputs.len()
+    }
+    fn input(&self, i: usize) -> Result<TensorInfo, Error> {
+        self.model
+            .tensor(self.rec.inputs.get(i).ok_or(Error::BadArgument)?)
+    }
 }
 
 fn span_mut<'b>(arena: &'b mut [u8], t: &TensorInfo) -> Result<&'b mut [u8], Error> {
@@ -133,6 +169,12 @@ fn exec_op(
         (y.arena_offset as usize, y.arena_len()),
         model.scratch_span(),
     )?;
+    let io = RecIo { model, rec };
+    let mode = bands::choose(&op, &io, &y, scratch.len())?
+        .ok_or(Error::ScratchTooSmall { op: rec.index })?;
+    if mode != Mode::Direct {
+        return exec_staged(&op, mode, &io, &ro, &y, out, scratch, output);
+    }
     let input = |i: usize| -> Result<(QIn<'_>, f32), Error> {
         let t = model.tensor(rec.inputs.get(i).ok_or(Error::BadArgument)?)?;
         let q = QIn {
@@ -152,6 +194,100 @@ fn exec_op(
         scratch,
         output,
     )
+}
+
+/// Runs an op that touches a 4-bit tensor band by band through the front of `scratch` (see
+/// [`bands`]): inputs gathered (unpacked) there, the output scattered (packed) from there.
+#[allow(clippy::too_many_arguments)]
+fn exec_staged(
+    op: &Op<'_>,
+    mode: Mode,
+    io: &RecIo<'_, '_>,
+    ro: &[(usize, &[u8]); 3],
+    y: &TensorInfo,
+    out: &mut [u8],
+    scratch: &mut [u8],
+    output: &mut [f32],
+) -> Result<(), Error> {
+    let n = io.n_inputs();
+    let x = io.input(0)?;
+    let out_h = y.dims4()[2];
+    for band in Band::iter(op, &x, y, mode) {
+        // Inputs, one after another at the front of the scratch region.
+        let mut used = 0usize;
+        for i in 0..n {
+            let t = io.input(i)?;
+            if band.stages_input(&t) {
+                let (b, lo, hi) = band.input(&t, out_h);
+                let end = used
+                    .checked_add(b.numel as usize)
+                    .ok_or(Error::BadArgument)?;
+                let dst = scratch
+                    .get_mut(used..end)
+                    .ok_or(Error::ScratchTooSmall { op: io.rec.index })?;
+                bands::gather(&t, piece(ro, &t)?, lo, hi, dst)?;
+                used = end;
+            }
+        }
+        let (ins, rest) = scratch
+            .split_at_mut_checked(used)
+            .ok_or(Error::BadArgument)?;
+        let ins: &[u8] = ins;
+        let band_y = band.output(y);
+        let out_len = if band.stages_output(y) {
+            band_y.numel as usize
+        } else {
+            0
+        };
+        let (staged_out, kernel_scratch) = rest
+            .split_at_mut_checked(out_len)
+            .ok_or(Error::ScratchTooSmall { op: io.rec.index })?;
+        let input = |i: usize| -> Result<(QIn<'_>, f32), Error> {
+            let mut at = 0usize;
+            for j in 0..n {
+                let t = io.input(j)?;
+                let staged = band.stages_input(&t);
+                let (b, _, _) = band.input(&t, out_h);
+                let len = if staged { b.numel as usize } else { 0 };
+                if j == i {
+                    let data = if staged {
+                        ins.get(at..at + len).ok_or(Error::BadArgument)?
+                    } else {
+                        piece(ro, &t)?
+                    };
+                    let dims = if staged { b.dims4() } else { t.dims4() };
+                    let q = QIn {
+                        data,
+                        dims,
+                        zero: t.zero_point,
+                    };
+                    return Ok((q, t.scale));
+                }
+                at += len;
+            }
+            Err(Error::BadArgument)
+        };
+        let dst: &mut [u8] = if band.stages_output(y) {
+            &mut *staged_out
+        } else {
+            &mut *out
+        };
+        let band_op = band.op(op, &x, out_h);
+        eval_op(
+            &band_op,
+            n,
+            !x.dtype.is_code(),
+            input,
+            &band_y,
+            dst,
+            kernel_scratch,
+            output,
+        )?;
+        if band.stages_output(y) {
+            bands::scatter(y, staged_out, band.r0, band.r1, out)?;
+        }
+    }
+    Ok(())
 }
 
 /// Runs one decoded op on code buffers, wherever they live: `input(i)` gives input `i` (codes

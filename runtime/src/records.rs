@@ -8,7 +8,7 @@ use core::mem::{offset_of, size_of};
 /// `b"DFQ1"`.
 pub const MAGIC: [u8; 4] = *b"DFQ1";
 /// The format version this runtime reads and writes.
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
 /// Alignment of every section and of `total_len`.
 pub const SECTION_ALIGN: usize = 16;
 /// Byte length of [`Header`].

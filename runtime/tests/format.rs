@@ -219,8 +219,9 @@ fn rejects_corruption() {
     let mut bad = b.clone();
     bad[0] = b'X';
     assert_eq!(load(&bad), Err(Error::BadMagic));
-    // Version 1 (rows one after another, before the panel layout) and any later one.
-    for v in [1, 3] {
+    // Version 1 (rows one after another, before the panel layout), version 2 (4-bit
+    // activations one per byte) and any later one.
+    for v in [1, 2, 4] {
         let mut bad = b.clone();
         bad[4] = v;
         assert_eq!(load(&bad), Err(Error::UnsupportedVersion));

@@ -128,7 +128,7 @@ impl<'a> Model<'a> {
         for id in 0..self.header.n_tensors {
             let t = self.tensor(id)?;
             if t.dtype.is_code() {
-                let end = t.arena_offset as u64 + t.numel as u64;
+                let end = t.arena_offset as u64 + t.arena_len() as u64;
                 if end > self.header.arena_size as u64
                     || spans_overlap((t.arena_offset as usize, t.arena_len()), scratch)
                 {
@@ -535,7 +535,30 @@ impl<'a> Model<'a> {
                 }
             }
         }
+        // An op on 4-bit tensors runs through the scratch region (crate::bands).
+        let io = crate::exec::RecIo { model: self, rec };
+        if crate::bands::choose(&decoded, &io, &y, self.header.scratch_size as usize)?.is_none() {
+            return Err(Error::ScratchTooSmall { op });
+        }
         Ok(())
+    }
+
+    /// Least scratch region with which every op runs: the largest of
+    /// [`crate::bands::min_scratch`] over the ops (what the writer and the compiler size the
+    /// region from, before adding what faster kernels keep there).
+    pub fn least_scratch(&self) -> Result<usize, Error> {
+        let mut need = 0usize;
+        for rec in self.ops() {
+            let rec = rec?;
+            let op = self.decode(&rec)?;
+            let y = self.tensor(rec.output)?;
+            let io = crate::exec::RecIo {
+                model: self,
+                rec: &rec,
+            };
+            need = need.max(crate::bands::min_scratch(&op, &io, &y)?);
+        }
+        Ok(need)
     }
 
     fn check_broadcast(

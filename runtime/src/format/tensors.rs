@@ -8,7 +8,7 @@ use super::*;
 /// Element type of a tensor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DType {
-    /// 4-bit codes, one per byte.
+    /// 4-bit codes, two per byte (see the module doc, *4-bit tensors*).
     U4,
     /// 8-bit codes.
     U8,
@@ -76,12 +76,13 @@ impl TensorInfo {
         }
         d
     }
-    /// Bytes it occupies in the arena (`numel` for codes, 0 for `f32`).
+    /// Bytes it occupies in the arena (`numel` for 8-bit codes, `⌈numel/2⌉` for 4-bit
+    /// ones, 0 for `f32`).
     pub fn arena_len(&self) -> usize {
-        if self.dtype.is_code() {
-            self.numel as usize
-        } else {
-            0
+        match self.dtype {
+            DType::U8 => self.numel as usize,
+            DType::U4 => (self.numel as usize).div_ceil(2),
+            DType::F32 => 0,
         }
     }
     /// Whether two tensors have the same quantization (dtype, zero point, scale bits).

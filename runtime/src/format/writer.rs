@@ -578,6 +578,26 @@ impl ModelBuilder {
     /// Serializes the blob (placing unplaced tensors, computing the checksum) and
     /// validates it.
     pub fn finish(&self) -> Result<Vec<u8>, Error> {
+        match self.arena {
+            Some(a) => self.build(Some(a), 0),
+            None => {
+                let least = self.least_scratch()?;
+                self.build(None, self.scratch_needed.max(least) as u64)
+            }
+        }
+    }
+
+    /// Least scratch region the ops added so far run with ([`Model::least_scratch`]: the
+    /// largest conv `K`, and the staging of ops on 4-bit tensors), found on a provisional
+    /// blob whose scratch region takes the rest of the `u32` arena.
+    pub fn least_scratch(&self) -> Result<usize, Error> {
+        let blob = self.build(None, u64::MAX)?;
+        Model::from_bytes(&blob)?.least_scratch()
+    }
+
+    /// [`ModelBuilder::finish`] with the arena `arena`, or else a scratch region of `scratch`
+    /// bytes after the tensors (`u64::MAX`: up to the `u32` limit).
+    fn build(&self, arena: Option<(u32, u32, u32)>, scratch: u64) -> Result<Vec<u8>, Error> {
         let n_tensors = self.tensors.len();
         if n_tensors == 0 || n_tensors > u16::MAX as usize || self.n_ops > u16::MAX as usize {
             return Err(Error::BadHeader);
@@ -589,14 +609,14 @@ impl ModelBuilder {
             if t.rec.dtype == DType::F32.bits() {
                 *o = Some(0);
             } else if let Some(off) = *o {
-                end = end.max(off as u64 + t.rec.numel as u64);
+                end = end.max(off as u64 + arena_bytes(&t.rec));
             }
         }
         for (t, o) in self.tensors.iter().zip(offs.iter_mut()) {
             if o.is_none() && t.alias_of.is_none() {
                 let at = end.div_ceil(SECTION_ALIGN as u64) * SECTION_ALIGN as u64;
                 *o = Some(at.min(u32::MAX as u64) as u32);
-                end = at + t.rec.numel as u64;
+                end = at + arena_bytes(&t.rec);
             }
         }
         // Resolve aliases (chains of Reshapes), at most n passes.
@@ -611,11 +631,11 @@ impl ModelBuilder {
                 }
             }
         }
-        let (arena, s_off, s_size) = match self.arena {
+        let (arena, s_off, s_size) = match arena {
             Some(a) => a,
             None => {
                 let s_off = end.div_ceil(SECTION_ALIGN as u64) * SECTION_ALIGN as u64;
-                let size = self.scratch_needed as u64;
+                let size = scratch.min((u32::MAX as u64).saturating_sub(s_off));
                 let total = s_off + size;
                 if total > u32::MAX as u64 {
                     return Err(Error::BadHeader);
@@ -665,6 +685,15 @@ impl ModelBuilder {
         seal(&mut out);
         Model::from_bytes(&out)?;
         Ok(out)
+    }
+}
+
+/// Arena bytes of a code tensor's record (see [`TensorInfo::arena_len`]).
+fn arena_bytes(r: &TensorRecord) -> u64 {
+    if r.dtype == DType::U4.bits() {
+        (r.numel as u64).div_ceil(2)
+    } else {
+        r.numel as u64
     }
 }
 
