@@ -61,8 +61,7 @@ pub struct Assignment {
     pub layers: Vec<LayerSensitivity>,
     /// Chosen bits per layer, in graph order.
     pub bits: Vec<u8>,
-    /// Per-tensor sensitivity to 4-bit activations (recorded; the runtime stores a 4-bit code
-    /// per byte, so an arena budget has nothing to trade yet).
+    /// Per-tensor sensitivity to 4-bit activations (what `--arena` chooses from).
     pub activations: Vec<ActSensitivity>,
     /// The knapsack's choice measured whole against the widest uniform model that fits.
     pub joint: Option<JointCheck>,
@@ -275,6 +274,70 @@ pub fn act_sensitivities(
     Ok(out)
 }
 
+/// `--arena`: which activation tensors keep 8-bit codes under `--act-bits 4` so that the
+/// arena fits the budget.
+#[derive(Debug, Clone, Serialize)]
+pub struct ArenaChoice {
+    /// Arena-bytes budget.
+    pub budget_arena_bytes: usize,
+    /// The arena with every inner activation at 4 bits, and with the chosen tensors at 8.
+    pub all_4bit_arena_bytes: usize,
+    pub arena_bytes: usize,
+    /// Tensors kept at 8 bits, most sensitive first (MaxPool and Reshape outputs follow
+    /// their inputs).
+    pub act8: Vec<String>,
+}
+
+/// Chooses the tensors of `sens` that keep 8-bit codes: most sensitive first, each kept where
+/// the arena of the model `base` describes (rtn, lowered for `isa`, its 4-bit tensors two
+/// codes per byte) still fits `budget` with it, so a tensor off the arena's peak stays at 8
+/// bits for free. Greedy rather than exact: the arena is a peak over the program, not a sum,
+/// and each step is one lowering. A one-line error when even every tensor at 4 bits does not
+/// fit.
+pub fn choose_act_bits(
+    g: &Graph,
+    base: &rtn::RtnOptions,
+    isa: diffdfq_runtime::kernels::Isa,
+    sens: &[ActSensitivity],
+    budget: usize,
+) -> Result<ArenaChoice, Error> {
+    let arena = |act8: &[String]| -> Result<usize, Error> {
+        let mut o = base.clone();
+        o.act8 = act8.to_vec();
+        let q = rtn::quantize(g, &o)?;
+        Ok(crate::lower::lower_for(&q, isa)?.arena_size)
+    };
+    let all4 = arena(&[])?;
+    if all4 > budget {
+        return Err(Error::Input(format!(
+            "--arena {budget} B: no assignment fits; every activation at 4 bits takes {all4} B"
+        )));
+    }
+    let mut order: Vec<&ActSensitivity> = sens.iter().filter(|s| s.sensitivity > 0.0).collect();
+    order.sort_by(|a, b| {
+        b.sensitivity
+            .total_cmp(&a.sensitivity)
+            .then_with(|| a.name.cmp(&b.name))
+    });
+    let mut act8: Vec<String> = Vec::new();
+    let mut used = all4;
+    for s in order {
+        act8.push(s.name.clone());
+        let a = arena(&act8)?;
+        if a <= budget {
+            used = a;
+        } else {
+            act8.pop();
+        }
+    }
+    Ok(ArenaChoice {
+        budget_arena_bytes: budget,
+        all_4bit_arena_bytes: all4,
+        arena_bytes: used,
+        act8,
+    })
+}
+
 /// The weight bytes of a uniform `bits`-bit model with the first and last layers at
 /// `first_last` bits, as [`Bits`] lays it out.
 pub fn uniform_bytes(layers: &[LayerSensitivity], bits: u8, first_last: u8) -> usize {
@@ -417,8 +480,9 @@ pub fn choose(layers: &[LayerSensitivity], budget: usize) -> Result<Vec<u8>, Err
     Ok(bits)
 }
 
-/// Parses `--flash`: bytes with an optional `K`/`M` suffix (powers of 1024).
-pub fn parse_bytes(s: &str) -> Result<usize, Error> {
+/// Parses `--flash` or `--arena` (`flag`): bytes with an optional `K`/`M` suffix (powers of
+/// 1024).
+pub fn parse_bytes(flag: &str, s: &str) -> Result<usize, Error> {
     let t = s.trim();
     let (num, mul) = match t.chars().last() {
         Some('K' | 'k') => (&t[..t.len() - 1], 1024.0),
@@ -428,7 +492,7 @@ pub fn parse_bytes(s: &str) -> Result<usize, Error> {
     match num.trim().parse::<f64>() {
         Ok(v) if v.is_finite() && v > 0.0 => Ok((v * mul) as usize),
         _ => Err(Error::Input(format!(
-            "--flash takes bytes, e.g. 48000, 48K or 1.5M; got '{s}'"
+            "{flag} takes bytes, e.g. 48000, 48K or 1.5M; got '{s}'"
         ))),
     }
 }
@@ -490,9 +554,9 @@ mod tests {
 
     #[test]
     fn flash_sizes_parse() {
-        assert_eq!(parse_bytes("48000").unwrap(), 48000);
-        assert_eq!(parse_bytes("48K").unwrap(), 49152);
-        assert_eq!(parse_bytes("1.5M").unwrap(), 1572864);
-        assert!(parse_bytes("-3").is_err() && parse_bytes("x").is_err());
+        assert_eq!(parse_bytes("--flash", "48000").unwrap(), 48000);
+        assert_eq!(parse_bytes("--flash", "48K").unwrap(), 49152);
+        assert_eq!(parse_bytes("--flash", "1.5M").unwrap(), 1572864);
+        assert!(parse_bytes("--flash", "-3").is_err() && parse_bytes("--flash", "x").is_err());
     }
 }

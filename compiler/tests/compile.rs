@@ -661,20 +661,114 @@ fn weight_bytes(dir: &Path, name: &str) -> (u64, serde_json::Value) {
     (rep["totals"]["weight_bytes"].as_u64().unwrap(), rep)
 }
 
+/// `diffdfq-compile` of the MobileNet fixture into `d` (no library, quiet) with `flags`.
+fn compile_mobilenet(d: &Path, flags: &[&str]) -> Output {
+    let m = fixture("mobilenet_fmnist.onnx");
+    let mut args = vec![
+        m.to_str().unwrap(),
+        "--no-lib",
+        "--quiet",
+        "-o",
+        d.to_str().unwrap(),
+    ];
+    args.extend(flags);
+    compile(&args)
+}
+
+/// 4-bit activations take half the arena (two codes per byte), and `--arena` keeps the
+/// activation tensors whose 4-bit codes cost most at 8 bits while the arena fits the budget,
+/// recorded in the report; a budget below the all-4-bit arena and `--arena` without
+/// `--act-bits 4` are one-line errors.
+#[test]
+fn arena_budgets_keep_the_costliest_tensors_at_8_bits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = |t: &str| tmp.path().join(t);
+    let run = |t: &str, flags: &[&str]| compile_mobilenet(&dir(t), flags);
+    let arena = |t: &str| {
+        weight_bytes(&dir(t), "mobilenet_fmnist").1["totals"]["arena_bytes"]
+            .as_u64()
+            .unwrap()
+    };
+    assert!(run("a8", &[]).status.success());
+    assert!(run("a4", &["--act-bits", "4"]).status.success());
+    let (a8, a4) = (arena("a8"), arena("a4"));
+    assert!(a4 * 4 < a8 * 3, "A4 arena {a4} B against A8 {a8} B");
+    let budget = (a4 + a8) / 2;
+    let o = run(
+        "mix",
+        &[
+            "--act-bits",
+            "4",
+            "--arena",
+            &budget.to_string(),
+            "--eval-samples",
+            "8",
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (_, rep) = weight_bytes(&dir("mix"), "mobilenet_fmnist");
+    let got = rep["totals"]["arena_bytes"].as_u64().unwrap();
+    assert!(
+        a4 <= got && got <= budget,
+        "{got} B for a budget of {budget}"
+    );
+    let c = &rep["mixed_precision"]["arena"];
+    assert_eq!(c["arena_bytes"].as_u64(), Some(got));
+    assert_eq!(c["all_4bit_arena_bytes"].as_u64(), Some(a4));
+    // Kept most sensitive first, each one a measured tensor.
+    let sens: std::collections::HashMap<&str, f64> = rep["mixed_precision"]["activations_a4"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            (
+                t["name"].as_str().unwrap(),
+                t["sensitivity"].as_f64().unwrap(),
+            )
+        })
+        .collect();
+    let kept: Vec<f64> = c["act8"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| sens[n.as_str().unwrap()])
+        .collect();
+    assert!(!kept.is_empty() && kept.len() < sens.len(), "{c}");
+    assert!(kept.windows(2).all(|w| w[0] >= w[1]), "{kept:?}");
+    // The compiled tensors are the mix: inner layers at both widths.
+    let acts: Vec<u64> = rep["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["act_bits"].as_u64().unwrap())
+        .collect();
+    assert!(acts.contains(&4) && acts.contains(&8), "{acts:?}");
+    let o = run(
+        "tight",
+        &["--act-bits", "4", "--arena", &(a4 - 1).to_string()],
+    );
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains(&format!(
+            "--arena {} B: no assignment fits; every activation at 4 bits takes {a4} B",
+            a4 - 1
+        )) && err.lines().count() == 1,
+        "{err}"
+    );
+    let o = run("a8arena", &["--arena", "40K"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("add --act-bits 4"));
+    assert!(!dir("tight").exists() && !dir("a8arena").exists());
+}
+
 /// `--flash`, fractional `--bits` and `--layer-bits`: per-layer widths that fit the budget,
 /// recorded in the report; budgets nothing fits and wrong lists are one-line errors.
 #[test]
 fn flash_budgets_choose_per_layer_bits_that_fit() {
     let tmp = tempfile::tempdir().unwrap();
-    let m = fixture("mobilenet_fmnist.onnx");
-    let m = m.to_str().unwrap();
     let dir = |t: &str| tmp.path().join(t);
-    let run = |t: &str, flags: &[&str]| {
-        let d = dir(t);
-        let mut args = vec![m, "--no-lib", "--quiet", "-o", d.to_str().unwrap()];
-        args.extend(flags);
-        compile(&args)
-    };
+    let run = |t: &str, flags: &[&str]| compile_mobilenet(&dir(t), flags);
     for (t, b) in [("w2", "2"), ("w3", "3")] {
         assert!(run(t, &["--bits", b]).status.success());
     }
@@ -743,8 +837,9 @@ fn flash_budgets_choose_per_layer_bits_that_fit() {
     // --bits 2.5: between the uniform 2- and 3-bit models' bytes; the summary (not --quiet
     // here) gives each weighted row its sensitivity at the chosen width.
     let d = dir("half");
+    let m = fixture("mobilenet_fmnist.onnx");
     let o = compile(&[
-        m,
+        m.to_str().unwrap(),
         "--no-lib",
         "-o",
         d.to_str().unwrap(),

@@ -69,6 +69,8 @@ pub struct CalibOptions {
     pub recon: recon::ReconOptions,
     /// Weight bits per conv/linear layer (see [`rtn::RtnOptions::layer_bits`]).
     pub layer_bits: Option<Vec<u8>>,
+    /// Tensors kept at 8 bits under 4-bit activations (see [`rtn::RtnOptions::act8`]).
+    pub act8: Vec<String>,
     /// Moves the biases against the final codes' mean shift after reconstruction (at 8-bit
     /// activations, as rtn does). The CLI turns it off and chooses on held-out samples
     /// whether to apply it (see `evaluate::output_mse`).
@@ -91,6 +93,7 @@ impl CalibOptions {
                 ..Default::default()
             },
             layer_bits: None,
+            act8: Vec::new(),
             bias_correction: true,
         }
     }
@@ -140,6 +143,7 @@ pub fn calibrate_on(
                 .map(|(lo, hi)| (lo.min(-ranges::INPUT_RANGE), hi.max(ranges::INPUT_RANGE))),
             bias_correction: false,
             layer_bits: opts.layer_bits.clone(),
+            act8: opts.act8.clone(),
             ..Default::default()
         },
     )?;

@@ -87,7 +87,12 @@ pub fn plan_tensors(q: &QuantGraph) -> Vec<plan::PlanTensor> {
         .tensors
         .iter()
         .map(|t| plan::PlanTensor {
-            size: if t.is_f32 { 0 } else { t.numel() },
+            // 4-bit codes two per byte (the runtime's `TensorInfo::arena_len`).
+            size: match (t.is_f32, t.quant.bits) {
+                (true, _) => 0,
+                (false, 4) => t.numel().div_ceil(2),
+                _ => t.numel(),
+            },
             first: 0,
             last: 0,
             alias_of: None,
@@ -160,7 +165,6 @@ pub fn lower_for(q: &QuantGraph, isa: Isa) -> Result<Lowered, Error> {
             scratch = scratch.max(len);
         }
     }
-    let arena = p.end + scratch;
     let u32_of = |v: usize, what: &str| {
         u32::try_from(v).map_err(|_| Error::Input(format!("{what} {v} exceeds the format's u32")))
     };
@@ -194,11 +198,6 @@ pub fn lower_for(q: &QuantGraph, isa: Isa) -> Result<Lowered, Error> {
     }
     b.set_input(q.input as u16);
     b.set_output(q.output as u16);
-    b.set_arena(
-        u32_of(arena, "arena size")?,
-        u32_of(p.end, "scratch offset")?,
-        u32_of(scratch, "scratch size")?,
-    );
     let mut layers = Vec::with_capacity(q.nodes.len());
     for n in &q.nodes {
         let (x, y) = (n.inputs[0] as u16, n.output as u16);
@@ -254,6 +253,17 @@ pub fn lower_for(q: &QuantGraph, isa: Isa) -> Result<Lowered, Error> {
             macs: n.macs,
         });
     }
+    // Ops on 4-bit tensors stage their bands in the scratch region too (the runtime's
+    // `bands` module): the region is the larger of the two needs.
+    let scratch = scratch.max(b.least_scratch().map_err(|err| {
+        Error::Internal(format!("lowering: the runtime rejects the blob: {err}"))
+    })?);
+    let arena = p.end + scratch;
+    b.set_arena(
+        u32_of(arena, "arena size")?,
+        u32_of(p.end, "scratch offset")?,
+        u32_of(scratch, "scratch size")?,
+    );
     let blob = b
         .finish()
         .map_err(|err| Error::Internal(format!("lowering: the runtime rejects the blob: {err}")))?;

@@ -78,6 +78,12 @@ fn unsupported(node: &str, what: &str) -> Error {
 /// first and last layers' weights, the boundaries are where low precision costs most, and the
 /// input is quantized from f32 anyway.
 pub fn fold(g: &Graph, bits: Bits) -> Result<QuantGraph, Error> {
+    fold_keeping(g, bits, &[])
+}
+
+/// [`fold`] with the tensors named in `act8` at 8 bits whatever `bits.act` is (`--arena`'s
+/// A4/A8 mix; a MaxPool or Reshape output follows its input).
+pub fn fold_keeping(g: &Graph, bits: Bits, act8: &[String]) -> Result<QuantGraph, Error> {
     bits.check()?;
     if g.inputs.len() != 1 || g.outputs.len() != 1 {
         return Err(Error::Input(format!(
@@ -380,7 +386,7 @@ pub fn fold(g: &Graph, bits: Bits) -> Result<QuantGraph, Error> {
             }
         };
         let macs = g.macs(n);
-        let out_bits = if g.outputs.contains(&out_v) {
+        let out_bits = if g.outputs.contains(&out_v) || act8.contains(&g.values[out_v].name) {
             8
         } else {
             bits.act

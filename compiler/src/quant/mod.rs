@@ -33,7 +33,7 @@ pub fn fused_activation(f: Fused) -> Option<Activation> {
         Fused::Relu6 => Some(Activation::Relu6),
     }
 }
-pub use fold::fold;
+pub use fold::{fold, fold_keeping};
 pub use layer::{lp_clip, QLayer};
 
 /// Index into [`QuantGraph::tensors`].

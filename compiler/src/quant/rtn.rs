@@ -3,7 +3,7 @@
 //! same with each channel's step from the Lp clipping search ([`WeightSteps::Lp`]).
 
 use super::ranges::*;
-use super::{fold, Bits, QOp, QuantGraph};
+use super::{Bits, QOp, QuantGraph};
 use crate::graph::Graph;
 use crate::Error;
 
@@ -26,6 +26,8 @@ pub struct RtnOptions {
     pub layer_bits: Option<Vec<u8>>,
     /// How each channel's weight step is chosen.
     pub weight_steps: WeightSteps,
+    /// Tensors kept at 8 bits when `bits.act` is 4 (see [`super::fold_keeping`]).
+    pub act8: Vec<String>,
 }
 
 /// How rtn chooses a channel's weight step.
@@ -49,13 +51,14 @@ impl Default for RtnOptions {
             bias_correction: true,
             layer_bits: None,
             weight_steps: WeightSteps::MinMax,
+            act8: Vec::new(),
         }
     }
 }
 
 /// Folds and quantizes `g` with round-to-nearest weights and data-free activation ranges.
 pub fn quantize(g: &Graph, opts: &RtnOptions) -> Result<QuantGraph, Error> {
-    let mut q = fold(g, opts.bits)?;
+    let mut q = super::fold_keeping(g, opts.bits, &opts.act8)?;
     if let Some(b) = &opts.layer_bits {
         q.set_layer_bits(b)?;
     }

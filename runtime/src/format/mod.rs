@@ -1,4 +1,4 @@
-//! # The `.dfq` packed model format, version 2
+//! # The `.dfq` packed model format, version 3
 //!
 //! One blob holds a whole quantized network; the runtime reads it in place (`&'static [u8]`
 //! from flash, zero copy) after [`Model::from_bytes`] has validated it once. Everything is
@@ -21,13 +21,13 @@
 //! | off | size | field | meaning |
 //! |----:|----:|---|---|
 //! | 0 | 4 | `magic` | `b"DFQ1"` |
-//! | 4 | 2 | `version` | 2 |
+//! | 4 | 2 | `version` | 3 |
 //! | 6 | 2 | `flags` | 0 (reserved) |
 //! | 8 | 4 | `total_len` | blob length in bytes, a multiple of 16; the blob must be exactly this long |
 //! | 12 | 4 | `checksum` | CRC-32 (IEEE 802.3, reflected, poly `0xEDB88320`, init and xorout `0xFFFFFFFF`) of bytes `0..total_len` with these 4 bytes read as zero |
 //! | 16 | 4 | `arena_size` | bytes of the caller's arena the model uses |
 //! | 20 | 4 | `scratch_offset` | start of the kernels' scratch region in the arena |
-//! | 24 | 4 | `scratch_size` | its size: ≥ the largest conv `K` ([`crate::kernels::conv_scratch_len`]); more where the compiler sized it for a CPU's kernels, which then keep weight panels there ([`crate::kernels::conv_scratch_len_for`]) |
+//! | 24 | 4 | `scratch_size` | its size: ≥ what every op needs ([`Model::least_scratch`]: the largest conv `K`, [`crate::kernels::conv_scratch_len`], and the staging of ops on 4-bit tensors, [`crate::bands`]); more where the compiler sized it for a CPU's kernels, which then keep weight panels there ([`crate::kernels::conv_scratch_len_for`]) |
 //! | 28 | 2 | `n_tensors` | ≥ 1 |
 //! | 30 | 2 | `n_ops` | number of op records |
 //! | 32 | 2 | `input` | model input tensor id (codes) |
@@ -44,13 +44,13 @@
 //! | off | size | field | meaning |
 //! |----:|----:|---|---|
 //! | 0 | 1 | `rank` | 1..=4 |
-//! | 1 | 1 | `dtype` | 8 = u8 codes, 4 = 4-bit codes held one per byte, 32 = `f32` (no arena bytes: it lives in the caller's output buffer; see *f32 tensors* below) |
+//! | 1 | 1 | `dtype` | 8 = u8 codes, 4 = 4-bit codes two per byte (see *4-bit tensors* below), 32 = `f32` (no arena bytes: it lives in the caller's output buffer; see *f32 tensors* below) |
 //! | 2 | 1 | `zero_point` | `z ≤ 2^A − 1` (0 for `f32`) |
 //! | 3 | 1 | reserved | 0 |
 //! | 4 | 16 | `dims` | 4 × u32, the first `rank` used (NCHW, batch 1), each in `1..=2^24`; the rest 1 |
 //! | 20 | 4 | `numel` | product of the dims |
 //! | 24 | 4 | `scale` | `f32`, finite, > 0: `x ≈ scale·(a − z)` |
-//! | 28 | 4 | `arena_offset` | code tensors occupy `[arena_offset, arena_offset + numel)` of the arena, which must lie inside `arena_size` and outside the scratch region; 0 for `f32` |
+//! | 28 | 4 | `arena_offset` | code tensors occupy `[arena_offset, arena_offset + bytes)` of the arena (`bytes` = `numel` for dtype 8, `⌈numel/2⌉` for dtype 4), which must lie inside `arena_size` and outside the scratch region; 0 for `f32` |
 //!
 //! ## Op list
 //!
@@ -72,6 +72,15 @@
 //! | 9 | Reshape / Flatten | 1 | none (same codes; the output may share the input's arena offset) |
 //! | 10 | Lut | 1 | [`LutRecord`] (8): pool offset of a 256-byte table `y = table[x]` |
 //! | 11 | Softmax | 1 | 4 reserved zero bytes; last op, output `f32` = model output |
+//!
+//! **4-bit tensors.** Element `e` of a dtype-4 tensor (row-major NCHW order, as for every
+//! tensor) is the low nibble of byte `e/2` when `e` is even, the high nibble when odd; the
+//! high nibble of the last byte of an odd-sized tensor is unused. A Reshape copies (or
+//! aliases) the bytes as they are. Every other op that reads or writes a 4-bit tensor runs
+//! through the front of the scratch region, in bands of output rows where whole tensors do
+//! not fit ([`crate::bands`]); the loader rejects a blob whose scratch region is too small
+//! for that. Version 2 held 4-bit codes one per byte, so a 4-bit tensor took as much arena
+//! as an 8-bit one.
 //!
 //! **f32 tensors.** At most two, both in the caller's output buffer: the model output, written
 //! by the last op, which is either a Softmax or a FullyConnected whose `i32` accumulators are

@@ -24,7 +24,7 @@ pub(crate) fn calibrated(
     graph: &diffdfq_compiler::graph::Graph,
     size: &budget::ModelSize,
     bits: Bits,
-    layer_bits: Option<Vec<u8>>,
+    (layer_bits, act8): (Option<Vec<u8>>, Vec<String>),
     input_range: Option<(f32, f32)>,
     held: (&evaluate::EvalOptions, bool, &mut Option<evaluate::HeldOut>),
     stages: &mut Vec<(&'static str, f64)>,
@@ -78,6 +78,7 @@ pub(crate) fn calibrated(
     co.recon.batch = s.recon_batch;
     co.recon.eval_samples = s.eval_samples;
     co.layer_bits = layer_bits.clone();
+    co.act8 = act8;
     // With held-out samples, bias correction after reconstruction is not applied
     // blindly: the candidates below are compared on them.
     co.bias_correction = !select;
@@ -163,6 +164,7 @@ fn select_candidate(
             seed: co.seed,
             input_range,
             layer_bits: co.layer_bits.clone(),
+            act8: co.act8.clone(),
             ..Default::default()
         },
     )?;

@@ -76,6 +76,11 @@ struct Args {
     /// Activation bits: 8 or 4
     #[arg(long, default_value_t = 8)]
     act_bits: u8,
+    /// Arena budget with --act-bits 4 (e.g. 30000, 30K): the activation tensors whose 4-bit
+    /// codes cost most (sensitivity on held-out synthetic samples) keep 8 bits while the
+    /// arena fits it
+    #[arg(long)]
+    arena: Option<String>,
     /// Weight bits of the first and the last layer
     #[arg(long, default_value_t = 8)]
     first_last_bits: u8,
@@ -222,6 +227,56 @@ fn run(a: &Args) -> Result<(), Error> {
         }
         (None, m) => m.as_ref().map(|m| m.bits.clone()),
     };
+    let arena_choice = match &a.arena {
+        None => None,
+        Some(s) => {
+            let budget = mixed::parse_bytes("--arena", s)?;
+            let t0 = std::time::Instant::now();
+            let activations = match &mixed {
+                Some(m) => m.activations.clone(),
+                None => {
+                    let held = match held_out.take() {
+                        Some(h) => h,
+                        None => evaluate::held_out_samples(&graph, &eval_opts)
+                            .map_err(|e| e.context(&a.model.display().to_string()))?,
+                    };
+                    let s = mixed::act_sensitivities(&graph, &eval_opts, &held)
+                        .map_err(|e| e.context(&a.model.display().to_string()))?;
+                    held_out = Some(held);
+                    s
+                }
+            };
+            let mut base = rtn::RtnOptions {
+                bits,
+                seed: a.seed,
+                input_range,
+                layer_bits: layer_bits.clone(),
+                ..Default::default()
+            };
+            if let Some(n) = a.samples {
+                base.samples = n;
+            }
+            let c = mixed::choose_act_bits(&graph, &base, isa, &activations, budget)
+                .map_err(|e| e.context(&a.model.display().to_string()))?;
+            let secs = t0.elapsed().as_secs_f64();
+            stages.push(("arena choice", secs));
+            if !quiet {
+                eprintln!(
+                    "mixed precision: {} of {} activation tensors keep 8-bit codes, arena {} of \
+                     {budget} B ({} B with all at 4 bits; {secs:.1} s)",
+                    c.act8.len(),
+                    activations.len(),
+                    c.arena_bytes,
+                    c.all_4bit_arena_bytes
+                );
+            }
+            Some((c, activations))
+        }
+    };
+    let act8 = arena_choice
+        .as_ref()
+        .map(|(c, _)| c.act8.clone())
+        .unwrap_or_default();
     // Which candidate a calibrated compile shipped (see `select_candidate`).
     let mut shipped = "";
     // Quantizer errors name the node; the file goes in front, as for import errors.
@@ -234,6 +289,7 @@ fn run(a: &Args) -> Result<(), Error> {
                 seed: a.seed,
                 input_range,
                 layer_bits: layer_bits.clone(),
+                act8: act8.clone(),
                 weight_steps: if lp {
                     rtn::WeightSteps::Lp
                 } else {
@@ -255,7 +311,7 @@ fn run(a: &Args) -> Result<(), Error> {
                 &graph,
                 &size,
                 bits,
-                layer_bits.clone(),
+                (layer_bits.clone(), act8.clone()),
                 input_range,
                 (&eval_opts, held_out_on, &mut held_out),
                 &mut stages,
@@ -299,12 +355,20 @@ fn run(a: &Args) -> Result<(), Error> {
         ),
     };
     let summary = format!(
-        "Method {method}{}, {weights}, activations {}-bit, seed {}{}.",
+        "Method {method}{}, {weights}, activations {}-bit{}, seed {}{}.",
         match shipped {
             "" => String::new(),
             k => format!(" (kept: {k})"),
         },
         bits.act,
+        match &arena_choice {
+            Some((c, _)) => format!(
+                " ({} tensors at 8 within {} arena bytes)",
+                c.act8.len(),
+                c.budget_arena_bytes
+            ),
+            None => String::new(),
+        },
         a.seed,
         input_range
             .map(|(lo, hi)| format!(", input range [{lo}, {hi}]"))
@@ -339,7 +403,7 @@ fn run(a: &Args) -> Result<(), Error> {
                 input_range,
                 calibration,
                 evaluation: evaluation.as_ref(),
-                mixed: mixed.as_ref().map(mixed::Assignment::to_json),
+                mixed: mixed_json(mixed.as_ref(), arena_choice.as_ref()),
             },
             &low,
         ),
@@ -412,4 +476,17 @@ fn main() -> ExitCode {
             ExitCode::from(e.exit_code() as u8)
         }
     }
+}
+
+/// `mixed_precision` of the report: the `--flash` choice and the `--arena` one, when made.
+fn mixed_json(
+    m: Option<&mixed::Assignment>,
+    arena: Option<&(mixed::ArenaChoice, Vec<mixed::ActSensitivity>)>,
+) -> Option<serde_json::Value> {
+    let mut j = m.map(mixed::Assignment::to_json);
+    if let Some((c, acts)) = arena {
+        let o = j.get_or_insert_with(|| serde_json::json!({ "activations_a4": acts }));
+        o["arena"] = serde_json::json!(c);
+    }
+    j
 }

@@ -72,6 +72,16 @@ pub(crate) fn check_widths(a: &Args) -> Result<(Option<u8>, Bits, Option<(f32, f
             a.act_bits
         )));
     }
+    if let Some(s) = &a.arena {
+        mixed::parse_bytes("--arena", s)?;
+        if a.act_bits != 4 {
+            return Err(Error::Input(
+                "--arena chooses which tensors keep 8-bit codes under 4-bit activations; \
+                 add --act-bits 4"
+                    .into(),
+            ));
+        }
+    }
     if !wb.contains(&a.first_last_bits) {
         return Err(Error::Input(format!(
             "--first-last-bits {}: takes 2, 3, 4 or 8",
@@ -128,7 +138,7 @@ pub(crate) fn choose_widths(
             let sens = mixed::sensitivities(graph, bits.act, eval_opts, held)
                 .map_err(|e| e.context(&a.model.display().to_string()))?;
             let budget = match &a.flash {
-                Some(f) => mixed::parse_bytes(f)?,
+                Some(f) => mixed::parse_bytes("--flash", f)?,
                 None => {
                     // Between the uniform models of the neighbouring widths, by the fraction.
                     let lo = mixed::CHOICES.iter().rev().find(|&&c| (c as f32) < a.bits);
