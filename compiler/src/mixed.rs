@@ -290,10 +290,11 @@ pub struct ArenaChoice {
 
 /// Chooses the tensors of `sens` that keep 8-bit codes: most sensitive first, each kept where
 /// the arena of the model `base` describes (rtn, lowered for `isa`, its 4-bit tensors two
-/// codes per byte) still fits `budget` with it, so a tensor off the arena's peak stays at 8
-/// bits for free. Greedy rather than exact: the arena is a peak over the program, not a sum,
-/// and each step is one lowering. A one-line error when even every tensor at 4 bits does not
-/// fit.
+/// codes per byte) still fits `budget` with it, or shrinks — so a tensor off the arena's peak
+/// stays at 8 bits for free. The arena is not monotone in the bits: an 8-bit tensor needs no
+/// staging in the scratch region, and the planner packs other sizes differently, so all-4-bit
+/// is not always the least. Greedy rather than exact: the arena is a peak over the program,
+/// not a sum, and each step is one lowering. A one-line error when nothing it found fits.
 pub fn choose_act_bits(
     g: &Graph,
     base: &rtn::RtnOptions,
@@ -308,11 +309,6 @@ pub fn choose_act_bits(
         Ok(crate::lower::lower_for(&q, isa)?.arena_size)
     };
     let all4 = arena(&[])?;
-    if all4 > budget {
-        return Err(Error::Input(format!(
-            "--arena {budget} B: no assignment fits; every activation at 4 bits takes {all4} B"
-        )));
-    }
     let mut order: Vec<&ActSensitivity> = sens.iter().filter(|s| s.sensitivity > 0.0).collect();
     order.sort_by(|a, b| {
         b.sensitivity
@@ -324,11 +320,17 @@ pub fn choose_act_bits(
     for s in order {
         act8.push(s.name.clone());
         let a = arena(&act8)?;
-        if a <= budget {
+        if a <= budget || a < used {
             used = a;
         } else {
             act8.pop();
         }
+    }
+    if used > budget {
+        return Err(Error::Input(format!(
+            "--arena {budget} B: no assignment fits; the least arena found is {used} B (every \
+             activation at 4 bits: {all4} B)"
+        )));
     }
     Ok(ArenaChoice {
         budget_arena_bytes: budget,

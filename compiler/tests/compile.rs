@@ -708,10 +708,7 @@ fn arena_budgets_keep_the_costliest_tensors_at_8_bits() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let (_, rep) = weight_bytes(&dir("mix"), "mobilenet_fmnist");
     let got = rep["totals"]["arena_bytes"].as_u64().unwrap();
-    assert!(
-        a4 <= got && got <= budget,
-        "{got} B for a budget of {budget}"
-    );
+    assert!(got <= budget, "{got} B for a budget of {budget}");
     let c = &rep["mixed_precision"]["arena"];
     assert_eq!(c["arena_bytes"].as_u64(), Some(got));
     assert_eq!(c["all_4bit_arena_bytes"].as_u64(), Some(a4));
@@ -745,15 +742,16 @@ fn arena_budgets_keep_the_costliest_tensors_at_8_bits() {
     assert!(acts.contains(&4) && acts.contains(&8), "{acts:?}");
     let o = run(
         "tight",
-        &["--act-bits", "4", "--arena", &(a4 - 1).to_string()],
+        &["--act-bits", "4", "--arena", &(a4 / 2).to_string()],
     );
     assert_eq!(o.status.code(), Some(2));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
         err.contains(&format!(
-            "--arena {} B: no assignment fits; every activation at 4 bits takes {a4} B",
-            a4 - 1
-        )) && err.lines().count() == 1,
+            "--arena {} B: no assignment fits; the least",
+            a4 / 2
+        )) && err.contains(&format!("(every activation at 4 bits: {a4} B)"))
+            && err.lines().count() == 1,
         "{err}"
     );
     let o = run("a8arena", &["--arena", "40K"]);
