@@ -28,6 +28,10 @@ const SOURCES: &[(&str, &str)] = &[
         "src/error.rs",
         include_str!("../../../runtime/src/error.rs"),
     ),
+    (
+        "src/bands.rs",
+        include_str!("../../../runtime/src/bands.rs"),
+    ),
     ("src/exec.rs", include_str!("../../../runtime/src/exec.rs")),
     (
         "src/format/mod.rs",
