@@ -1,7 +1,7 @@
 //! The executor: runs a validated [`Model`] on a caller-provided arena, touching nothing else.
 
-use crate::bands::{self, Band, Io, Mode};
 use crate::error::Error;
+use crate::format::bands::{self, Band, Io, Mode, RecIo};
 use crate::format::{concat_requant, DType, Model, Op, OpRecord, TensorInfo};
 use crate::kernels::{self, QIn, QOut};
 
@@ -64,22 +64,6 @@ pub fn run(
         }
     }
     Ok(())
-}
-
-/// An op record's inputs, for [`bands`].
-pub(crate) struct RecIo<'m, 'a> {
-    pub model: &'m Model<'a>,
-    pub rec: &'m OpRecord<'a>,
-}
-
-impl Io for RecIo<'_, '_> {
-    fn n_inputs(&self) -> usize {
-        self.rec.inputs.len()
-    }
-    fn input(&self, i: usize) -> Result<TensorInfo, Error> {
-        self.model
-            .tensor(self.rec.inputs.get(i).ok_or(Error::BadArgument)?)
-    }
 }
 
 fn span_mut<'b>(arena: &'b mut [u8], t: &TensorInfo) -> Result<&'b mut [u8], Error> {

@@ -31,7 +31,6 @@
 #[cfg(feature = "std")]
 extern crate std;
 
-pub mod bands;
 pub mod capi;
 pub mod error;
 pub mod exec;

@@ -6,8 +6,8 @@
 //! for whole tensors — each compared bit for bit with the same kernels run op by op on
 //! unpacked buffers of one code per byte.
 
-use diffdfq_runtime::bands::{pack4, unpack4};
 use diffdfq_runtime::exec::eval_op;
+use diffdfq_runtime::format::bands::{pack4, unpack4};
 use diffdfq_runtime::format::{Activation, DType, Layer, ModelBuilder, TensorInfo};
 use diffdfq_runtime::geom::window_out_len;
 use diffdfq_runtime::kernels::{self, ConvGeom, PoolGeom, QIn};

@@ -29,8 +29,8 @@ const SOURCES: &[(&str, &str)] = &[
         include_str!("../../../runtime/src/error.rs"),
     ),
     (
-        "src/bands.rs",
-        include_str!("../../../runtime/src/bands.rs"),
+        "src/format/bands.rs",
+        include_str!("../../../runtime/src/format/bands.rs"),
     ),
     ("src/exec.rs", include_str!("../../../runtime/src/exec.rs")),
     (

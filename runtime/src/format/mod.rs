@@ -27,7 +27,7 @@
 //! | 12 | 4 | `checksum` | CRC-32 (IEEE 802.3, reflected, poly `0xEDB88320`, init and xorout `0xFFFFFFFF`) of bytes `0..total_len` with these 4 bytes read as zero |
 //! | 16 | 4 | `arena_size` | bytes of the caller's arena the model uses |
 //! | 20 | 4 | `scratch_offset` | start of the kernels' scratch region in the arena |
-//! | 24 | 4 | `scratch_size` | its size: ≥ what every op needs ([`Model::least_scratch`]: the largest conv `K`, [`crate::kernels::conv_scratch_len`], and the staging of ops on 4-bit tensors, [`crate::bands`]); more where the compiler sized it for a CPU's kernels, which then keep weight panels there ([`crate::kernels::conv_scratch_len_for`]) |
+//! | 24 | 4 | `scratch_size` | its size: ≥ what every op needs ([`Model::least_scratch`]: the largest conv `K`, [`crate::kernels::conv_scratch_len`], and the staging of ops on 4-bit tensors, [`bands`]); more where the compiler sized it for a CPU's kernels, which then keep weight panels there ([`crate::kernels::conv_scratch_len_for`]) |
 //! | 28 | 2 | `n_tensors` | ≥ 1 |
 //! | 30 | 2 | `n_ops` | number of op records |
 //! | 32 | 2 | `input` | model input tensor id (codes) |
@@ -78,7 +78,7 @@
 //! high nibble of the last byte of an odd-sized tensor is unused. A Reshape copies (or
 //! aliases) the bytes as they are. Every other op that reads or writes a 4-bit tensor runs
 //! through the front of the scratch region, in bands of output rows where whole tensors do
-//! not fit ([`crate::bands`]); the loader rejects a blob whose scratch region is too small
+//! not fit ([`bands`]); the loader rejects a blob whose scratch region is too small
 //! for that. Version 2 held 4-bit codes one per byte, so a 4-bit tensor took as much arena
 //! as an 8-bit one.
 //!
@@ -124,6 +124,7 @@
 //! With the writer (cargo feature `write`, `alloc` only) the same module builds blobs:
 //! `ModelBuilder`.
 
+pub mod bands;
 mod model;
 mod ops;
 mod tensors;

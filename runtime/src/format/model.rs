@@ -535,16 +535,16 @@ impl<'a> Model<'a> {
                 }
             }
         }
-        // An op on 4-bit tensors runs through the scratch region (crate::bands).
-        let io = crate::exec::RecIo { model: self, rec };
-        if crate::bands::choose(&decoded, &io, &y, self.header.scratch_size as usize)?.is_none() {
+        // An op on 4-bit tensors runs through the scratch region (`bands`).
+        let io = super::bands::RecIo { model: self, rec };
+        if super::bands::choose(&decoded, &io, &y, self.header.scratch_size as usize)?.is_none() {
             return Err(Error::ScratchTooSmall { op });
         }
         Ok(())
     }
 
     /// Least scratch region with which every op runs: the largest of
-    /// [`crate::bands::min_scratch`] over the ops (what the writer and the compiler size the
+    /// [`super::bands::min_scratch`] over the ops (what the writer and the compiler size the
     /// region from, before adding what faster kernels keep there).
     pub fn least_scratch(&self) -> Result<usize, Error> {
         let mut need = 0usize;
@@ -552,11 +552,11 @@ impl<'a> Model<'a> {
             let rec = rec?;
             let op = self.decode(&rec)?;
             let y = self.tensor(rec.output)?;
-            let io = crate::exec::RecIo {
+            let io = super::bands::RecIo {
                 model: self,
                 rec: &rec,
             };
-            need = need.max(crate::bands::min_scratch(&op, &io, &y)?);
+            need = need.max(super::bands::min_scratch(&op, &io, &y)?);
         }
         Ok(need)
     }

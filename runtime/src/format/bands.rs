@@ -14,8 +14,8 @@
 //! else the tallest of `OH, ⌈OH/2⌉, ⌈OH/4⌉, …, 1` rows that fits, so the compiler that sizes
 //! the region ([`min_scratch`]) and the device agree without a field in the format.
 
+use super::{DType, Model, Op, OpRecord, TensorInfo};
 use crate::error::Error;
-use crate::format::{DType, Op, TensorInfo};
 use crate::kernels::conv_scratch_len;
 
 /// How an op runs.
@@ -467,4 +467,20 @@ pub fn pack4(codes: &[u8], first: usize, dst: &mut [u8]) -> Result<(), Error> {
         };
     }
     Ok(())
+}
+
+/// An op record's inputs, as [`choose`] and the executor read them.
+pub struct RecIo<'m, 'a> {
+    pub model: &'m Model<'a>,
+    pub rec: &'m OpRecord<'a>,
+}
+
+impl Io for RecIo<'_, '_> {
+    fn n_inputs(&self) -> usize {
+        self.rec.inputs.len()
+    }
+    fn input(&self, i: usize) -> Result<TensorInfo, Error> {
+        self.model
+            .tensor(self.rec.inputs.get(i).ok_or(Error::BadArgument)?)
+    }
 }
