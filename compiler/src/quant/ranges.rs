@@ -489,10 +489,22 @@ pub(super) fn propagate(
             }
             QOp::Act(act) => {
                 // The codes that reach the table are those of the input's quantized range.
+                // A table into fewer bits than its input (an 8-bit input kept by `--arena`)
+                // maps only the input's mean ± kσ at the output's width: the image of the
+                // input's whole 8-bit range would spend 16 levels on a 4σ tail.
                 let src = q.tensors[x0].quant;
+                let mut r_src = src.range();
+                if bits < src.bits {
+                    if let Some(mi) = m_in(0) {
+                        let kr = k_range(&mi.mean, &mi.std, k);
+                        if kr.0.max(r_src.0) < kr.1.min(r_src.1) {
+                            r_src = (kr.0.max(r_src.0), kr.1.min(r_src.1));
+                        }
+                    }
+                }
                 let f = |x: f64| act.apply(x);
                 (
-                    Some(image(*act, src.range())),
+                    Some(image(*act, r_src)),
                     m_in(0).map(|mi| map_moments(mi, f)),
                 )
             }
