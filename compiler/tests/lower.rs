@@ -59,6 +59,14 @@ fn fixtures_lower_at_every_bit_width() {
                 let four = q.tensors.iter().filter(|t| t.quant.bits == 4).count();
                 assert!(four > 0 && four < q.tensors.len(), "{four}");
             }
+            // A Conv feeding only the table after it runs fused: its output is not stored,
+            // and keeps 8-bit codes (MobileNet's HardSwish layers; ResNet has no tables).
+            let fused = q.fused_act_convs();
+            assert_eq!(fused.is_empty(), *name == "resnet_fmnist", "{name}");
+            for &i in &fused {
+                assert_eq!(q.tensors[q.nodes[i].output].quant.bits, 8);
+            }
+            assert_eq!(m.n_tensors() as usize, q.tensors.len() - fused.len());
             sizes.push(l.weight_bytes().0);
         }
         // Fewer bits, fewer bytes (W2 < W3 < W4 < W8).

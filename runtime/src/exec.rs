@@ -299,13 +299,20 @@ pub fn eval_op<'i>(
             ref weights,
             lo,
             hi,
-        } => kernels::conv2d(
-            geom,
-            weights,
-            &input(0)?.0,
-            &mut qout(out, y, lo, hi),
-            scratch,
-        ),
+            table,
+        } => {
+            let mut q = qout(out, y, lo, hi);
+            if let Some((zero, _)) = table {
+                q.zero = zero;
+            }
+            kernels::conv2d(geom, weights, &input(0)?.0, &mut q, scratch)?;
+            if let Some((_, t)) = table {
+                // In place: the 8-bit codes become the output's.
+                let codes = out.get_mut(..y.numel as usize).ok_or(Error::BadArgument)?;
+                kernels::lut_in_place(t, codes);
+            }
+            Ok(())
+        }
         Op::FullyConnected { ref weights, .. } if !y.dtype.is_code() => {
             let (x, s_x) = input(0)?;
             kernels::fully_connected_f32(weights, &x, s_x, output)

@@ -8,7 +8,7 @@ use core::mem::{offset_of, size_of};
 /// `b"DFQ1"`.
 pub const MAGIC: [u8; 4] = *b"DFQ1";
 /// The format version this runtime reads and writes.
-pub const VERSION: u16 = 3;
+pub const VERSION: u16 = 4;
 /// Alignment of every section and of `total_len`.
 pub const SECTION_ALIGN: usize = 16;
 /// Byte length of [`Header`].
@@ -100,7 +100,11 @@ pub struct ConvRecord {
     pub w_bits: u8,
     pub clamp_lo: u8,
     pub clamp_hi: u8,
-    pub reserved: [u8; 3],
+    /// Bit 0: an activation table follows the channel records (see the format doc).
+    pub flags: u8,
+    /// Zero point of the 8-bit codes the table reads (0 without a table).
+    pub table_zero: u8,
+    pub reserved: u8,
     pub weights_offset: u32,
     pub weights_len: u32,
     pub channels_offset: u32,
@@ -147,7 +151,9 @@ impl ConvRecord {
             w_bits: w_bits,
             clamp_lo: clamp_lo,
             clamp_hi: clamp_hi,
-            reserved: [0; 3],
+            flags: 0,
+            table_zero: 0,
+            reserved: 0,
             weights_offset: weights_offset,
             weights_len: weights_len,
             channels_offset: channels_offset,
@@ -448,8 +454,8 @@ record_io!(TensorRecord, 32, rank: u8, dtype: u8, zero_point: u8, reserved: u8, 
 record_io!(OpHeader, 8, kind: u8, n_inputs: u8, output: u16, record_len: u16, reserved: u16);
 record_io!(ConvRecord, 40, kernel_h: u16, kernel_w: u16, stride_h: u16, stride_w: u16,
     dilation_h: u16, dilation_w: u16, pad_top: u16, pad_left: u16, pad_bottom: u16,
-    pad_right: u16, groups: u16, w_bits: u8, clamp_lo: u8, clamp_hi: u8, reserved: a3,
-    weights_offset: u32, weights_len: u32, channels_offset: u32);
+    pad_right: u16, groups: u16, w_bits: u8, clamp_lo: u8, clamp_hi: u8, flags: u8,
+    table_zero: u8, reserved: u8, weights_offset: u32, weights_len: u32, channels_offset: u32);
 record_io!(FcRecord, 16, w_bits: u8, clamp_lo: u8, clamp_hi: u8, reserved: u8,
     weights_offset: u32, weights_len: u32, channels_offset: u32);
 record_io!(BinaryRecord, 28, mult_a: i32, shift_a: i32, mult_b: i32, shift_b: i32,

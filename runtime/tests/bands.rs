@@ -1,6 +1,6 @@
 //! 4-bit tensors held two codes per byte: random models mixing 4- and 8-bit tensors over every
 //! op that runs in row bands (convolutions with strides, dilations and uneven pads, depthwise,
-//! 1×1, pools in ceil mode with `count_include_pad`, broadcast Add and Mul, LUT, Concat) and
+//! 1×1 (with a fused activation table or without), pools in ceil mode with `count_include_pad`, broadcast Add and Mul, LUT, Concat) and
 //! the ones that run whole (global pool, fully connected), run by the executor with the least
 //! scratch region (bands of one row where the tensors do not fit), with more, and with room
 //! for whole tensors — each compared bit for bit with the same kernels run op by op on
@@ -205,7 +205,16 @@ fn random_model(seed: u64) -> (ModelBuilder, usize) {
     let c3 = rng.below(1, 6) as usize * 4;
     let (t3, _) = tensor(&mut b, &mut rng, [1, c3, oh, ow]);
     let l = layer(&mut rng, 3, c3, c1, &mut store);
-    b.conv(t2, t3, &pw, &l, Fused::None).unwrap();
+    // Half the models with a fused activation table (its own stream: the rest of the model
+    // stays as it was drawn before tables existed).
+    let mut fr = Gen::new(seed ^ 0x7AB1E);
+    if fr.below(0, 2) == 1 {
+        let pre = (fr.f32(0.01, 0.05), fr.below(0, 128) as u8, 8);
+        b.conv_act(t2, t3, &pw, &l, Fused::None, pre, Activation::HardSwish)
+            .unwrap();
+    } else {
+        b.conv(t2, t3, &pw, &l, Fused::None).unwrap();
+    }
     let (t3b, _) = tensor(&mut b, &mut rng, [1, c3, oh, ow]);
     let l = layer(&mut rng, 8, c3, c1, &mut store);
     b.conv(t2, t3b, &pw, &l, Fused::None).unwrap();

@@ -220,8 +220,8 @@ fn rejects_corruption() {
     bad[0] = b'X';
     assert_eq!(load(&bad), Err(Error::BadMagic));
     // Version 1 (rows one after another, before the panel layout), version 2 (4-bit
-    // activations one per byte) and any later one.
-    for v in [1, 2, 4] {
+    // activations one per byte), version 3 (no conv activation tables) and any later one.
+    for v in [1, 2, 3, 5] {
         let mut bad = b.clone();
         bad[4] = v;
         assert_eq!(load(&bad), Err(Error::UnsupportedVersion));

@@ -80,7 +80,9 @@ fn rt(node: &str, e: diffdfq_runtime::Error) -> Error {
     ))
 }
 
-/// The planner's view of `q`'s tensors.
+/// The planner's view of `q`'s tensors. The pre-activation of a fused Conv + table
+/// ([`QuantGraph::fused_act_convs`]) takes no bytes, and the table's output lives from the
+/// Conv on, since the Conv writes it.
 pub fn plan_tensors(q: &QuantGraph) -> Vec<plan::PlanTensor> {
     let n_ops = q.nodes.len();
     let mut ts: Vec<plan::PlanTensor> = q
@@ -111,6 +113,10 @@ pub fn plan_tensors(q: &QuantGraph) -> Vec<plan::PlanTensor> {
     ts[q.input].first = 0;
     // The output is read back after the last op.
     ts[q.output].last = n_ops;
+    for i in q.fused_act_convs() {
+        ts[q.nodes[i].output].size = 0;
+        ts[q.nodes[i + 1].output].first = i;
+    }
     ts
 }
 
@@ -169,8 +175,32 @@ pub fn lower_for(q: &QuantGraph, isa: Isa) -> Result<Lowered, Error> {
         u32::try_from(v).map_err(|_| Error::Input(format!("{what} {v} exceeds the format's u32")))
     };
 
+    // Fused pre-activations are not in the blob: tensor ids skip them.
+    let fused = q.fused_act_convs();
+    let stored: Vec<bool> = {
+        let mut s = vec![true; q.tensors.len()];
+        for &i in &fused {
+            s[q.nodes[i].output] = false;
+        }
+        s
+    };
+    let mut id = vec![0u16; q.tensors.len()];
+    let mut next = 0usize;
+    for (t, s) in id.iter_mut().zip(&stored) {
+        *t = next.min(u16::MAX as usize) as u16;
+        next += *s as usize;
+    }
+    if next > u16::MAX as usize {
+        return Err(Error::Input("more tensors than the format holds".into()));
+    }
     let mut b = ModelBuilder::new();
-    for (t, &off) in q.tensors.iter().zip(&p.offsets) {
+    for ((t, &off), _) in q
+        .tensors
+        .iter()
+        .zip(&p.offsets)
+        .zip(&stored)
+        .filter(|(_, &s)| s)
+    {
         let shape = t
             .shape
             .iter()
@@ -193,25 +223,46 @@ pub fn lower_for(q: &QuantGraph, isa: Isa) -> Result<Lowered, Error> {
             );
         }
     }
-    if q.tensors.len() > u16::MAX as usize {
-        return Err(Error::Input("more tensors than the format holds".into()));
-    }
-    b.set_input(q.input as u16);
-    b.set_output(q.output as u16);
+    b.set_input(id[q.input]);
+    b.set_output(id[q.output]);
     let mut layers = Vec::with_capacity(q.nodes.len());
-    for n in &q.nodes {
-        let (x, y) = (n.inputs[0] as u16, n.output as u16);
+    for (i, n) in q.nodes.iter().enumerate() {
+        let (x, y) = (id[n.inputs[0]], id[n.output]);
         let name = n.name.as_str();
         let e = |err| rt(name, err);
+        let after_fused = i > 0 && fused.contains(&(i - 1));
         match &n.op {
+            // Emitted with the Conv before it.
+            QOp::Act(_) if after_fused => {}
+            QOp::Conv {
+                geom, layer, fused, ..
+            } if stored.get(n.output) == Some(&false) => {
+                let QOp::Act(act) = &q.nodes[i + 1].op else {
+                    return Err(Error::Internal(format!(
+                        "lowering '{name}': no table to fuse"
+                    )));
+                };
+                let pre = q.tensors[n.output].quant;
+                let y = id[q.nodes[i + 1].output];
+                b.conv_act(
+                    x,
+                    y,
+                    geom,
+                    &wl(layer),
+                    *fused,
+                    (pre.scale, pre.zero, pre.bits),
+                    *act,
+                )
+                .map_err(e)?
+            }
             QOp::Conv {
                 geom, layer, fused, ..
             } => b.conv(x, y, geom, &wl(layer), *fused).map_err(e)?,
             QOp::Linear { layer, fused } => {
                 b.fully_connected(x, y, &wl(layer), *fused).map_err(e)?
             }
-            QOp::Add { fused } => b.add(x, n.inputs[1] as u16, y, *fused).map_err(e)?,
-            QOp::Mul { fused } => b.mul(x, n.inputs[1] as u16, y, *fused).map_err(e)?,
+            QOp::Add { fused } => b.add(x, id[n.inputs[1]], y, *fused).map_err(e)?,
+            QOp::Mul { fused } => b.mul(x, id[n.inputs[1]], y, *fused).map_err(e)?,
             QOp::MaxPool { geom } => {
                 if q.tensors[n.inputs[0]].quant != q.tensors[n.output].quant {
                     return Err(Error::Internal(format!(
@@ -231,7 +282,7 @@ pub fn lower_for(q: &QuantGraph, isa: Isa) -> Result<Lowered, Error> {
                 .global_avg_pool(x, y, crate::quant::Fused::None)
                 .map_err(e)?,
             QOp::Concat { axis } => {
-                let ins: Vec<u16> = n.inputs.iter().map(|&i| i as u16).collect();
+                let ins: Vec<u16> = n.inputs.iter().map(|&i| id[i]).collect();
                 let axis = u8::try_from(*axis)
                     .map_err(|_| Error::Input(format!("'{name}': concat axis {axis}")))?;
                 b.concat(&ins, axis, y).map_err(e)?

@@ -420,14 +420,20 @@ pub fn fold_keeping(g: &Graph, bits: Bits, act8: &[String]) -> Result<QuantGraph
             l.bits = bits.first_last;
         }
     }
-    Ok(QuantGraph {
+    let mut q = QuantGraph {
         tensors,
         nodes,
         input,
         output,
         bits,
         input_range: (-ranges::INPUT_RANGE, ranges::INPUT_RANGE),
-    })
+    };
+    // A pre-activation the runtime never stores keeps 8-bit codes at no arena cost.
+    for i in q.fused_act_convs() {
+        let t = q.nodes[i].output;
+        q.tensors[t].quant.bits = 8;
+    }
+    Ok(q)
 }
 
 /// The logits stay `f32`: when the last op is a FullyConnected without a fused activation, or

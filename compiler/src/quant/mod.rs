@@ -257,6 +257,32 @@ pub struct QuantGraph {
 }
 
 impl QuantGraph {
+    /// The Conv nodes whose output only the activation table right after them reads: the
+    /// runtime runs each such pair as one Conv with a table (the `.dfq` format's *Conv with an
+    /// activation table*, `runtime/src/format/mod.rs`), so that pre-activation is never
+    /// stored.
+    pub fn fused_act_convs(&self) -> Vec<usize> {
+        let readers = |t: TensorId| {
+            self.nodes
+                .iter()
+                .map(|n| n.inputs.iter().filter(|&&x| x == t).count())
+                .sum::<usize>()
+        };
+        (0..self.nodes.len().saturating_sub(1))
+            .filter(|&i| {
+                let (n, m) = (&self.nodes[i], &self.nodes[i + 1]);
+                let t = n.output;
+                matches!(n.op, QOp::Conv { .. })
+                    && matches!(m.op, QOp::Act(_))
+                    && m.inputs == [t]
+                    && t != self.output
+                    && !self.tensors[t].is_f32
+                    && !self.tensors[m.output].is_f32
+                    && readers(t) == 1
+            })
+            .collect()
+    }
+
     /// Keeps every layer's worst-case accumulator inside the runtime's `i32` bound
     /// (`K·max|q − z_c|·max|a − z| + |bias| ≤ 2^31 − 1`, checked at load). A channel whose
     /// folded weights are (nearly) all zero while its bias is not — dead ReLU channels after BN

@@ -366,12 +366,25 @@ pub fn self_contained(op: &rt::format::Op<'_>) -> TractResult<(Vec<u8>, Vec<u8>)
             ref weights,
             lo,
             hi,
+            table,
         } => {
             let rows = weights.rows();
             let len = u32_of(rows.len())?;
-            let r = ConvRecord::from_geom(geom, weights.bits, (lo, hi), (0, len, len))
+            let mut r = ConvRecord::from_geom(geom, weights.bits, (lo, hi), (0, len, len))
                 .ok_or_else(|| format_err!("a window field does not fit the conv record"))?;
-            (r.to_bytes().to_vec(), [rows, weights.channels()].concat())
+            // A fused table follows the channel records, as in the `.dfq`.
+            let t: &[u8] = match table {
+                Some((zero, t)) => {
+                    r.flags = 1;
+                    r.table_zero = zero;
+                    t
+                }
+                None => &[],
+            };
+            (
+                r.to_bytes().to_vec(),
+                [rows, weights.channels(), t].concat(),
+            )
         }
         O::FullyConnected {
             ref weights,

@@ -1,4 +1,4 @@
-//! # The `.dfq` packed model format, version 3
+//! # The `.dfq` packed model format, version 4
 //!
 //! One blob holds a whole quantized network; the runtime reads it in place (`&'static [u8]`
 //! from flash, zero copy) after [`Model::from_bytes`] has validated it once. Everything is
@@ -21,7 +21,7 @@
 //! | off | size | field | meaning |
 //! |----:|----:|---|---|
 //! | 0 | 4 | `magic` | `b"DFQ1"` |
-//! | 4 | 2 | `version` | 3 |
+//! | 4 | 2 | `version` | 4 |
 //! | 6 | 2 | `flags` | 0 (reserved) |
 //! | 8 | 4 | `total_len` | blob length in bytes, a multiple of 16; the blob must be exactly this long |
 //! | 12 | 4 | `checksum` | CRC-32 (IEEE 802.3, reflected, poly `0xEDB88320`, init and xorout `0xFFFFFFFF`) of bytes `0..total_len` with these 4 bytes read as zero |
@@ -72,6 +72,15 @@
 //! | 9 | Reshape / Flatten | 1 | none (same codes; the output may share the input's arena offset) |
 //! | 10 | Lut | 1 | [`LutRecord`] (8): pool offset of a 256-byte table `y = table[x]` |
 //! | 11 | Softmax | 1 | 4 reserved zero bytes; last op, output `f32` = model output |
+//!
+//! **Conv with an activation table.** [`ConvRecord`] `flags` bit 0 set: a 256-byte table
+//! follows the op's `C_out` channel records in the pool (at `channels_offset + 24·C_out`). The
+//! conv then requantizes to 8-bit codes with zero point `table_zero` (the channels' `mult`,
+//! `shift` and the clamp are for those codes, `0 ≤ lo ≤ hi ≤ 255`) and writes `table[code]`,
+//! a code of the output tensor. It is a Conv followed by a Lut whose 8-bit input tensor is
+//! never stored: the compiler fuses them so that a 4-bit arena does not hold the
+//! pre-activation, and the pre-activation keeps 8 bits for free. Without the bit,
+//! `table_zero` is 0 and the output's own zero point applies. Version 3 had no table.
 //!
 //! **4-bit tensors.** Element `e` of a dtype-4 tensor (row-major NCHW order, as for every
 //! tensor) is the low nibble of byte `e/2` when `e` is even, the high nibble when odd; the

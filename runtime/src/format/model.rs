@@ -410,12 +410,23 @@ impl<'a> Model<'a> {
         let x = self.io(rec, 0)?;
         match decoded {
             Op::Conv {
-                weights, lo, hi, ..
+                weights,
+                lo,
+                hi,
+                table,
+                ..
             } => {
                 if x.rank != 4 || y.rank != 4 {
                     return Err(shape);
                 }
-                if !clamp_ok(lo, hi, &y) {
+                let ok = match table {
+                    // 8-bit codes into the table, every entry a code of the output.
+                    Some((_, t)) => {
+                        y.dtype.is_code() && lo <= hi && t.iter().all(|&v| v <= y.dtype.code_max())
+                    }
+                    None => clamp_ok(lo, hi, &y),
+                };
+                if !ok {
                     return Err(quant);
                 }
                 self.check_weights(op, &weights, &x)?;

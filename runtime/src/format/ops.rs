@@ -54,6 +54,9 @@ pub enum Op<'a> {
         weights: Weights<'a>,
         lo: u8,
         hi: u8,
+        /// A fused activation table: the conv writes 8-bit codes with this zero point (the
+        /// channels' requantization is to their scale), then `y = table[code]`.
+        table: Option<(u8, &'a [u8; 256])>,
     },
     FullyConnected {
         weights: Weights<'a>,
@@ -232,7 +235,7 @@ pub fn decode_op<'p>(
     Ok(match kind {
         OpKind::Conv => {
             let r = ConvRecord::read_from(p, bad)?;
-            if r.reserved != [0; 3] {
+            if r.reserved != 0 || r.flags > 1 || (r.flags == 0 && r.table_zero != 0) {
                 return Err(bad);
             }
             let geom = ConvGeom {
@@ -260,11 +263,25 @@ pub fn decode_op<'p>(
                 s.c_out,
                 (r.weights_offset, r.weights_len, r.channels_offset),
             )?;
+            // The table sits right after the channel records.
+            let table = if r.flags == 1 {
+                let ws = Error::WeightSize { op: ctx.index };
+                let at = CHANNEL_RECORD_LEN
+                    .checked_mul(s.c_out)
+                    .and_then(|n| u32::try_from(n).ok())
+                    .and_then(|n| r.channels_offset.checked_add(n))
+                    .ok_or(ws)?;
+                let t = pool_slice(pool, at, 256, ws)?;
+                Some((r.table_zero, t.first_chunk::<256>().ok_or(ws)?))
+            } else {
+                None
+            };
             Op::Conv {
                 geom,
                 weights,
                 lo: r.clamp_lo,
                 hi: r.clamp_hi,
+                table,
             }
         }
         OpKind::FullyConnected => {

@@ -332,8 +332,8 @@ impl ModelBuilder {
         k: usize,
         c_out: usize,
         layer: &Layer<'_>,
-        s_x: f32,
-        s_y: f32,
+        (s_x, s_y): (f32, f32),
+        tail: &[u8],
     ) -> Result<(u32, u32, u32), Error> {
         let ws = Error::WeightSize {
             op: self.n_ops.min(u16::MAX as usize) as u16,
@@ -357,6 +357,7 @@ impl ModelBuilder {
             );
             chans.extend_from_slice(&channel_record(s, z, bias, codes, s_x, s_y).to_bytes());
         }
+        chans.extend_from_slice(tail);
         let w_off = self.push_pool(&rows);
         let c_off = self.push_pool(&chans);
         Ok((w_off, rows.len() as u32, c_off))
@@ -371,16 +372,78 @@ impl ModelBuilder {
         layer: &Layer<'_>,
         fused: Fused,
     ) -> Result<(), Error> {
+        self.push_conv(input, output, geom, layer, fused, None)
+    }
+
+    /// Adds a Conv fused with the activation `act` (*Conv with an activation table* in the
+    /// format doc): the conv's codes have scale, zero point and bits (4 or 8) `pre`, clamped
+    /// as `fused` says, and the table maps them to the output's codes.
+    #[allow(clippy::too_many_arguments)]
+    pub fn conv_act(
+        &mut self,
+        input: u16,
+        output: u16,
+        geom: &ConvGeom,
+        layer: &Layer<'_>,
+        fused: Fused,
+        pre: (f32, u8, u8),
+        act: Activation,
+    ) -> Result<(), Error> {
+        self.push_conv(input, output, geom, layer, fused, Some((pre, act)))
+    }
+
+    fn push_conv(
+        &mut self,
+        input: u16,
+        output: u16,
+        geom: &ConvGeom,
+        layer: &Layer<'_>,
+        fused: Fused,
+        table: Option<((f32, u8, u8), Activation)>,
+    ) -> Result<(), Error> {
         let (x, y) = (self.info(input)?, self.info(output)?);
         let op = self.n_ops.min(u16::MAX as usize) as u16;
         let s = geom
             .check(x.dims4(), y.dims4())
             .ok_or(Error::ShapeMismatch { op })?;
-        let (lo, hi) = clamp_bounds(fused, y.scale, y.zero_point, y.dtype.bits());
-        let (w_off, w_len, c_off) =
-            self.push_weights(layer.bits, s.k, s.c_out, layer, x.scale, y.scale)?;
-        let r = ConvRecord::from_geom(geom, layer.bits, (lo, hi), (w_off, w_len, c_off))
+        // The codes the conv writes: the output's, or those its table reads.
+        let (codes, t) = match table {
+            None => (y, None),
+            Some(((scale, zero, bits), act)) => {
+                let dtype = match bits {
+                    8 => DType::U8,
+                    4 => DType::U4,
+                    _ => return Err(Error::BadArgument),
+                };
+                let scale_ok = scale.is_finite() && scale > 0.0;
+                if !(y.dtype.is_code() && scale_ok) || zero > dtype.code_max() {
+                    return Err(Error::BadArgument);
+                }
+                let codes = TensorInfo {
+                    dtype,
+                    scale,
+                    zero_point: zero,
+                    ..y
+                };
+                (codes, Some(activation_table(act, &codes, &y)))
+            }
+        };
+        let (lo, hi) = clamp_bounds(fused, codes.scale, codes.zero_point, codes.dtype.bits());
+        let tail: &[u8] = t.as_ref().map_or(&[], |t| &t[..]);
+        let (w_off, w_len, c_off) = self.push_weights(
+            layer.bits,
+            s.k,
+            s.c_out,
+            layer,
+            (x.scale, codes.scale),
+            tail,
+        )?;
+        let mut r = ConvRecord::from_geom(geom, layer.bits, (lo, hi), (w_off, w_len, c_off))
             .ok_or(Error::BadArgument)?;
+        if t.is_some() {
+            r.flags = 1;
+            r.table_zero = codes.zero_point;
+        }
         self.scratch_needed = self.scratch_needed.max(kernels::conv_scratch_len(s.k));
         self.push_op(OpKind::Conv, &[input], output, &r.to_bytes())
     }
@@ -408,8 +471,8 @@ impl ModelBuilder {
             x.numel as usize,
             y.numel as usize,
             layer,
-            x.scale,
-            y.scale,
+            (x.scale, y.scale),
+            &[],
         )?;
         let r = FcRecord {
             w_bits: layer.bits,

@@ -1142,6 +1142,13 @@ pub fn lut(table: &[u8], x: &QIn<'_>, y: &mut QOut<'_>) -> Result<(), Error> {
     Ok(())
 }
 
+/// `codes[i] = table[codes[i]]`: a Conv's fused activation table.
+pub fn lut_in_place(table: &[u8; 256], codes: &mut [u8]) {
+    for v in codes {
+        *v = table.get(*v as usize).copied().unwrap_or(0);
+    }
+}
+
 /// Softmax over the last axis, written as `f32`: `y_i = e^{s(a_i − a_max)} / Σ_j e^{s(a_j −
 /// a_max)}`, with [`numerics::exp`] and the sum in `f64` (relative error ≈ 1e-7: the `f32`
 /// rounding of the result). `scale` is the input scale `s`.
