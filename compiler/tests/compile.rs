@@ -740,6 +740,16 @@ fn arena_budgets_keep_the_costliest_tensors_at_8_bits() {
         .map(|l| l["act_bits"].as_u64().unwrap())
         .collect();
     assert!(acts.contains(&4) && acts.contains(&8), "{acts:?}");
+    // A Conv that runs fused with the table after it is marked as such, and the table follows.
+    let layers = rep["layers"].as_array().unwrap();
+    let fused: Vec<usize> = (0..layers.len())
+        .filter(|&i| layers[i]["fused_table"] == true)
+        .collect();
+    assert!(!fused.is_empty());
+    for i in fused {
+        assert!(layers[i]["op"].as_str().unwrap().ends_with("Conv"));
+        assert!(layers[i + 1]["op"].as_str().unwrap().starts_with("Hard"));
+    }
     let o = run(
         "tight",
         &["--act-bits", "4", "--arena", &(a4 / 2).to_string()],

@@ -13,6 +13,10 @@ struct Layer<'a> {
     out_shape: &'a [usize],
     weight_bits: Option<u8>,
     act_bits: u8,
+    /// Present (true) only for a Conv fused with the table after it: its output is not in the
+    /// arena.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    fused_table: bool,
     weight_bytes: usize,
     fp32_bytes: usize,
     macs: u64,
@@ -139,6 +143,7 @@ pub fn render(info: &ReportInfo, l: &Lowered) -> String {
                 out_shape: &x.out_shape,
                 weight_bits: x.weight_bits,
                 act_bits: x.act_bits,
+                fused_table: !x.stored,
                 weight_bytes: x.weight_bytes,
                 fp32_bytes: x.fp32_bytes,
                 macs: x.macs,

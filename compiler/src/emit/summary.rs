@@ -65,6 +65,8 @@ pub fn render(
         let w = x.weight_bits.map_or("-".to_string(), |b| b.to_string());
         let a = if x.act_bits == 32 {
             "f".to_string()
+        } else if !x.stored {
+            format!("{}*", x.act_bits)
         } else {
             x.act_bits.to_string()
         };
@@ -94,6 +96,12 @@ pub fn render(
             }
             _ => s.push('\n'),
         }
+    }
+    if l.layers.iter().any(|x| !x.stored) {
+        let _ = writeln!(
+            s,
+            "* runs fused with the activation table after it: its codes are never stored"
+        );
     }
     let (wb, fb) = l.weight_bytes();
     let _ = writeln!(

@@ -23,6 +23,9 @@ pub struct LayerInfo {
     pub weight_bits: Option<u8>,
     /// Bits of the output codes (32 for an `f32` Softmax output).
     pub act_bits: u8,
+    /// False for a Conv that runs fused with the table after it: its codes never reach the
+    /// arena.
+    pub stored: bool,
     /// Bytes of weights shipped: packed code rows + 24-byte channel records (0 without weights).
     pub weight_bytes: usize,
     /// Bytes of the same (folded) weights and biases in FP32.
@@ -299,6 +302,7 @@ pub fn lower_for(q: &QuantGraph, isa: Isa) -> Result<Lowered, Error> {
             out_shape: t.shape.clone(),
             weight_bits: l.map(|l| l.bits),
             act_bits: if t.is_f32 { 32 } else { t.quant.bits },
+            stored: stored[n.output],
             weight_bytes: l.map_or(0, |l| l.packed_bytes()),
             fp32_bytes: l.map_or(0, |l| l.fp32_bytes()),
             macs: n.macs,
