@@ -291,10 +291,13 @@ pub struct ArenaChoice {
 /// Chooses the tensors of `sens` that keep 8-bit codes: most sensitive first, each kept where
 /// the arena of the model `base` describes (rtn, lowered for `isa`, its 4-bit tensors two
 /// codes per byte) still fits `budget` with it, or shrinks — so a tensor off the arena's peak
-/// stays at 8 bits for free. The arena is not monotone in the bits: an 8-bit tensor needs no
-/// staging in the scratch region, and the planner packs other sizes differently, so all-4-bit
-/// is not always the least. Greedy rather than exact: the arena is a peak over the program,
-/// not a sum, and each step is one lowering. A one-line error when nothing it found fits.
+/// stays at 8 bits for free; and from all-8-bit down, least sensitive first, each lowered to
+/// 4 bits where that shrinks the arena, until it fits. Of the two, the one that fits and
+/// leaves the least summed sensitivity at 4 bits. The arena is not monotone in the bits: an
+/// 8-bit tensor needs no staging in the scratch region, and the planner packs other sizes
+/// differently, so all-4-bit is not always the least. Greedy rather than exact: the arena is
+/// a peak over the program, not a sum, and each step is one lowering. A one-line error when
+/// nothing either pass found fits.
 pub fn choose_act_bits(
     g: &Graph,
     base: &rtn::RtnOptions,
@@ -319,7 +322,7 @@ pub fn choose_act_bits(
     });
     let mut act8: Vec<String> = Vec::new();
     let mut used = all4;
-    for s in order {
+    for s in &order {
         act8.push(s.name.clone());
         let a = arena(&act8)?;
         if a <= budget || a < used {
@@ -328,9 +331,39 @@ pub fn choose_act_bits(
             act8.pop();
         }
     }
+    // From the other end: every tensor at 8 bits, the least sensitive lowered to 4 where that
+    // shrinks the arena, until it fits. The forward pass cannot leave a peak made of staging
+    // (a 4-bit tensor between 8-bit ones still stages, so no single step shrinks it: the
+    // text-line model of "Real models" needed more at all-4-bit than at all-8-bit).
+    let mut back: Vec<String> = order.iter().map(|s| s.name.clone()).collect();
+    let mut back_used = arena(&back)?;
+    for s in order.iter().rev() {
+        if back_used <= budget {
+            break;
+        }
+        let trial: Vec<String> = back.iter().filter(|n| **n != s.name).cloned().collect();
+        let a = arena(&trial)?;
+        if a < back_used {
+            back = trial;
+            back_used = a;
+        }
+    }
+    // Of the two that fit, the one whose 4-bit tensors cost less.
+    let cost = |act8: &[String]| -> f64 {
+        order
+            .iter()
+            .filter(|s| !act8.contains(&s.name))
+            .map(|s| s.sensitivity.max(0.0))
+            .sum()
+    };
+    let forward_fits = used <= budget;
+    if back_used <= budget && (!forward_fits || cost(&back) < cost(&act8)) {
+        (act8, used) = (back, back_used);
+    }
     if used > budget {
+        let least = used.min(back_used);
         return Err(Error::Input(format!(
-            "--arena {budget} B: no assignment fits; the least arena found is {used} B (every \
+            "--arena {budget} B: no assignment fits; the least arena found is {least} B (every \
              activation at 4 bits: {all4} B)"
         )));
     }

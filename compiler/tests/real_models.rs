@@ -158,3 +158,35 @@ fn diffdfq_on_the_document_orientation_model_keeps_fp32_decisions_at_w4a8() {
     assert_eq!(b["recon_iters"], 20);
     assert_eq!(b["recon_batch"], 8);
 }
+
+/// `--arena` where 4-bit codes cost arena instead of saving it: the text-line model's last
+/// stages are 3 rows tall, so a one-row band of its 5×5 depthwise conv stages the whole input
+/// and all-4-bit needs more arena than all-8-bit. No single tensor kept at 8 bits shrinks that
+/// peak; the pass from all-8-bit down finds an assignment at the A8 arena.
+#[test]
+fn an_arena_budget_fits_where_4_bit_staging_is_the_peak() {
+    let file = "ppocrv5_cls.onnx";
+    let g = real_model(file);
+    let a8 = quantize(&g, 4, 8).1.arena_size;
+    let a4 = quantize(&g, 4, 4).1.arena_size;
+    assert!(a4 > a8, "A4 arena {a4} B, A8 {a8} B");
+    let out = tempfile::tempdir().unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_diffdfq-compile"))
+        .arg(root().join("target/real-models").join(file))
+        .args(["--method", "rtn", "--bits", "4", "--act-bits", "4"])
+        .args(["--arena", &a8.to_string(), "--eval-samples", "8"])
+        .args(["--no-lib", "--quiet", "-o"])
+        .arg(out.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.path().join("ppocrv5_cls.report.json")).unwrap())
+            .unwrap();
+    let got = report["totals"]["arena_bytes"].as_u64().unwrap() as usize;
+    assert!(got <= a8, "{got} B for a budget of {a8} B");
+    assert_eq!(
+        report["mixed_precision"]["arena"]["all_4bit_arena_bytes"].as_u64(),
+        Some(a4 as u64)
+    );
+}
