@@ -239,7 +239,7 @@ pub fn lower_for(q: &QuantGraph, isa: Isa) -> Result<Lowered, Error> {
             QOp::Act(_) if after_fused => {}
             QOp::Conv {
                 geom, layer, fused, ..
-            } if stored.get(n.output) == Some(&false) => {
+            } if !stored[n.output] => {
                 let QOp::Act(act) = &q.nodes[i + 1].op else {
                     return Err(Error::Internal(format!(
                         "lowering '{name}': no table to fuse"

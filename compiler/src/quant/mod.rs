@@ -262,12 +262,13 @@ impl QuantGraph {
     /// activation table*, `runtime/src/format/mod.rs`), so that pre-activation is never
     /// stored.
     pub fn fused_act_convs(&self) -> Vec<usize> {
-        let readers = |t: TensorId| {
-            self.nodes
-                .iter()
-                .map(|n| n.inputs.iter().filter(|&&x| x == t).count())
-                .sum::<usize>()
-        };
+        // How many times each tensor is read, counted once for the whole graph.
+        let mut readers = vec![0usize; self.tensors.len()];
+        for n in &self.nodes {
+            for &x in &n.inputs {
+                readers[x] += 1;
+            }
+        }
         (0..self.nodes.len().saturating_sub(1))
             .filter(|&i| {
                 let (n, m) = (&self.nodes[i], &self.nodes[i + 1]);
@@ -278,7 +279,7 @@ impl QuantGraph {
                     && t != self.output
                     && !self.tensors[t].is_f32
                     && !self.tensors[m.output].is_f32
-                    && readers(t) == 1
+                    && readers[t] == 1
             })
             .collect()
     }
