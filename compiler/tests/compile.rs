@@ -888,8 +888,8 @@ fn flash_budgets_choose_per_layer_bits_that_fit() {
 }
 
 /// With held-out samples a calibrated compile ships whichever candidate has the least output
-/// MSE on them — the calibrated model, the same with bias correction (8-bit activations), or
-/// rtn's — records the comparison, and names the choice in the header; without them
+/// MSE on them — the calibrated model, the same with bias correction (at either activation
+/// width), or rtn's — records the comparison, and names the choice in the header; without them
 /// (`--eval-samples 0`) nothing is compared.
 #[test]
 fn calibrated_compiles_ship_the_candidate_the_held_out_samples_prefer() {
@@ -907,10 +907,8 @@ fn calibrated_compiles_ship_the_candidate_the_held_out_samples_prefer() {
         "--no-lib",
         "--quiet",
     ];
-    for (act, names) in [
-        ("8", vec!["calibrated+bias-correction", "calibrated", "rtn"]),
-        ("4", vec!["calibrated", "rtn"]),
-    ] {
+    let names = ["calibrated+bias-correction", "calibrated", "rtn"];
+    for act in ["8", "4"] {
         let d = tmp.path().join(format!("a{act}"));
         let mut args = vec![m.to_str().unwrap(), "--bits", "4", "--act-bits", act];
         args.extend(quick);

@@ -180,10 +180,10 @@ pub fn calibrate_on(
     ))
 }
 
-/// Whether bias correction after reconstruction applies to `opts`: biases not learned, 8-bit
-/// activations (see [`rtn::corrects_biases`]).
+/// Whether bias correction after reconstruction applies to `opts`: biases not learned. It
+/// applies at 4-bit activations too (README "Activation bits under an arena budget").
 pub fn corrects_biases(opts: &CalibOptions) -> bool {
-    opts.recon.lr_bias == 0.0 && rtn::corrects_biases(opts.bits)
+    opts.recon.lr_bias == 0.0
 }
 
 /// `q` with its biases moved against its codes' mean shift, as calibration does after

@@ -74,20 +74,11 @@ pub fn quantize(g: &Graph, opts: &RtnOptions) -> Result<QuantGraph, Error> {
         q.input_range = r;
     }
     let moments = set_activation_ranges(&mut q, g, opts.seed, opts.samples)?;
-    if opts.bias_correction && corrects_biases(opts.bits) {
+    if opts.bias_correction {
         correct_biases_with(&mut q, &moments);
     }
     q.fit_accumulators();
     Ok(q)
-}
-
-/// Whether bias correction applies at these widths: with 8-bit activations. With 4-bit ones it
-/// measured worse on the MobileNet fixture (rtn W4A4 78.31 % → 58.04 % on the 10k test images,
-/// `--example rtn_table`; ResNet 89.77 % → 90.16 %): the shifted biases move each tensor
-/// against a 16-level grid whose range was set for the uncorrected means. Not understood
-/// further yet, so 4-bit activations keep the plain biases.
-pub fn corrects_biases(bits: Bits) -> bool {
-    bits.act >= 8
 }
 
 /// Data-free bias correction (Nagel et al., "Data-Free Quantization", 2019): rounding moves
