@@ -181,7 +181,7 @@ pub fn calibrate_on(
 }
 
 /// Whether bias correction after reconstruction applies to `opts`: biases not learned. It
-/// applies at 4-bit activations too (README "Activation bits under an arena budget").
+/// applies at 4-bit activations too (README "Activations", the rtn arena table).
 pub fn corrects_biases(opts: &CalibOptions) -> bool {
     opts.recon.lr_bias == 0.0
 }
