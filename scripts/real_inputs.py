@@ -7,6 +7,9 @@ labels file (one class index per line).
   real_inputs.py photo N OUT.npy OUT.labels DIR   photos in DIR (jpg/png), 224² crops at several
                                               scales and mirrored (ImageNet models); labels are
                                               the photo's index
+  real_inputs.py crops N OUT.npy OUT.labels DIR   224² crops of the same photos at random places
+                                              and scales (short side 240–380), half mirrored:
+                                              views the photo set's fixed crops do not hold
   real_inputs.py tiny N OUT.npy OUT.labels DIR    the same views scaled to 32² with raw pixels in
                                               [0, 255], no normalization (the Keras CIFAR-10
                                               model, which was trained on raw uint8 images)
@@ -84,11 +87,27 @@ def photo_views(d):
             yield img.transpose(Image.FLIP_LEFT_RIGHT), i
 
 
+def random_crops(d):
+    """224² crops of every photo, 16 rounds over the photos: short side resized to one of
+    240/270/300/340/380, a crop at a random place, mirrored half the time (seeded)."""
+    paths = sorted(glob.glob(d + "/*.jpg") + glob.glob(d + "/*.png"))
+    rng = random.Random(7)
+    for _ in range(16):
+        for i, p in enumerate(paths):
+            img = Image.open(p).convert("RGB")
+            s = rng.choice([240, 270, 300, 340, 380]) / min(img.size)
+            img = img.resize((round(img.size[0] * s), round(img.size[1] * s)), Image.BILINEAR)
+            l, t = rng.randint(0, img.size[0] - 224), rng.randint(0, img.size[1] - 224)
+            img = img.crop((l, t, l + 224, t + 224))
+            yield (img.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else img), i
+
+
 def main():
     kind, n, out, labels = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
-    if kind in ("photo", "tiny"):
+    if kind in ("photo", "tiny", "crops"):
         xs, ys = [], []
-        for img, i in photo_views(sys.argv[5]):
+        views = random_crops if kind == "crops" else photo_views
+        for img, i in views(sys.argv[5]):
             if len(xs) == n:
                 break
             if kind == "tiny":

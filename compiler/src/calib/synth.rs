@@ -244,15 +244,22 @@ pub fn synthesize(
                 let mut s_loss = Tensor::zeros((), candle_core::DType::F32, &dev)?;
                 let mut count = 0usize;
                 for (node, pre) in &taps {
-                    let Some(bn_node) = st.q.nodes[*node].bn.as_ref().map(|b| b.node) else {
+                    let Some(bn) = st.q.nodes[*node].bn.as_ref() else {
                         continue;
                     };
+                    let bn_node = bn.node;
                     let Some(k) = fwd.bn.iter().position(|s| s.node == bn_node) else {
                         continue;
                     };
-                    let Some((a, rm, beta)) = affine(bn_node) else {
+                    let Some((mut a, rm, mut beta)) = affine(bn_node) else {
                         continue;
                     };
+                    if !bn.gain.is_empty() {
+                        // The student's channels carry the equalization's factors.
+                        let gain = Tensor::new(bn.gain.as_slice(), &dev)?;
+                        a = (a * &gain)?;
+                        beta = (beta * &gain)?;
+                    }
                     // The teacher's BN output statistics from its input statistics.
                     let t_mean = ((&fwd.bn[k].mean - &rm)? * &a)?.add(&beta)?;
                     let t_var = (&fwd.bn[k].var * a.sqr()?)?;

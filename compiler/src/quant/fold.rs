@@ -151,6 +151,7 @@ pub fn fold_keeping(g: &Graph, bits: Bits, act8: &[String]) -> Result<QuantGraph
                     node: i,
                     mean: bn.mean.clone(),
                     std: bn.var.iter().map(|v| v.max(0.0).sqrt()).collect(),
+                    gain: Vec::new(),
                 };
                 if let Some(p) = back {
                     let node = &mut nodes[p];
@@ -244,6 +245,7 @@ pub fn fold_keeping(g: &Graph, bits: Bits, act8: &[String]) -> Result<QuantGraph
                 node: j,
                 mean: Vec::new(),
                 std: Vec::new(),
+                gain: Vec::new(),
             };
             for (c, a) in bn.folded_gain().into_iter().enumerate() {
                 for w in &mut layer.weight[c * layer.k..(c + 1) * layer.k] {
@@ -428,6 +430,7 @@ pub fn fold_keeping(g: &Graph, bits: Bits, act8: &[String]) -> Result<QuantGraph
         bits,
         input_range: (-ranges::INPUT_RANGE, ranges::INPUT_RANGE),
     };
+    equalize_depthwise_inputs(&mut q);
     // A pre-activation the runtime never stores keeps 8-bit codes at no arena cost.
     for i in q.fused_act_convs() {
         let t = q.nodes[i].output;
@@ -435,6 +438,105 @@ pub fn fold_keeping(g: &Graph, bits: Bits, act8: &[String]) -> Result<QuantGraph
     }
     Ok(q)
 }
+
+/// Evens out the channels of every tensor that a conv with a folded BN and a fused ReLU or
+/// ReLU6 writes and only a depthwise conv reads (MobileNetV2's and EfficientNet-Lite's
+/// expansion outputs, the stem before the first depthwise). One per-tensor step serves all
+/// channels, so a channel whose BN-implied range is a tenth of the widest gets a tenth of the
+/// codes. Channel `c` of the producer is scaled by `s_c ≥ 1` (weights, bias, BN moments) and
+/// the depthwise row `c` by `1/s_c`; `s_c` takes twice the channel's `k_sigma` range to the
+/// tensor's range (the widest channel's), at most [`EQUALIZE_MAX`]. Both layers' weights are
+/// quantized per output channel, so their codes move only by the rounding of the scaled
+/// floats. ReLU commutes with `s_c > 0`; ReLU6's clamp at 6 becomes `6/s_c` in the old units,
+/// beyond the channel's doubled range and never below where the tensor's step already clips.
+/// What changes is where a scaled channel is clipped: at its own doubled range instead of the
+/// widest channel's.
+fn equalize_depthwise_inputs(q: &mut QuantGraph) {
+    let mut readers = vec![0usize; q.tensors.len()];
+    for n in &q.nodes {
+        for &x in &n.inputs {
+            readers[x] += 1;
+        }
+    }
+    for a in 0..q.nodes.len() {
+        let t = q.nodes[a].output;
+        if t == q.output || q.tensors[t].is_f32 || readers[t] != 1 {
+            continue;
+        }
+        let QOp::Conv { layer, fused, .. } = &q.nodes[a].op else {
+            continue;
+        };
+        if !matches!(fused, Fused::Relu | Fused::Relu6) {
+            continue;
+        }
+        let Some(stats) = &q.nodes[a].bn else {
+            continue;
+        };
+        let c = layer.c_out;
+        let Some(b) = q.nodes.iter().position(|n| n.inputs == [t]) else {
+            continue;
+        };
+        let depthwise = matches!(&q.nodes[b].op, QOp::Conv { geom, layer: lb, .. }
+            if geom.groups == c && lb.c_out == c && lb.k == geom.kernel_h * geom.kernel_w);
+        if !depthwise || stats.mean.len() != c || stats.std.len() != c {
+            continue;
+        }
+        let k = ranges::k_sigma(q.tensors[t].quant.bits) as f64;
+        let g = ranges::fused_fn(*fused);
+        let hi: Vec<f64> = (0..c)
+            .map(|ch| g(stats.mean[ch] as f64 + k * stats.std[ch] as f64))
+            .collect();
+        let widest = hi.iter().copied().fold(0f64, f64::max);
+        // Twice the channel's own `k·σ`: clipped at `k·σ` the scaled channels cost more than
+        // their codes gain (README "Real models").
+        let hi: Vec<f64> = (0..c)
+            .map(|ch| g(stats.mean[ch] as f64 + 2.0 * k * stats.std[ch] as f64))
+            .collect();
+        if !(widest.is_finite() && widest > 0.0) {
+            continue;
+        }
+        // A (nearly) dead channel stays as it is: scaling its noise up buys nothing.
+        let s: Vec<f32> = hi
+            .iter()
+            .map(|&h| {
+                if h > widest / EQUALIZE_MAX as f64 * 1e-3 {
+                    (widest / h).clamp(1.0, EQUALIZE_MAX as f64) as f32
+                } else {
+                    1.0
+                }
+            })
+            .collect();
+        if s.iter().all(|&v| v == 1.0) {
+            continue;
+        }
+        let node = &mut q.nodes[a];
+        if let Some(l) = node.op.layer_mut() {
+            for (ch, &f) in s.iter().enumerate() {
+                l.weight[ch * l.k..(ch + 1) * l.k]
+                    .iter_mut()
+                    .for_each(|w| *w *= f);
+                l.bias[ch] *= f;
+            }
+        }
+        if let Some(st) = &mut node.bn {
+            for (ch, &f) in s.iter().enumerate() {
+                st.mean[ch] *= f;
+                st.std[ch] *= f;
+            }
+            st.gain = s.clone();
+        }
+        if let Some(l) = q.nodes[b].op.layer_mut() {
+            for (ch, &f) in s.iter().enumerate() {
+                l.weight[ch * l.k..(ch + 1) * l.k]
+                    .iter_mut()
+                    .for_each(|w| *w /= f);
+            }
+        }
+    }
+}
+
+/// The largest factor [`equalize_depthwise_inputs`] scales a channel by.
+const EQUALIZE_MAX: f32 = 8.0;
 
 /// The logits stay `f32`: when the last op is a FullyConnected without a fused activation, or
 /// a final Softmax reading one, that layer's accumulators are dequantized straight to `f32`

@@ -104,6 +104,10 @@ pub struct BnOutStats {
     pub node: usize,
     pub mean: Vec<f32>,
     pub std: Vec<f32>,
+    /// Per-channel factor the layer's output carries on top of the BN's ([`fold`]'s
+    /// equalization before a depthwise conv): `mean` and `std` include it, the source
+    /// graph's BN does not. Empty when every factor is 1.
+    pub gain: Vec<f32>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

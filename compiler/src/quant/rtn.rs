@@ -450,6 +450,109 @@ mod tests {
         );
     }
 
+    /// Conv → BN → ReLU6 → depthwise (MobileNetV2's expansion): the channels of the tensor
+    /// between are scaled towards the widest's range and the depthwise rows back, so the
+    /// folded float network still equals the graph; a channel is scaled at most 8×, a dead
+    /// one not at all, and behind HardSwish nothing moves.
+    #[test]
+    fn a_depthwise_input_is_equalized_without_changing_the_float_network() {
+        let net = |act: Op| {
+            let mut vals = normal_samples(9, 200).into_iter();
+            let mut take =
+                |n: usize| -> Vec<f32> { (0..n).map(|_| vals.next().unwrap()).collect() };
+            let v = |name: &str, c: usize| Value {
+                name: name.into(),
+                shape: vec![1, c, 6, 6],
+            };
+            let node = |name: &str, op: Op, i: usize| Node {
+                name: name.into(),
+                op,
+                inputs: vec![i],
+                output: i + 1,
+            };
+            let conv = |w: Vec<f32>, shape: Vec<usize>, pads: [usize; 4], groups: usize| {
+                Op::Conv(Conv {
+                    weight: GTensor::f32(shape, w),
+                    bias: None,
+                    strides: [1, 1],
+                    dilations: [1, 1],
+                    pads,
+                    groups,
+                })
+            };
+            // Output spreads 1.5, 0.5, 0.1 (a fifteenth of the widest), 0.01 and 1e-6 (dead).
+            let bn = Op::BatchNorm(BatchNorm {
+                mean: vec![0.0; 5],
+                var: vec![2.0; 5],
+                scale: vec![1.5, 0.5, 0.1, 0.01, 1e-6],
+                bias: vec![0.5, 0.2, 0.05, 0.0, 0.0],
+                eps: 0.0,
+            });
+            Graph {
+                values: vec![v("x", 2), v("c", 5), v("n", 5), v("a", 5), v("y", 5)],
+                nodes: vec![
+                    node("expand", conv(take(10), vec![5, 2, 1, 1], [0; 4], 1), 0),
+                    node("bn", bn, 1),
+                    node("act", act, 2),
+                    node("dw", conv(take(45), vec![5, 1, 3, 3], [1; 4], 5), 3),
+                ],
+                inputs: vec![0],
+                outputs: vec![4],
+                opset: 13,
+            }
+        };
+        let opts = RtnOptions {
+            bias_correction: false,
+            ..Default::default()
+        };
+        let g = net(Op::Clip { min: 0.0, max: 6.0 });
+        let q = quantize(&g, &opts).unwrap();
+        let x = Tensor::from_vec(normal_samples(4, 16 * 72), (16, 2, 6, 6), &Device::Cpu).unwrap();
+        let d = max_gap(outputs(&g, &q, &x, Mode::Float));
+        assert!(d < 1e-4, "equalized float network differs by {d}");
+        let gain = q.nodes[0].bn.as_ref().unwrap().gain.clone();
+        assert_eq!(gain.len(), 5);
+        // Each channel's 8σ end is taken to the widest's 4σ end, 0.5 + 4·1.5 through ReLU6.
+        let top = 6.0;
+        let expect = [
+            1.0,
+            top / (0.2 + 8.0 * 0.5),
+            top / (0.05 + 8.0 * 0.1),
+            8.0,
+            1.0,
+        ];
+        for (c, (&s, e)) in gain.iter().zip(expect).enumerate() {
+            assert!(
+                (s - e).abs() < 1e-4 * e,
+                "channel {c}: gain {s}, expected {e}"
+            );
+        }
+        // The depthwise rows carry the inverse: their product with the producer's is unchanged.
+        let (expand, dw) = (
+            q.nodes[0].op.layer().unwrap(),
+            q.nodes[1].op.layer().unwrap(),
+        );
+        let Op::Conv(dw0) = &g.nodes[3].op else {
+            unreachable!()
+        };
+        let dw0 = dw0.weight.as_f32().unwrap();
+        for c in 0..5 {
+            let r = dw.weight[c * 9] / dw0[c * 9];
+            assert!(
+                (r * gain[c] - 1.0).abs() < 1e-5,
+                "channel {c}: row scaled by {r}"
+            );
+            assert!(expand.bias[c].is_finite());
+        }
+        // HardSwish is not positively homogeneous: nothing is scaled behind it.
+        let g = net(Op::Act(Activation::HardSwish));
+        let q = quantize(&g, &opts).unwrap();
+        assert!(q
+            .nodes
+            .iter()
+            .all(|n| n.bn.as_ref().is_none_or(|b| b.gain.is_empty())));
+    }
+
     /// Keras: Conv → ReLU → BN → MaxPool → Conv → ReLU → BN → Flatten → Dense. Both BNs move
     /// into the layer after them (the pool commutes with an increasing affine), the folded
     /// float network equals the graph, and the BNs' statistics describe the ReLU outputs.
