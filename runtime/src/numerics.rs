@@ -96,6 +96,10 @@ impl ChannelRequant {
     }
 
     /// `(mult, n, half, zero, lo, hi)`: the constants, for the SIMD forms of [`Self::apply`].
+    #[cfg_attr(
+        not(any(target_arch = "x86_64", target_arch = "aarch64")),
+        allow(dead_code) // no SIMD kernels on other targets
+    )]
     #[inline(always)]
     pub(crate) fn constants(&self) -> (i64, u32, i64, i64, i64, i64) {
         (self.mult, self.n, self.half, self.zero, self.lo, self.hi)

@@ -107,6 +107,10 @@ fn neon_active() -> bool {
 static ACTIVE: core::sync::atomic::AtomicU8 = core::sync::atomic::AtomicU8::new(COMPILED as u8);
 
 /// The kernels in use: [`COMPILED`], fixed at compile time on a device.
+#[cfg_attr(
+    not(any(target_arch = "x86_64", target_arch = "aarch64")),
+    allow(dead_code) // only the SIMD dispatch asks
+)]
 #[inline(always)]
 fn active() -> Isa {
     #[cfg(feature = "std")]
