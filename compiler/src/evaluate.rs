@@ -169,8 +169,7 @@ pub fn evaluate(
 }
 
 /// Mean squared error of `q`'s fake-quantized output against its float network on `held`: how
-/// the CLI compares the candidates of a calibrated compile (with and without bias correction,
-/// and rtn's).
+/// the CLI compares the candidates of a calibrated compile (the calibrated model and rtn's).
 pub fn output_mse(q: &QuantGraph, held: &HeldOut) -> Result<f64, Error> {
     let dev = Device::Cpu;
     let per: usize = q.tensors[q.input].shape[1..].iter().product();

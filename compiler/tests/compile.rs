@@ -888,9 +888,9 @@ fn flash_budgets_choose_per_layer_bits_that_fit() {
 }
 
 /// With held-out samples a calibrated compile ships whichever candidate has the least output
-/// MSE on them — the calibrated model, the same with bias correction (at either activation
-/// width), or rtn's — records the comparison, and names the choice in the header; without them
-/// (`--eval-samples 0`) nothing is compared.
+/// MSE on them — the calibrated model, always bias-corrected (at either activation width), or
+/// rtn's — records the comparison, and names the choice in the header; without them
+/// (`--eval-samples 0`) nothing is compared and the calibrated model ships.
 #[test]
 fn calibrated_compiles_ship_the_candidate_the_held_out_samples_prefer() {
     let tmp = tempfile::tempdir().unwrap();
@@ -907,7 +907,7 @@ fn calibrated_compiles_ship_the_candidate_the_held_out_samples_prefer() {
         "--no-lib",
         "--quiet",
     ];
-    let names = ["calibrated+bias-correction", "calibrated", "rtn"];
+    let names = ["calibrated+bias-correction", "rtn"];
     for act in ["8", "4"] {
         let d = tmp.path().join(format!("a{act}"));
         let mut args = vec![m.to_str().unwrap(), "--bits", "4", "--act-bits", act];
@@ -938,6 +938,40 @@ fn calibrated_compiles_ship_the_candidate_the_held_out_samples_prefer() {
     assert!(compile(&args).status.success());
     let (_, rep) = weight_bytes(&d, "resnet_fmnist");
     assert!(rep["calibration"].get("selection").is_none());
+    // The candidate kept at A8 is the very model a compile without the selection ships (the
+    // calibrated one, bias-corrected there too) or rtn's.
+    let kept_a8 = {
+        let (_, rep) = weight_bytes(&tmp.path().join("a8"), "resnet_fmnist");
+        rep["calibration"]["selection"]["kept"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let other = if kept_a8 == "rtn" {
+        let r = tmp.path().join("rtn");
+        let o = compile(&[
+            m.to_str().unwrap(),
+            "--method",
+            "rtn",
+            "--bits",
+            "4",
+            "--no-lib",
+            "--quiet",
+            "--eval-samples",
+            "0",
+            "-o",
+            r.to_str().unwrap(),
+        ]);
+        assert!(o.status.success());
+        r
+    } else {
+        d
+    };
+    let blob = |dir: &std::path::Path| std::fs::read(dir.join("resnet_fmnist.dfq")).unwrap();
+    assert!(
+        blob(&tmp.path().join("a8")) == blob(&other),
+        "kept {kept_a8}"
+    );
 }
 
 /// `--cpu x86-64-v3` builds libNAME.a with the AVX2 kernels, `--cpu cascadelake` with the

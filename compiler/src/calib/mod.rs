@@ -71,9 +71,8 @@ pub struct CalibOptions {
     pub layer_bits: Option<Vec<u8>>,
     /// Tensors kept at 8 bits under 4-bit activations (see [`rtn::RtnOptions::act8`]).
     pub act8: Vec<String>,
-    /// Moves the biases against the final codes' mean shift after reconstruction (at 8-bit
-    /// activations, as rtn does). The CLI turns it off and chooses on held-out samples
-    /// whether to apply it (see `evaluate::output_mse`).
+    /// Moves the biases against the final codes' mean shift after reconstruction, as rtn
+    /// does. On by default and in the CLI; off only where a caller measures its effect.
     pub bias_correction: bool,
 }
 
@@ -184,13 +183,4 @@ pub fn calibrate_on(
 /// applies at 4-bit activations too (README "Activations", the rtn arena table).
 pub fn corrects_biases(opts: &CalibOptions) -> bool {
     opts.recon.lr_bias == 0.0
-}
-
-/// `q` with its biases moved against its codes' mean shift, as calibration does after
-/// reconstruction.
-pub fn bias_corrected(q: &QuantGraph) -> Result<QuantGraph, Error> {
-    let mut c = q.clone();
-    rtn::correct_biases(&mut c)?;
-    c.fit_accumulators();
-    Ok(c)
 }

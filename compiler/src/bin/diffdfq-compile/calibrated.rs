@@ -79,9 +79,10 @@ pub(crate) fn calibrated(
     co.recon.eval_samples = s.eval_samples;
     co.layer_bits = layer_bits.clone();
     co.act8 = act8;
-    // With held-out samples, bias correction after reconstruction is not applied
-    // blindly: the candidates below are compared on them.
-    co.bias_correction = !select;
+    // Bias correction always follows reconstruction (where biases are not learned): it takes
+    // its input means from the BN statistics, which the synthetic held-out samples cannot
+    // judge (README "Calibration", step 4).
+    co.bias_correction = true;
     let (q, rep) = calib::calibrate(graph, &co, &dev, Progress::new(quiet))
         .map_err(|e| e.context(&model_name))?;
     stages.push(("synthesis", rep.synthesis_s));
@@ -139,9 +140,12 @@ pub(crate) fn calibrated(
 }
 
 /// The candidate of a calibrated compile with the least output MSE against FP32 on the
-/// held-out samples: the calibrated model, the same with bias correction (where it applies),
-/// and what `--method rtn` gives for the same bits, so that calibration never ships a model
-/// these samples say is worse than rtn's. Ties keep the earlier candidate.
+/// held-out samples: the calibrated model (bias-corrected where biases were not learned) and
+/// what `--method rtn` gives for the same bits, so that calibration never ships a model these
+/// samples say is worse than rtn's. Whether to bias-correct is not put to them: samples
+/// synthesized as the reconstruction's were rank the uncorrected model first on every real
+/// model measured, where real inputs rank it last (README "Calibration", step 4). Ties keep
+/// the calibrated model.
 fn select_candidate(
     g: &diffdfq_compiler::graph::Graph,
     calibrated: QuantGraph,
@@ -149,14 +153,12 @@ fn select_candidate(
     input_range: Option<(f32, f32)>,
     held: &evaluate::HeldOut,
 ) -> Result<(&'static str, QuantGraph, serde_json::Value), Error> {
-    let mut cands: Vec<(&'static str, QuantGraph)> = Vec::new();
-    if calib::corrects_biases(co) {
-        cands.push((
-            "calibrated+bias-correction",
-            calib::bias_corrected(&calibrated)?,
-        ));
-    }
-    cands.push(("calibrated", calibrated));
+    let name = if co.bias_correction && calib::corrects_biases(co) {
+        "calibrated+bias-correction"
+    } else {
+        "calibrated"
+    };
+    let mut cands: Vec<(&'static str, QuantGraph)> = vec![(name, calibrated)];
     let rq = rtn::quantize(
         g,
         &rtn::RtnOptions {
