@@ -957,8 +957,6 @@ fn calibrated_compiles_ship_the_candidate_the_held_out_samples_prefer() {
             "4",
             "--no-lib",
             "--quiet",
-            "--eval-samples",
-            "0",
             "-o",
             r.to_str().unwrap(),
         ]);

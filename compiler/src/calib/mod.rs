@@ -71,9 +71,6 @@ pub struct CalibOptions {
     pub layer_bits: Option<Vec<u8>>,
     /// Tensors kept at 8 bits under 4-bit activations (see [`rtn::RtnOptions::act8`]).
     pub act8: Vec<String>,
-    /// Moves the biases against the final codes' mean shift after reconstruction, as rtn
-    /// does. On by default and in the CLI; off only where a caller measures its effect.
-    pub bias_correction: bool,
 }
 
 impl CalibOptions {
@@ -93,7 +90,6 @@ impl CalibOptions {
             },
             layer_bits: None,
             act8: Vec::new(),
-            bias_correction: true,
         }
     }
 }
@@ -162,7 +158,7 @@ pub fn calibrate_on(
     let recon = recon::reconstruct(&mut model, &samples, &opts.recon, progress)?;
     // Reconstruction leaves biases at their float values (unless it learned them): move
     // them against the mean shift the final codes cause, as rtn does.
-    if opts.bias_correction && corrects_biases(opts) {
+    if corrects_biases(opts) {
         rtn::correct_biases(&mut model.q)?;
     }
     // Learned activation steps change `s_x`: refit the bound on the final scales.

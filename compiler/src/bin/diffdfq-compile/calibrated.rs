@@ -79,10 +79,6 @@ pub(crate) fn calibrated(
     co.recon.eval_samples = s.eval_samples;
     co.layer_bits = layer_bits.clone();
     co.act8 = act8;
-    // Bias correction always follows reconstruction (where biases are not learned): it takes
-    // its input means from the BN statistics, which the synthetic held-out samples cannot
-    // judge (README "Calibration", step 4).
-    co.bias_correction = true;
     let (q, rep) = calib::calibrate(graph, &co, &dev, Progress::new(quiet))
         .map_err(|e| e.context(&model_name))?;
     stages.push(("synthesis", rep.synthesis_s));
@@ -153,7 +149,7 @@ fn select_candidate(
     input_range: Option<(f32, f32)>,
     held: &evaluate::HeldOut,
 ) -> Result<(&'static str, QuantGraph, serde_json::Value), Error> {
-    let name = if co.bias_correction && calib::corrects_biases(co) {
+    let name = if calib::corrects_biases(co) {
         "calibrated+bias-correction"
     } else {
         "calibrated"
