@@ -972,6 +972,77 @@ fn calibrated_compiles_ship_the_candidate_the_held_out_samples_prefer() {
     );
 }
 
+/// At W8A8 a calibrated method ships rtn's model without calibrating: the same bytes as
+/// `--method rtn`, and the report, the header and stderr say so. Below 8 bits it calibrates.
+#[test]
+fn calibrated_methods_ship_rtn_at_w8a8_without_calibrating() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = fixture("resnet_fmnist.onnx");
+    let m = m.to_str().unwrap();
+    let dir = |n: &str| tmp.path().join(n);
+    let blob = |n: &str| std::fs::read(dir(n).join("resnet_fmnist.dfq")).unwrap();
+    for method in ["diffdfq", "genie", "rtn"] {
+        let d = dir(method);
+        let o = compile(&[
+            m,
+            "--method",
+            method,
+            "--bits",
+            "8",
+            "--no-lib",
+            "-o",
+            d.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        if method == "rtn" {
+            continue;
+        }
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains("W8A8: shipping rtn's model, not calibrated"),
+            "{err}"
+        );
+        assert!(!err.contains("synthesis"), "{err}");
+        let (_, rep) = weight_bytes(&d, "resnet_fmnist");
+        assert_eq!(
+            rep["calibration"]["calibrated"], false,
+            "{}",
+            rep["calibration"]
+        );
+        assert_eq!(rep["method"], method);
+        let h = std::fs::read_to_string(d.join("resnet_fmnist.h")).unwrap();
+        assert!(h.contains("(kept: rtn, not calibrated at W8A8)"), "{h}");
+    }
+    assert!(blob("diffdfq") == blob("rtn") && blob("genie") == blob("rtn"));
+    // 8-bit weights with 4-bit first and last layers are not W8A8: calibration runs.
+    let d = dir("fl4");
+    let o = compile(&[
+        m,
+        "--bits",
+        "8",
+        "--first-last-bits",
+        "4",
+        "--samples",
+        "2",
+        "--synth-iters",
+        "1",
+        "--recon-iters",
+        "1",
+        "--no-lib",
+        "--method",
+        "diffdfq",
+        "-o",
+        d.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (_, rep) = weight_bytes(&d, "resnet_fmnist");
+    assert!(
+        rep["calibration"]["budget"].is_object(),
+        "{}",
+        rep["calibration"]
+    );
+}
+
 /// `--cpu x86-64-v3` builds libNAME.a with the AVX2 kernels, `--cpu cascadelake` with the
 /// AVX-512 VNNI ones: the header, the report and the library itself (`dfq_kernels()`) say
 /// so, and the firmware's outputs are byte-identical to the baseline library's and to
