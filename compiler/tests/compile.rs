@@ -978,64 +978,47 @@ fn calibrated_compiles_ship_the_candidate_the_held_out_samples_prefer() {
 fn calibrated_methods_ship_rtn_at_w8a8_without_calibrating() {
     let tmp = tempfile::tempdir().unwrap();
     let m = fixture("resnet_fmnist.onnx");
-    let m = m.to_str().unwrap();
     let dir = |n: &str| tmp.path().join(n);
+    // Compiles into `dir(name)`, exiting 0; returns stderr and the report.
+    let run = |name: &str, flags: &[&str]| {
+        let d = dir(name);
+        let mut args = vec![m.to_str().unwrap(), "--bits", "8", "--no-lib"];
+        args.extend(flags);
+        args.extend(["-o", d.to_str().unwrap()]);
+        let o = compile(&args);
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(o.status.success(), "{err}");
+        (err, weight_bytes(&d, "resnet_fmnist").1)
+    };
     let blob = |n: &str| std::fs::read(dir(n).join("resnet_fmnist.dfq")).unwrap();
-    for method in ["diffdfq", "genie", "rtn"] {
-        let d = dir(method);
-        let o = compile(&[
-            m,
-            "--method",
-            method,
-            "--bits",
-            "8",
-            "--no-lib",
-            "-o",
-            d.to_str().unwrap(),
-        ]);
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        if method == "rtn" {
-            continue;
-        }
-        let err = String::from_utf8_lossy(&o.stderr);
+    run("rtn", &["--method", "rtn"]);
+    for method in ["diffdfq", "genie"] {
+        let (err, rep) = run(method, &["--method", method]);
         assert!(
             err.contains("W8A8: shipping rtn's model, not calibrated"),
             "{err}"
         );
         assert!(!err.contains("synthesis"), "{err}");
-        let (_, rep) = weight_bytes(&d, "resnet_fmnist");
         assert_eq!(
             rep["calibration"]["calibrated"], false,
             "{}",
             rep["calibration"]
         );
         assert_eq!(rep["method"], method);
-        let h = std::fs::read_to_string(d.join("resnet_fmnist.h")).unwrap();
+        let h = std::fs::read_to_string(dir(method).join("resnet_fmnist.h")).unwrap();
         assert!(h.contains("(kept: rtn, not calibrated at W8A8)"), "{h}");
+        assert!(blob(method) == blob("rtn"), "{method}");
     }
-    assert!(blob("diffdfq") == blob("rtn") && blob("genie") == blob("rtn"));
     // 8-bit weights with 4-bit first and last layers are not W8A8: calibration runs.
-    let d = dir("fl4");
-    let o = compile(&[
-        m,
-        "--bits",
-        "8",
-        "--first-last-bits",
-        "4",
-        "--samples",
-        "2",
-        "--synth-iters",
-        "1",
-        "--recon-iters",
-        "1",
-        "--no-lib",
-        "--method",
-        "diffdfq",
-        "-o",
-        d.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let (_, rep) = weight_bytes(&d, "resnet_fmnist");
+    let quick = ["--samples", "2", "--synth-iters", "1", "--recon-iters", "1"];
+    let (_, rep) = run(
+        "fl4",
+        &[
+            &["--method", "diffdfq", "--first-last-bits", "4"],
+            &quick[..],
+        ]
+        .concat(),
+    );
     assert!(
         rep["calibration"]["budget"].is_object(),
         "{}",
