@@ -169,18 +169,20 @@ fn w8a8(
     stages: &mut Vec<(&'static str, f64)>,
 ) -> Result<Calibrated, Error> {
     let t0 = std::time::Instant::now();
-    let q = rtn::quantize(
-        graph,
-        &rtn::RtnOptions {
-            bits,
-            seed: a.seed,
-            input_range,
-            layer_bits,
-            act8,
-            ..Default::default()
-        },
-    )
-    .map_err(|e| e.context(&a.model.display().to_string()))?;
+    let mut ro = rtn::RtnOptions {
+        bits,
+        seed: a.seed,
+        input_range,
+        layer_bits,
+        act8,
+        ..Default::default()
+    };
+    // `--samples` as `--method rtn` reads it: the N(0, 1) samples behind the ranges of BN-less
+    // layers whose moments cannot be followed.
+    if let Some(n) = a.samples {
+        ro.samples = n;
+    }
+    let q = rtn::quantize(graph, &ro).map_err(|e| e.context(&a.model.display().to_string()))?;
     stages.push(("quantize", t0.elapsed().as_secs_f64()));
     if !a.quiet() {
         eprintln!(
