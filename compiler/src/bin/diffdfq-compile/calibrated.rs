@@ -163,27 +163,20 @@ fn w8a8(
     a: &Args,
     graph: &diffdfq_compiler::graph::Graph,
     bits: Bits,
-    (layer_bits, act8): (Option<Vec<u8>>, Vec<String>),
+    widths: (Option<Vec<u8>>, Vec<String>),
     input_range: Option<(f32, f32)>,
     diffusion: bool,
     stages: &mut Vec<(&'static str, f64)>,
 ) -> Result<Calibrated, Error> {
-    let t0 = std::time::Instant::now();
-    let mut ro = rtn::RtnOptions {
+    let q = super::rtn_model(
+        a,
+        graph,
         bits,
-        seed: a.seed,
+        widths,
         input_range,
-        layer_bits,
-        act8,
-        ..Default::default()
-    };
-    // `--samples` as `--method rtn` reads it: the N(0, 1) samples behind the ranges of BN-less
-    // layers whose moments cannot be followed.
-    if let Some(n) = a.samples {
-        ro.samples = n;
-    }
-    let q = rtn::quantize(graph, &ro).map_err(|e| e.context(&a.model.display().to_string()))?;
-    stages.push(("quantize", t0.elapsed().as_secs_f64()));
+        rtn::WeightSteps::MinMax,
+        stages,
+    )?;
     if !a.quiet() {
         eprintln!(
             "W8A8: shipping rtn's model, not calibrated (8-bit rounding leaves calibration \

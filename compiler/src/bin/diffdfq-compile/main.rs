@@ -284,25 +284,13 @@ fn run(a: &Args) -> Result<(), Error> {
     let (q, method, calibration) = match a.method {
         Method::Rtn | Method::Lp => {
             let lp = a.method == Method::Lp;
-            let mut ro = rtn::RtnOptions {
-                bits,
-                seed: a.seed,
-                input_range,
-                layer_bits: layer_bits.clone(),
-                act8: act8.clone(),
-                weight_steps: if lp {
-                    rtn::WeightSteps::Lp
-                } else {
-                    rtn::WeightSteps::MinMax
-                },
-                ..Default::default()
+            let steps = if lp {
+                rtn::WeightSteps::Lp
+            } else {
+                rtn::WeightSteps::MinMax
             };
-            if let Some(n) = a.samples {
-                ro.samples = n;
-            }
-            let t0 = std::time::Instant::now();
-            let q = rtn::quantize(&graph, &ro).map_err(|e| e.context(&model_name))?;
-            stages.push(("quantize", t0.elapsed().as_secs_f64()));
+            let widths = (layer_bits.clone(), act8.clone());
+            let q = rtn_model(a, &graph, bits, widths, input_range, steps, &mut stages)?;
             (q, if lp { "lp" } else { "rtn" }, None)
         }
         Method::Diffdfq | Method::Genie => {
@@ -449,6 +437,36 @@ fn run(a: &Args) -> Result<(), Error> {
         );
     }
     Ok(())
+}
+
+/// `--method rtn` (or `lp`, by `steps`) as the flags ask for it, timed as the stage `quantize`.
+pub(crate) fn rtn_model(
+    a: &Args,
+    graph: &diffdfq_compiler::graph::Graph,
+    bits: diffdfq_compiler::quant::Bits,
+    (layer_bits, act8): (Option<Vec<u8>>, Vec<String>),
+    input_range: Option<(f32, f32)>,
+    weight_steps: rtn::WeightSteps,
+    stages: &mut Vec<(&'static str, f64)>,
+) -> Result<diffdfq_compiler::quant::QuantGraph, Error> {
+    let mut ro = rtn::RtnOptions {
+        bits,
+        seed: a.seed,
+        input_range,
+        layer_bits,
+        act8,
+        weight_steps,
+        ..Default::default()
+    };
+    // rtn's `--samples`: the N(0, 1) samples behind the ranges of BN-less layers whose
+    // moments cannot be followed.
+    if let Some(n) = a.samples {
+        ro.samples = n;
+    }
+    let t0 = std::time::Instant::now();
+    let q = rtn::quantize(graph, &ro).map_err(|e| e.context(&a.model.display().to_string()))?;
+    stages.push(("quantize", t0.elapsed().as_secs_f64()));
+    Ok(q)
 }
 
 fn main() -> ExitCode {
