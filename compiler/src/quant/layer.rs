@@ -141,6 +141,57 @@ impl QLayer {
         let _ = self.set_weights(scales, zeros);
     }
 
+    /// Re-rounds the fewest taps of each row so that the row's codes sum to its float weights'
+    /// sum within half a step (`|Σ_j (q_j − z − w_j/s)| ≤ ½`, clamps permitting). For a row
+    /// whose taps all read one input channel (a depthwise conv), rounding moves the output mean
+    /// by `E[x_c]·s·Σ_j (q_j − z − w_j/s)`; bias correction takes that back only as well as the
+    /// BN statistics give `E[x_c]`, and after this the shift is at most `½·s·E[x_c]` whatever
+    /// the estimate. The taps moved are those nearest a tie (largest rounding residual the other
+    /// way), so no code ends more than one step from its weight. Returns how many codes moved.
+    pub fn preserve_row_sums(&mut self) -> usize {
+        if !self.is_quantized() || self.k == 0 {
+            return 0;
+        }
+        let max = code_max(self.bits);
+        let mut moved = 0;
+        for (c, (row, codes)) in self
+            .weight
+            .chunks_exact(self.k)
+            .zip(self.codes.chunks_exact_mut(self.k))
+            .enumerate()
+        {
+            let (s, z) = (self.scales[c] as f64, self.zeros[c] as f64);
+            // Residual of each tap in codes: positive where it was rounded down.
+            let res: Vec<f64> = row
+                .iter()
+                .zip(codes.iter())
+                .map(|(&w, &q)| w as f64 / s + z - q as f64)
+                .collect();
+            let need = res.iter().sum::<f64>().round() as i64;
+            let up = need > 0;
+            // Most residual first; ties by tap index, so the result is deterministic.
+            let mut order: Vec<usize> = (0..self.k)
+                .filter(|&j| {
+                    if up {
+                        res[j] > 0.0 && codes[j] < max
+                    } else {
+                        res[j] < 0.0 && codes[j] > 0
+                    }
+                })
+                .collect();
+            order.sort_by(|&a, &b| res[b].abs().total_cmp(&res[a].abs()).then(a.cmp(&b)));
+            for &j in order.iter().take(need.unsigned_abs() as usize) {
+                if up {
+                    codes[j] += 1;
+                } else {
+                    codes[j] -= 1;
+                }
+                moved += 1;
+            }
+        }
+        moved
+    }
+
     /// The weights the codes stand for, `c_out × k`.
     pub fn dequantized(&self) -> Vec<f32> {
         self.codes
@@ -215,6 +266,45 @@ mod tests {
             }
             // The all-zero row dequantizes to exact zeros.
             assert!(d[8..].iter().all(|&v| v == 0.0));
+        }
+    }
+
+    #[test]
+    fn row_sums_are_kept_within_half_a_step_by_moving_the_taps_nearest_a_tie() {
+        let mut rng = crate::rng::Rng::new(7, 0);
+        let (rows, k) = (64, 9);
+        let w: Vec<f32> = (0..rows * k).map(|_| rng.normal()).collect();
+        for bits in [2, 3, 4, 8] {
+            let mut l = QLayer::new(rows, k, w.clone(), vec![0.0; rows], bits);
+            l.quantize_rtn();
+            let before = l.codes.clone();
+            let residual = |l: &QLayer, c: usize, j: usize| {
+                w[c * k + j] as f64 / l.scales[c] as f64 + l.zeros[c] as f64
+                    - l.codes[c * k + j] as f64
+            };
+            let sum_before: Vec<f64> = (0..rows)
+                .map(|c| (0..k).map(|j| residual(&l, c, j)).sum())
+                .collect();
+            let moved = l.preserve_row_sums();
+            let changed = before.iter().zip(&l.codes).filter(|(a, b)| a != b).count();
+            assert_eq!(moved, changed);
+            // Most rows of 9 random taps round to a sum off by at least one code.
+            assert!(moved > rows / 4, "bits {bits}: only {moved} moved");
+            for c in 0..rows {
+                let sum: f64 = (0..k).map(|j| residual(&l, c, j)).sum();
+                assert!(sum.abs() <= 0.5 + 1e-6, "bits {bits} row {c}: {sum}");
+                // A row moves exactly as many codes as its sum was off, each by one step.
+                let row_moved: usize = (0..k)
+                    .map(|j| before[c * k + j].abs_diff(l.codes[c * k + j]) as usize)
+                    .sum();
+                assert_eq!(row_moved, sum_before[c].round().abs() as usize);
+                for j in 0..k {
+                    assert!(
+                        residual(&l, c, j).abs() < 1.0,
+                        "bits {bits} row {c} tap {j}"
+                    );
+                }
+            }
         }
     }
 }

@@ -149,6 +149,17 @@ pub enum QOp {
 }
 
 impl QOp {
+    /// A depthwise conv whose every row reads one input channel (`C_in/groups = 1`): the rows
+    /// whose rounding [`QLayer::preserve_row_sums`] keeps mean-neutral.
+    pub fn reads_one_channel_per_row(&self) -> bool {
+        match self {
+            QOp::Conv { geom, layer, .. } => {
+                geom.groups > 1 && layer.k == geom.kernel_h * geom.kernel_w
+            }
+            _ => false,
+        }
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
             QOp::Conv { geom, layer, .. } if geom.groups > 1 && geom.groups == layer.c_out => {

@@ -63,10 +63,14 @@ pub fn quantize(g: &Graph, opts: &RtnOptions) -> Result<QuantGraph, Error> {
         q.set_layer_bits(b)?;
     }
     for n in &mut q.nodes {
+        let one_channel_rows = n.op.reads_one_channel_per_row();
         if let Some(l) = n.op.layer_mut() {
             match opts.weight_steps {
                 WeightSteps::MinMax => l.quantize_rtn(),
                 WeightSteps::Lp => l.quantize_lp(),
+            }
+            if one_channel_rows {
+                l.preserve_row_sums();
             }
         }
     }
@@ -152,7 +156,7 @@ mod tests {
     use super::*;
     use crate::graph::{Activation, BatchNorm, Conv, Node, Op, Tensor as GTensor, Value};
     use crate::quant::qmodel::{Mode, QModel};
-    use crate::quant::ConvGeom;
+    use crate::quant::{ConvGeom, QLayer};
     use candle_core::{Device, Tensor};
 
     #[test]
@@ -543,6 +547,26 @@ mod tests {
                 "channel {c}: row scaled by {r}"
             );
             assert!(expand.bias[c].is_finite());
+        }
+        // Each depthwise row's codes sum to its weights' within half a step (its rounding moves
+        // the mean by at most half a step of its one input channel); some moved a code to get
+        // there. The 1×1 expansion, whose rows read two channels, is plain round-to-nearest.
+        let resid = |l: &QLayer, c: usize, j: usize| {
+            l.weight[c * l.k + j] / l.scales[c] + l.zeros[c] as f32 - l.codes[c * l.k + j] as f32
+        };
+        let mut beyond_half = 0;
+        for c in 0..5 {
+            let sum: f32 = (0..9).map(|j| resid(dw, c, j)).sum();
+            assert!(sum.abs() <= 0.5 + 1e-4, "depthwise row {c}: {sum}");
+            beyond_half += (0..9)
+                .filter(|&j| resid(dw, c, j).abs() > 0.5 + 1e-4)
+                .count();
+        }
+        assert!(beyond_half > 0);
+        for c in 0..5 {
+            for j in 0..2 {
+                assert!(resid(expand, c, j).abs() <= 0.5 + 1e-4);
+            }
         }
         // HardSwish is not positively homogeneous: nothing is scaled behind it.
         let g = net(Op::Act(Activation::HardSwish));
