@@ -521,15 +521,8 @@ pub fn reconstruct(
             } else {
                 None
             };
-            // Depthwise rows get rtn's mean-neutral rounding on top of the learned decisions:
-            // the synthetic samples cannot pin down the mean shift real inputs see (README
-            // "Real models": the document model at W3A8, 93.0 → 97.0 %).
-            let one_channel_rows = m.q.nodes[r.node].op.reads_one_channel_per_row();
             if let Some(l) = m.q.nodes[r.node].op.layer_mut() {
                 l.set_codes(scales, zeros, codes)?;
-                if one_channel_rows {
-                    l.preserve_row_sums();
-                }
                 if let Some(bias) = bias {
                     if bias.iter().any(|b| !b.is_finite()) || bias.len() != l.bias.len() {
                         return Err(Error::Internal(format!(
@@ -540,6 +533,10 @@ pub fn reconstruct(
                     l.bias = bias;
                 }
             }
+            // rtn's mean-neutral depthwise rows on top of the learned decisions: the synthetic
+            // samples do not pin down the mean shift real inputs see (README "Calibration",
+            // step 3: the document model at W3A8, 93.0 → 97.0 %).
+            m.q.nodes[r.node].op.round_depthwise_rows_mean_neutral();
             m.refresh_weights(r.node)?;
         }
         for (t, v) in &steps {

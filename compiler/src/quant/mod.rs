@@ -149,14 +149,17 @@ pub enum QOp {
 }
 
 impl QOp {
-    /// A depthwise conv whose every row reads one input channel (`C_in/groups = 1`): the rows
-    /// whose rounding [`QLayer::preserve_row_sums`] keeps mean-neutral.
-    pub fn reads_one_channel_per_row(&self) -> bool {
+    /// Re-rounds a depthwise conv whose every row reads one input channel (`C_in/groups = 1`)
+    /// mean-neutral ([`QLayer::preserve_row_sums`]); any other op is left as it is. Returns how
+    /// many codes moved.
+    pub fn round_depthwise_rows_mean_neutral(&mut self) -> usize {
         match self {
-            QOp::Conv { geom, layer, .. } => {
-                geom.groups > 1 && layer.k == geom.kernel_h * geom.kernel_w
+            QOp::Conv { geom, layer, .. }
+                if geom.groups > 1 && layer.k == geom.kernel_h * geom.kernel_w =>
+            {
+                layer.preserve_row_sums()
             }
-            _ => false,
+            _ => 0,
         }
     }
 

@@ -63,16 +63,13 @@ pub fn quantize(g: &Graph, opts: &RtnOptions) -> Result<QuantGraph, Error> {
         q.set_layer_bits(b)?;
     }
     for n in &mut q.nodes {
-        let one_channel_rows = n.op.reads_one_channel_per_row();
         if let Some(l) = n.op.layer_mut() {
             match opts.weight_steps {
                 WeightSteps::MinMax => l.quantize_rtn(),
                 WeightSteps::Lp => l.quantize_lp(),
             }
-            if one_channel_rows {
-                l.preserve_row_sums();
-            }
         }
+        n.op.round_depthwise_rows_mean_neutral();
     }
     if let Some(r) = opts.input_range {
         q.input_range = r;
