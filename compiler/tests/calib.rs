@@ -95,6 +95,8 @@ fn learned_weight_steps_and_biases_reach_the_runtime() {
     co.synth.batch = 32;
     co.synth.iters = 5;
     co.recon.iters = 20;
+    // Every layer learns, whatever its rows per weight (see the next test).
+    co.recon.rows_per_weight = 0.0;
     let (start, _) = calib::calibrate(&g, &co, &Device::Cpu, Progress::silent()).unwrap();
     co.recon.lr_weight_scale = 1e-2;
     co.recon.lr_bias = 1e-2;
@@ -113,6 +115,36 @@ fn learned_weight_steps_and_biases_reach_the_runtime() {
     }
     let agree = agreement(&q, &x);
     assert!(agree >= 995, "learned steps/biases: {agree}/1000 agree");
+}
+
+#[test]
+fn layers_with_too_few_rows_per_weight_keep_round_to_nearest() {
+    let g = graph("resnet_fmnist");
+    let mut co = CalibOptions::new(bits(3, 8), 0, false);
+    co.synth.samples = 32;
+    co.synth.batch = 32;
+    co.synth.iters = 5;
+    co.recon.iters = 20;
+    let (q, rep) = calib::calibrate(&g, &co, &Device::Cpu, Progress::silent()).unwrap();
+    // 32 samples: the 7×7 3×3 conv reading 64 channels gets 32·49 = 1568 output values per
+    // row against a fan-in of 576 (< 4×); the classifier 32 against 64.
+    let nearest = ["/layers/layers.2/c2/c2.0/Conv", "/fc/Gemm"];
+    assert_eq!(rep.recon.nearest, nearest);
+    co.recon.rows_per_weight = f64::INFINITY;
+    let (start, rep) = calib::calibrate(&g, &co, &Device::Cpu, Progress::silent()).unwrap();
+    assert_eq!(rep.recon.nearest.len(), 10);
+    let mut learned_moved = false;
+    for (a, b) in q.nodes.iter().zip(&start.nodes) {
+        let (Some(la), Some(lb)) = (a.op.layer(), b.op.layer()) else {
+            continue;
+        };
+        if nearest.contains(&a.name.as_str()) {
+            assert_eq!(la.codes, lb.codes, "'{}' left round-to-nearest", a.name);
+        } else {
+            learned_moved |= la.codes != lb.codes;
+        }
+    }
+    assert!(learned_moved, "no learned layer moved off round-to-nearest");
 }
 
 #[test]

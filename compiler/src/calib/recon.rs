@@ -13,7 +13,9 @@
 //! Weight scales come from the Lp(2.4) clipping search and by default stay (learning them as
 //! Genie does, and learning the biases, are options: on the MobileNet fixture at W2A8 neither
 //! measured better than the spread between runs); activation steps start from the same search
-//! on the block's float activations.
+//! on the block's float activations. A layer whose samples give too few output values per
+//! weight of a row ([`ReconOptions::rows_per_weight`]) keeps round-to-nearest codes: AdaRound
+//! there would fit the samples rather than the layer.
 //!
 //! Progressive selection (`--method diffdfq`): the adaptability `d(L) = Σ ‖P(x_L) − Q(x_L)‖₂`
 //! over the logits of an evaluation subset picks the start level `argmin d`; before each later
@@ -64,7 +66,17 @@ pub struct ReconOptions {
     pub eval_samples: usize,
     /// Where activation steps start, see [`ActInit`].
     pub act_init: ActInit,
+    /// A layer's rounding is learned only where the samples give at least this many output
+    /// values per weight of a row (samples × output positions ≥ this × fan-in); elsewhere it
+    /// keeps the Lp search's round-to-nearest codes. See [`ROWS_PER_WEIGHT`].
+    pub rows_per_weight: f64,
 }
+
+/// Default [`ReconOptions::rows_per_weight`]. At `--budget 10` MobileNetV2 gets 8 samples, so
+/// a 7×7 layer sees 392 output values per row against a fan-in of up to 960, and learning its
+/// rounding cost agreement on real photos; 16 also stopped learning the ResNet fixture's 2-bit
+/// 7×7 convs (64 samples) and measured worse there. Figures: README "Calibration", step 3.
+pub const ROWS_PER_WEIGHT: f64 = 4.0;
 
 impl Default for ReconOptions {
     fn default() -> Self {
@@ -80,6 +92,7 @@ impl Default for ReconOptions {
             diffusion: true,
             eval_samples: 256,
             act_init: ActInit::Stats,
+            rows_per_weight: ROWS_PER_WEIGHT,
         }
     }
 }
@@ -115,6 +128,9 @@ pub struct ReconReport {
     /// Per block, whether its activation steps started from the Lp search on data (rather
     /// than the BN-statistics ranges).
     pub act_init_data: Vec<bool>,
+    /// Layers whose rounding was not learned (too few rows per weight, see
+    /// [`ReconOptions::rows_per_weight`]): they keep round-to-nearest.
+    pub nearest: Vec<String>,
 }
 
 /// AdaRound state of one layer.
@@ -341,6 +357,13 @@ pub fn reconstruct(
             let Some(l) = m.q.nodes[i].op.layer() else {
                 continue;
             };
+            // Such a layer keeps its codes and takes part in training as quantized.
+            let shape = &m.q.tensors[m.q.nodes[i].output].shape;
+            let positions: usize = shape.get(2..).unwrap_or(&[]).iter().product();
+            if ((n_samples * positions) as f64) < opts.rows_per_weight * l.k as f64 {
+                report.nearest.push(m.q.nodes[i].name.clone());
+                continue;
+            }
             let max = code_max(l.bits) as f64;
             let (mut fl, mut v) = (
                 Vec::with_capacity(l.weight.len()),
@@ -553,7 +576,11 @@ pub fn reconstruct(
         quant_carry = Some((level, block.clone(), ins.iter().copied().zip(qin).collect()));
         report.losses.push(last);
     }
-    bar.finish(format!("levels {:?}", report.levels));
+    bar.finish(format!(
+        "levels {:?}; {} of the layers kept round-to-nearest (too few samples per weight)",
+        report.levels,
+        report.nearest.len()
+    ));
     // Ops that pass codes through share their input's quantization.
     for i in 0..m.q.nodes.len() {
         if matches!(m.q.nodes[i].op, QOp::MaxPool { .. } | QOp::Reshape) {
