@@ -125,13 +125,16 @@ fn layers_with_too_few_rows_per_weight_keep_round_to_nearest() {
     co.synth.batch = 32;
     co.synth.iters = 5;
     co.recon.iters = 20;
-    let (q, rep) = calib::calibrate(&g, &co, &Device::Cpu, Progress::silent()).unwrap();
+    let (q, rep, samples) =
+        calib::calibrate_on(&g, &co, &Device::Cpu, Progress::silent(), None).unwrap();
     // 32 samples: the 7×7 3×3 conv reading 64 channels gets 32·49 = 1568 output values per
     // row against a fan-in of 576 (< 4×); the classifier 32 against 64.
     let nearest = ["/layers/layers.2/c2/c2.0/Conv", "/fc/Gemm"];
     assert_eq!(rep.recon.nearest, nearest);
     co.recon.rows_per_weight = f64::INFINITY;
-    let (start, rep) = calib::calibrate(&g, &co, &Device::Cpu, Progress::silent()).unwrap();
+    // The same samples, not synthesized again.
+    let (start, rep, _) =
+        calib::calibrate_on(&g, &co, &Device::Cpu, Progress::silent(), Some(samples)).unwrap();
     assert_eq!(rep.recon.nearest.len(), 10);
     let mut learned_moved = false;
     for (a, b) in q.nodes.iter().zip(&start.nodes) {
