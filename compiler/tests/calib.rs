@@ -97,6 +97,7 @@ fn learned_weight_steps_and_biases_reach_the_runtime() {
     co.recon.iters = 20;
     // Every layer learns, whatever its rows per weight (see the next test).
     co.recon.rows_per_weight = 0.0;
+    co.recon.rows_per_weight_wide = 0.0;
     let (start, _) = calib::calibrate(&g, &co, &Device::Cpu, Progress::silent()).unwrap();
     co.recon.lr_weight_scale = 1e-2;
     co.recon.lr_bias = 1e-2;
@@ -131,8 +132,30 @@ fn layers_with_too_few_rows_per_weight_keep_round_to_nearest() {
     // row against a fan-in of 576 (< 4×); the classifier 32 against 64.
     let nearest = ["/layers/layers.2/c2/c2.0/Conv", "/fc/Gemm"];
     assert_eq!(rep.recon.nearest, nearest);
+    // At 4 bits a layer needs 64 values per weight: every 14×14 and 7×7 conv keeps nearest
+    // but the 14×14 1×1 shortcut (6272 against a fan-in of 16); the 8-bit stem (25088 against
+    // 9) and the 28×28 convs (25088 against 144) learn. The same samples, not synthesized again.
+    let mut co4 = co.clone();
+    co4.bits = bits(4, 8);
+    let (_, rep4, _) = calib::calibrate_on(
+        &g,
+        &co4,
+        &Device::Cpu,
+        Progress::silent(),
+        Some(samples.clone()),
+    )
+    .unwrap();
+    let nearest4 = [
+        "/layers/layers.1/c1/c1.0/Conv",
+        "/layers/layers.1/c2/c2.0/Conv",
+        "/layers/layers.2/c1/c1.0/Conv",
+        "/layers/layers.2/c2/c2.0/Conv",
+        "/layers/layers.2/short/short.0/Conv",
+        "/fc/Gemm",
+    ];
+    assert_eq!(rep4.recon.nearest, nearest4);
     co.recon.rows_per_weight = f64::INFINITY;
-    // The same samples, not synthesized again.
+    co.recon.rows_per_weight_wide = f64::INFINITY;
     let (start, rep, _) =
         calib::calibrate_on(&g, &co, &Device::Cpu, Progress::silent(), Some(samples)).unwrap();
     assert_eq!(rep.recon.nearest.len(), 10);
