@@ -6,11 +6,13 @@
 //! MODE: `full` (default: rtn as the CLI compiles it), `act` (float weights, quantized
 //! activations), `weight` (quantized weights, float activations), `oracle` (activation ranges
 //! from INPUTS themselves, clipped at the quantile in the `PCT` environment variable, default
-//! 1.0). `W` sets the weight bits (default 8); `NO_BC=1` turns bias correction off (`act`
+//! 1.0), `mse` (each tensor's min–max range on INPUTS shrunk by the factor that quantizes
+//! them with the least squared error: the best per-tensor ranges these inputs allow). `W` sets the weight bits (default 8); `NO_BC=1` turns bias correction off (`act`
 //! runs without it); `RANGE=LO,HI` is `--input-range`; `ONLY=i` quantizes node `i`'s weights
 //! alone (`weight` mode); `ACT_ONLY=t` quantizes tensor `t` alone (`act` mode);
 //! `LP=1` takes the weights' steps from the Lp(2.4) clipping search calibration starts from
-//! instead of rtn's min–max.
+//! instead of rtn's min–max; `FLOAT_T=t1,t2,…` leaves those tensors unquantized (any mode):
+//! the most that wider codes on them could buy.
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -32,7 +34,7 @@ fn env<T: std::str::FromStr>(k: &str, d: T) -> T {
 fn main() {
     let a: Vec<String> = std::env::args().collect();
     if a.len() < 3 {
-        eprintln!("usage: range_probe MODEL.onnx INPUTS.npy [full|act|weight|oracle]");
+        eprintln!("usage: range_probe MODEL.onnx INPUTS.npy [full|act|weight|oracle|mse]");
         std::process::exit(2);
     }
     let g = import_path(Path::new(&a[1]), &ImportOptions::default()).unwrap();
@@ -81,8 +83,21 @@ fn main() {
     let k = q.tensors.len();
     let (mut lo, mut hi) = (vec![f32::INFINITY; k], vec![f32::NEG_INFINITY; k]);
     let mut sample: Vec<Vec<f32>> = vec![Vec::new(); k];
+    // The per-channel factors `fold`'s equalization put on a tensor, which the source graph's
+    // values lack.
+    let gains: Vec<Option<Tensor>> = (0..k)
+        .map(|t| {
+            let st = q.producer(t).and_then(|i| q.nodes[i].bn.as_ref())?;
+            (!st.gain.is_empty())
+                .then(|| Tensor::from_vec(st.gain.clone(), (1, st.gain.len(), 1, 1), &dev).unwrap())
+        })
+        .collect();
     for xs in batches() {
         for (t, y) in fm.forward(&[xs]).unwrap().into_iter().enumerate() {
+            let y = match &gains[t] {
+                Some(gn) => y.broadcast_mul(gn).unwrap(),
+                None => y,
+            };
             let v = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             for &e in &v {
                 lo[t] = lo[t].min(e);
@@ -98,12 +113,36 @@ fn main() {
         let v = &mut sample[t];
         v.sort_by(f32::total_cmp);
         let at = |f: f64| v[((v.len() - 1) as f64 * f) as usize];
-        let (pl, ph) = (at(1.0 - pct), at(pct));
+        let (mut pl, mut ph) = (at(1.0 - pct), at(pct));
+        if mode == "mse" {
+            // The min–max range shrunk by whichever of 81 factors quantizes these values
+            // with the least squared error.
+            let bits = q.tensors[t].quant.bits;
+            let few: Vec<f32> = v.iter().step_by(v.len() / 200_000 + 1).copied().collect();
+            let err = |a: ActQuant| -> f64 {
+                let max = ((1u32 << a.bits) - 1) as f32;
+                few.iter()
+                    .map(|&x| {
+                        let c = ((x / a.scale).round() + a.zero as f32).clamp(0.0, max);
+                        f64::from(x - a.scale * (c - a.zero as f32)).powi(2)
+                    })
+                    .sum()
+            };
+            let best = (0..=80)
+                .map(|i| 1.0 - i as f32 / 100.0)
+                .min_by(|&a, &b| {
+                    let ea = err(ActQuant::from_range(lo[t] * a, hi[t] * a, bits));
+                    let eb = err(ActQuant::from_range(lo[t] * b, hi[t] * b, bits));
+                    ea.total_cmp(&eb)
+                })
+                .unwrap_or(1.0);
+            (pl, ph) = (lo[t] * best, hi[t] * best);
+        }
         println!(
             "{t:3} {producer:14} {:40} rtn [{rl:8.2}, {rh:8.2}] inputs [{:8.2}, {:8.2}] quantile [{pl:8.2}, {ph:8.2}]",
             q.tensors[t].name, lo[t], hi[t]
         );
-        if mode == "oracle" && !q.tensors[t].is_f32 {
+        if (mode == "oracle" || mode == "mse") && !q.tensors[t].is_f32 {
             q.tensors[t].quant = match q.producer(t).map(|i| &q.nodes[i]) {
                 // Pass-through ops keep their input's codes.
                 Some(nd) if matches!(nd.op, QOp::MaxPool { .. } | QOp::Reshape) => {
@@ -120,6 +159,12 @@ fn main() {
     {
         for (t, tq) in q.tensors.iter_mut().enumerate() {
             tq.is_f32 |= t != only;
+        }
+    }
+    if let Ok(v) = std::env::var("FLOAT_T") {
+        let n = q.tensors.len();
+        for t in v.split(',').filter_map(|s| s.parse::<usize>().ok()) {
+            q.tensors[t.min(n - 1)].is_f32 = true;
         }
     }
     q.fit_accumulators();
