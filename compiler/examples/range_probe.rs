@@ -7,8 +7,9 @@
 //! activations), `weight` (quantized weights, float activations), `oracle` (activation ranges
 //! from INPUTS themselves, clipped at the quantile in the `PCT` environment variable, default
 //! 1.0), `mse` (each tensor's min–max range on INPUTS shrunk by the factor that quantizes
-//! them with the least squared error: the best per-tensor ranges these inputs allow). `W` sets the weight bits (default 8); `NO_BC=1` turns bias correction off (`act`
-//! runs without it); `RANGE=LO,HI` is `--input-range`; `ONLY=i` quantizes node `i`'s weights
+//! them with the least squared error: the best per-tensor ranges these inputs allow). `W`
+//! sets the weight bits (default 8); `NO_BC=1` turns bias correction off (`act` runs without
+//! it); `RANGE=LO,HI` is `--input-range`; `ONLY=i` quantizes node `i`'s weights
 //! alone (`weight` mode); `ACT_ONLY=t` quantizes tensor `t` alone (`act` mode);
 //! `LP=1` takes the weights' steps from the Lp(2.4) clipping search calibration starts from
 //! instead of rtn's min–max; `FLOAT_T=t1,t2,…` leaves those tensors unquantized (any mode):
@@ -19,7 +20,7 @@ use std::path::Path;
 use candle_core::{Device, Tensor};
 use diffdfq_compiler::host::argmax;
 use diffdfq_compiler::import::{import_path, ImportOptions};
-use diffdfq_compiler::quant::qmodel::{Mode, Overrides, QModel};
+use diffdfq_compiler::quant::qmodel::{fake_quant, Mode, Overrides, QModel};
 use diffdfq_compiler::quant::rtn::{self, RtnOptions};
 use diffdfq_compiler::quant::{ActQuant, Bits, QOp};
 use diffdfq_compiler::reference::FloatModel;
@@ -119,23 +120,17 @@ fn main() {
             // with the least squared error.
             let bits = q.tensors[t].quant.bits;
             let few: Vec<f32> = v.iter().step_by(v.len() / 200_000 + 1).copied().collect();
-            let err = |a: ActQuant| -> f64 {
-                let max = ((1u32 << a.bits) - 1) as f32;
-                few.iter()
-                    .map(|&x| {
-                        let c = ((x / a.scale).round() + a.zero as f32).clamp(0.0, max);
-                        f64::from(x - a.scale * (c - a.zero as f32)).powi(2)
-                    })
-                    .sum()
+            let few = Tensor::new(few.as_slice(), &dev).unwrap();
+            let err = |f: f32| -> f32 {
+                let a = ActQuant::from_range(lo[t] * f, hi[t] * f, bits);
+                let e = (fake_quant(&few, &a, None).unwrap() - &few).unwrap();
+                e.sqr().unwrap().sum_all().unwrap().to_scalar().unwrap()
             };
             let best = (0..=80)
                 .map(|i| 1.0 - i as f32 / 100.0)
-                .min_by(|&a, &b| {
-                    let ea = err(ActQuant::from_range(lo[t] * a, hi[t] * a, bits));
-                    let eb = err(ActQuant::from_range(lo[t] * b, hi[t] * b, bits));
-                    ea.total_cmp(&eb)
-                })
-                .unwrap_or(1.0);
+                .map(|f| (err(f), f))
+                .min_by(|a, b| a.0.total_cmp(&b.0))
+                .map_or(1.0, |(_, f)| f);
             (pl, ph) = (lo[t] * best, hi[t] * best);
         }
         println!(
@@ -162,9 +157,12 @@ fn main() {
         }
     }
     if let Ok(v) = std::env::var("FLOAT_T") {
-        let n = q.tensors.len();
         for t in v.split(',').filter_map(|s| s.parse::<usize>().ok()) {
-            q.tensors[t.min(n - 1)].is_f32 = true;
+            let Some(tq) = q.tensors.get_mut(t) else {
+                eprintln!("FLOAT_T: no tensor {t} (the model has {})", k);
+                std::process::exit(2);
+            };
+            tq.is_f32 = true;
         }
     }
     q.fit_accumulators();
